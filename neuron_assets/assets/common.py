@@ -1,0 +1,77 @@
+"""Small helpers shared by the asset modules: partition keys, record lookup, progress, metadata."""
+
+import time
+
+import numpy as np
+import polars as pl
+from dagster import MetadataValue
+
+OWNERS = ["team:interpretability"]
+LAYER = "layer"
+
+
+def layer_and_shard(context) -> tuple[str, str]:
+    keys = context.partition_key.keys_by_dimension
+    return keys["layer"], keys["shard"]
+
+
+def records_of(records: pl.DataFrame, neurons: list[int]) -> dict[int, dict[str, list[tuple[int, np.ndarray]]]]:
+    """{neuron: {kind: [(seq_id, activations), ...] in rank order}} for the given neurons."""
+    out: dict[int, dict[str, list]] = {n: {} for n in neurons}
+    rows = records.filter(pl.col("neuron").is_in(neurons)).sort("neuron", "kind", "rank")
+    for neuron, kind, seq_id, acts in rows.select("neuron", "kind", "seq_id", "activations").iter_rows():
+        out[neuron].setdefault(kind, []).append((seq_id, np.asarray(acts, dtype=np.float32)))
+    return out
+
+
+def tokens_by_seq(corpus_tokens: pl.DataFrame) -> dict[int, list[str]]:
+    return dict(zip(corpus_tokens["seq_id"].to_list(), corpus_tokens["tokens"].to_list()))
+
+
+class Progress:
+    """Logs 'what: done/total, rate, ETA' at most every `every` seconds (and at the end)."""
+
+    def __init__(self, context, total: int, what: str, every: float = 10.0):
+        self.context, self.total, self.what, self.every = context, total, what, every
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.context.log.info(
+                f"{self.what}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
+                f"{rate:.1f}/s, ETA {eta:.0f} s"
+            )
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+def percentiles(values, name: str) -> dict:
+    """Metadata entries for the 10/50/90th percentiles and mean of the finite values."""
+    finite = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if finite.size == 0:
+        return {}
+    p10, p50, p90 = np.percentile(finite, [10, 50, 90])
+    return {f"{name} mean": float(finite.mean()), f"{name} p10": float(p10),
+            f"{name} median": float(p50), f"{name} p90": float(p90)}
+
+
+def markdown_table(df: pl.DataFrame, digits: int = 3) -> MetadataValue:
+    if df.height == 0:
+        return MetadataValue.md("_no rows_")
+    header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+
+    def cell(v):
+        if isinstance(v, float):
+            return "NaN" if not np.isfinite(v) else f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|").replace("\n", " ") if v is not None else ""
+
+    body = "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.iter_rows())
+    return MetadataValue.md(header + body)

@@ -1,0 +1,132 @@
+"""explanations[layer|shard]: one sentence per neuron and variant (llm, token_baseline)."""
+
+import hashlib
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
+    asset,
+)
+
+from neuron_assets.assets.common import OWNERS, Progress, layer_and_shard, markdown_table, records_of, tokens_by_seq
+from neuron_assets.assets.corpus import corpus_tokens
+from neuron_assets.method.baseline import token_baseline
+from neuron_assets.method.prompts import clean_explanation, explainer_messages
+from neuron_assets.method.records import split_random, split_top
+from neuron_assets.partitions import Layout, layer_shard_partitions
+from neuron_assets.resources.llm import LocalLLM
+from neuron_assets.resources.storage import TableStorage
+from neuron_assets.resources.study import Study
+
+SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
+          "text": pl.String, "explainer_model": pl.String, "prompt_version": pl.String,
+          "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost": pl.Float64,
+          "cache_hit": pl.Boolean, "error": pl.String}
+VARIANTS = ("llm", "token_baseline")
+
+
+def records_hash(records: list[tuple[int, np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for seq_id, acts in records:
+        digest.update(str(seq_id).encode())
+        digest.update(np.ascontiguousarray(acts, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, error=None):
+    explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
+    return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
+            "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
+            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": 0.0, "cache_hit": False, "error": error}
+
+
+def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict]):
+    @asset(
+        partitions_def=layer_shard_partitions(layout),
+        deps=[AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
+              corpus_tokens],
+        code_version=f"1-{prompt_version}",
+        kinds={"pytorch", "parquet"},
+        owners=OWNERS,
+        group_name="explanations",
+        pool="llm",
+        description="Explanations per neuron: 'llm' (the explainer sees the 5 train top records) and "
+        "'token_baseline' (no LLM: the tokens with the highest mean activation). A neuron that "
+        "cannot be explained is a row with an error.",
+    )
+    def explanations(
+        context: AssetExecutionContext, storage: TableStorage, explainer: LocalLLM, study: Study
+    ) -> MaterializeResult:
+        layer_key, shard_key = layer_and_shard(context)
+        layer = int(layer_key)
+        neurons = study.selected(layout.shard_neurons(shard_key))
+        records = records_of(storage.read("neuron_records", layer_key, "records"), neurons)
+        tokens = tokens_by_seq(storage.read("corpus_tokens"))
+        rows, pending = [], []
+        for neuron in neurons:
+            kinds = records[neuron]
+            try:
+                train = split_top(kinds.get("top", []))["train"]
+                negatives = split_random(kinds.get("random", []))["calibration"]
+            except ValueError as e:
+                rows += [_row(layer, neuron, v, None, explainer.label, prompt_version, None,
+                              error=f"not enough records: {e}") for v in VARIANTS]
+                continue
+            rhash = records_hash(train)
+            peak = max(float(acts.max()) for _, acts in kinds["top"])
+            if peak <= 0:
+                reason = f"neuron never activates: max activation {peak:.4g} <= 0 over the corpus"
+                rows += [_row(layer, neuron, v, None, explainer.label, prompt_version, rhash, error=reason)
+                         for v in VARIANTS]
+                continue
+            shown = [(tokens[s], acts) for s, acts in train]
+            baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
+            rows.append(_row(layer, neuron, "token_baseline", baseline, "none", prompt_version, rhash,
+                             error=None if baseline else "no token has a positive mean activation"))
+            pending.append((neuron, rhash, explainer_messages(shown, fewshot)))
+
+        progress = Progress(context, len(pending), f"explaining layer {layer_key} shard {shard_key}, neurons")
+        for start in range(0, len(pending), explainer.batch_size):
+            batch = pending[start : start + explainer.batch_size]
+            seed = study.seed * 1_000_003 + layer * 10_007 + batch[0][0]
+            try:
+                answers = explainer.complete([messages for _, _, messages in batch], seed=seed)
+                errors = [None] * len(batch)
+            except Exception as e:  # one failed batch becomes error rows, never a failed shard
+                answers = [{"text": "", "tokens_in": 0, "tokens_out": 0}] * len(batch)
+                errors = [f"explainer failed: {type(e).__name__}: {e}"] * len(batch)
+            for (neuron, rhash, _), answer, error in zip(batch, answers, errors):
+                text = clean_explanation(answer["text"]) if error is None else None
+                if error is None and not text:
+                    error = "explainer returned an empty explanation"
+                rows.append(_row(layer, neuron, "llm", text or None, explainer.label, prompt_version, rhash,
+                                 answer["tokens_in"], answer["tokens_out"], error))
+            progress.advance(len(batch))
+
+        df = pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant")
+        version = storage.write(df, "explanations", context.partition_key)
+        ok = df.filter(pl.col("error").is_null())
+        return MaterializeResult(
+            data_version=DataVersion(version),
+            metadata={
+                "dagster/row_count": df.height,
+                "neurons": len(neurons),
+                "errors": df.height - ok.height,
+                "tokens in": int(df["tokens_in"].sum()),
+                "tokens out": int(df["tokens_out"].sum()),
+                "cost (USD)": float(df["cost"].sum()),
+                "explainer": explainer.label,
+                "prompt version": prompt_version,
+                "seconds": round(progress.seconds, 1),
+                "preview": markdown_table(df.select("neuron", "variant", "text", "error").head(10)),
+                "path": MetadataValue.path(str(storage.path("explanations", context.partition_key))),
+            },
+        )
+
+    return explanations

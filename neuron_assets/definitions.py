@@ -1,0 +1,61 @@
+"""The one Definitions object: assets, checks and resources, built from the settings."""
+
+import inspect
+import json
+
+from dagster import Definitions
+
+from neuron_assets.assets.activations import build_neuron_records
+from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
+from neuron_assets.assets.explanations import build_explanations
+from neuron_assets.assets.scores import build_layer_summary, build_model_summary, build_scores
+from neuron_assets.assets.simulations import build_simulations
+from neuron_assets.method import prompts
+from neuron_assets.method.prompts import load_fewshot, prompt_version
+from neuron_assets.partitions import build_layout
+from neuron_assets.resources.corpus import CorpusSource
+from neuron_assets.resources.llm import LocalLLM
+from neuron_assets.resources.models import model_shape
+from neuron_assets.resources.storage import TableStorage
+from neuron_assets.resources.study import Study
+from neuron_assets.resources.subject_model import SubjectModel
+from neuron_assets.settings import Settings
+
+
+def build_definitions(settings: Settings) -> Definitions:
+    shape = model_shape(settings.model, settings.cache)
+    layout = build_layout(settings.layers, shape.n_layers, shape.n_neurons, settings.shards)
+    study = Study(seq_len=settings.seq_len, max_windows=settings.max_windows, top_records=settings.top_records,
+                  random_records=settings.random_records, neurons=settings.neurons, seed=settings.seed)
+    explainer_fewshot = load_fewshot(f"{study.prompts}/explainer_fewshot.json")
+    simulator_fewshot = load_fewshot(f"{study.prompts}/simulator_fewshot.json")
+    # The prompt wording lives in method/prompts.py, so its source is part of each prompt version.
+    wording = inspect.getsource(prompts)
+    explainer_version = prompt_version(json.dumps(explainer_fewshot, sort_keys=True), wording)
+    simulator_version = prompt_version(json.dumps(simulator_fewshot, sort_keys=True), wording)
+    return Definitions(
+        assets=[
+            corpus_documents,
+            corpus_tokens,
+            build_neuron_records(layout),
+            build_explanations(layout, explainer_version, explainer_fewshot),
+            build_simulations(layout, simulator_version, simulator_fewshot),
+            build_scores(layout),
+            build_layer_summary(layout),
+            build_model_summary(layout),
+        ],
+        resources={
+            "subject_model": SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,
+                                          batch_size=settings.batch_size),
+            "corpus": CorpusSource(source=settings.corpus, text_column=settings.text_column),
+            "storage": TableStorage(root=settings.storage),
+            "study": study,
+            "explainer": LocalLLM(model=settings.explainer_model, cache=settings.cache, device=settings.device,
+                                  seed=settings.seed),
+            "simulator": LocalLLM(model=settings.simulator_model, cache=settings.cache, device=settings.device,
+                                  seed=settings.seed),
+        },
+    )
+
+
+defs = build_definitions(Settings.from_env())

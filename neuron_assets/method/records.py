@@ -1,0 +1,233 @@
+"""Activation records: which windows of the corpus to show for each neuron, and its statistics.
+
+A record is one window of `seq_len` tokens with one neuron's activations on it. Per neuron we
+keep the top windows by window maximum, a uniform random sample of windows, random windows
+bucketed by activation quantile, and the moments of the activation over every token seen.
+Everything is streaming, so memory does not grow with the corpus.
+"""
+
+import numpy as np
+
+SPLITS_TOP = ("train", "calibration", "valid", "test")
+SPLITS_RANDOM = ("calibration", "valid", "test")
+
+
+class RecordSampler:
+    """Streaming per-neuron record sampler for one layer.
+
+    Call `update` with batches of windows, then `finalize`. State is a fixed set of arrays:
+    4 * N * T * (n_top + quantile_pool) bytes of activations plus 4 * N * n_maxima bytes of
+    window maxima and O(N) moments, whatever the number of windows.
+
+    - top: the n_top windows with the highest window max, ties to the earlier seq_id. If fewer
+      than n_top windows were seen, all of them are kept (fewer rows, no padding).
+    - random: per neuron, Algorithm R keeps a uniform sample of `quantile_pool` windows; the
+      pool is shuffled at finalize and its first n_random windows are the random records.
+    - quantile_q: the same pool, bucketed by window max against boundaries at `quantiles` of the
+      window maxima (q = number of boundaries <= max), at most per_quantile per bucket. The pool
+      is small, so the top buckets (above the 0.99 quantile) are usually empty; they overlap
+      with the random records by construction.
+    - stats: mean, population variance, skewness m3 / m2^1.5 and excess kurtosis
+      m4 / m2^2 - 3 over all tokens, merged batch by batch with Pebay's pairwise formulas
+      (numerically stable, unlike raw power sums).
+    """
+
+    def __init__(
+        self,
+        n_neurons: int,
+        seq_len: int,
+        n_top: int = 40,
+        n_random: int = 20,
+        quantile_pool: int = 50,
+        per_quantile: int = 5,
+        n_maxima: int = 1024,
+        quantiles=(0.5, 0.9, 0.99, 0.999),
+        seed: int = 0,
+    ):
+        if n_random > quantile_pool:
+            raise ValueError(f"n_random ({n_random}) must not exceed quantile_pool ({quantile_pool})")
+        self.n_neurons, self.seq_len = n_neurons, seq_len
+        self.n_top, self.n_random, self.quantile_pool = n_top, n_random, quantile_pool
+        self.per_quantile, self.n_maxima = per_quantile, n_maxima
+        self.quantiles = tuple(float(q) for q in quantiles)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.n_windows = 0
+        N, T = n_neurons, seq_len
+        # neuron-major; empty top slots hold -inf so that any real window displaces them
+        self.top_max = np.full((N, n_top), -np.inf, np.float32)
+        self.top_seq = np.full((N, n_top), np.iinfo(np.int64).max, np.int64)
+        self.top_acts = np.zeros((N, n_top, T), np.float32)
+        self.pool_seq = np.zeros((N, quantile_pool), np.int64)
+        self.pool_acts = np.zeros((N, quantile_pool, T), np.float32)
+        self.maxima = np.zeros((N, n_maxima), np.float32)
+        self.mean, self.m2, self.m3, self.m4 = (np.zeros(N) for _ in range(4))
+        self.max = np.full(N, -np.inf)
+        self.min = np.full(N, np.inf)  # max == min detects constant neurons exactly
+
+    def update(self, acts: np.ndarray, seq_ids: np.ndarray) -> None:
+        """Add a batch: acts float32 [B, T, N] (B windows of T tokens), seq_ids int [B]."""
+        acts = np.asarray(acts, dtype=np.float32)
+        seq_ids = np.asarray(seq_ids, dtype=np.int64)
+        if acts.ndim != 3 or acts.shape[1:] != (self.seq_len, self.n_neurons) or seq_ids.shape != acts.shape[:1]:
+            raise ValueError(
+                f"expected acts [B, {self.seq_len}, {self.n_neurons}] and seq_ids [B], "
+                f"got {acts.shape} and {seq_ids.shape}"
+            )
+        if len(acts) == 0:
+            return
+        window_max = acts.max(axis=1)  # [B, N]
+        self._update_top(acts, seq_ids, window_max)
+        self._update_reservoirs(acts, seq_ids, window_max)
+        self._update_moments(acts)
+        self.n_windows += len(acts)
+
+    def _update_top(self, acts, seq_ids, window_max):
+        """Merge the batch into the top-k: sort k + B candidates per neuron, keep k."""
+        B, N = window_max.shape
+        cand_max = np.concatenate([self.top_max, window_max.T], axis=1)
+        cand_seq = np.concatenate([self.top_seq, np.broadcast_to(seq_ids, (N, B))], axis=1)
+        order = np.lexsort((cand_seq, -cand_max), axis=1)[:, : self.n_top]  # max desc, seq_id asc
+        self.top_max = np.take_along_axis(cand_max, order, axis=1)
+        self.top_seq = np.take_along_axis(cand_seq, order, axis=1)
+        cand_acts = np.concatenate([self.top_acts, acts.transpose(2, 0, 1)], axis=1)
+        self.top_acts = np.take_along_axis(cand_acts, order[:, :, None], axis=1)
+
+    def _update_reservoirs(self, acts, seq_ids, window_max):
+        # one window at a time, so results do not depend on how the corpus was batched
+        for b in range(len(acts)):
+            n_seen = self.n_windows + b
+            neurons, slots = _reservoir_slots(self.rng, n_seen, self.quantile_pool, self.n_neurons)
+            self.pool_seq[neurons, slots] = seq_ids[b]
+            self.pool_acts[neurons, slots] = acts[b][:, neurons].T
+            neurons, slots = _reservoir_slots(self.rng, n_seen, self.n_maxima, self.n_neurons)
+            self.maxima[neurons, slots] = window_max[b, neurons]
+
+    def _update_moments(self, acts):
+        """Pebay (2008) merge of central moment sums M_p = sum (x - mean)^p, with
+        delta = mean_b - mean_a and n = n_a + n_b:
+        M2 = M2a + M2b + delta^2 n_a n_b / n
+        M3 = M3a + M3b + delta^3 n_a n_b (n_a - n_b) / n^2 + 3 delta (n_a M2b - n_b M2a) / n
+        M4 = M4a + M4b + delta^4 n_a n_b (n_a^2 - n_a n_b + n_b^2) / n^3
+             + 6 delta^2 (n_a^2 M2b + n_b^2 M2a) / n^2 + 4 delta (n_a M3b - n_b M3a) / n
+        """
+        x = acts.reshape(-1, self.n_neurons).astype(np.float64)
+        na, nb = float(self.n_windows * self.seq_len), float(len(x))
+        n = na + nb
+        mean_b = x.mean(axis=0)
+        d = x - mean_b
+        d2 = d * d
+        m2b, m3b, m4b = d2.sum(axis=0), (d2 * d).sum(axis=0), (d2 * d2).sum(axis=0)
+        m2a, m3a, m4a = self.m2, self.m3, self.m4
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * nb / n
+        self.m2 = m2a + m2b + delta**2 * na * nb / n
+        self.m3 = (
+            m3a + m3b + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * m2b - nb * m2a) / n
+        )
+        self.m4 = (
+            m4a
+            + m4b
+            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+            + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
+            + 4 * delta * (na * m3b - nb * m3a) / n
+        )
+        self.max = np.maximum(self.max, x.max(axis=0))
+        self.min = np.minimum(self.min, x.min(axis=0))
+
+    def finalize(self) -> tuple[dict, dict]:
+        """(records, stats) as dicts of columns; see the class docstring. Does not change state."""
+        N, T, Q = self.n_neurons, self.seq_len, len(self.quantiles)
+        k = min(self.n_windows, self.n_top)
+        n_pool = min(self.n_windows, self.quantile_pool)
+        # reservoir slots fill in arrival order: a permutation drawn independently of the data
+        # makes any prefix of the pool a uniform sample of it
+        shuffle_rng = np.random.default_rng([self.seed, 1])
+        order = np.argsort(shuffle_rng.random((N, n_pool)), axis=1)
+        pool_seq = np.take_along_axis(self.pool_seq[:, :n_pool], order, axis=1)
+        pool_acts = np.take_along_axis(self.pool_acts[:, :n_pool], order[:, :, None], axis=1)
+
+        if self.n_windows:
+            n_max = min(self.n_windows, self.n_maxima)
+            boundaries = np.quantile(self.maxima[:, :n_max], self.quantiles, axis=1).T  # [N, Q]
+        else:
+            boundaries = np.full((N, Q), np.nan)
+        bucket = (pool_acts.max(axis=2)[:, :, None] >= boundaries[:, None, :]).sum(axis=2)
+
+        blocks = [
+            _rows(0, np.ones((N, k), bool), self.top_seq[:, :k], self.top_acts[:, :k]),
+            _rows(1, np.arange(n_pool) < self.n_random, pool_seq, pool_acts),
+        ]
+        for q in range(Q + 1):
+            in_q = bucket == q
+            keep = in_q & (np.cumsum(in_q, axis=1) <= self.per_quantile)
+            blocks.append(_rows(2 + q, keep, pool_seq, pool_acts))
+        neuron, kind, rank, seq, acts = (np.concatenate(col) for col in zip(*blocks))
+        order = np.lexsort((rank, kind, neuron))
+        kinds = ("top", "random", *(f"quantile_{q}" for q in range(Q + 1)))
+        records = {
+            "neuron": neuron[order].tolist(),
+            "kind": [kinds[i] for i in kind[order]],
+            "rank": rank[order].tolist(),
+            "seq_id": seq[order].tolist(),
+            "activations": list(np.ascontiguousarray(acts[order].reshape(-1, T))),
+        }
+        return records, self._stats(boundaries)
+
+    def _stats(self, boundaries):
+        N, n = self.n_neurons, self.n_windows * self.seq_len
+        empty = np.full(N, np.nan)
+        constant = self.max == self.min
+        with np.errstate(divide="ignore", invalid="ignore"):
+            variance = np.where(constant, 0.0, self.m2 / n) if n else empty
+            skewness = np.where(constant, np.nan, self.m3 / n / variance**1.5) if n else empty
+            kurtosis = np.where(constant, np.nan, self.m4 / n / variance**2 - 3.0) if n else empty
+        return {
+            "neuron": list(range(N)),
+            "mean": (self.mean if n else empty).tolist(),
+            "variance": variance.tolist(),
+            "skewness": skewness.tolist(),
+            "kurtosis": kurtosis.tolist(),
+            "max": (self.max if n else empty).tolist(),
+            "n_tokens": [n] * N,
+            "quantile_boundaries": boundaries.tolist(),
+        }
+
+
+def _reservoir_slots(rng, n_seen, size, n_neurons):
+    """Algorithm R, one independent reservoir per neuron: window number n_seen (0-based) fills
+    slot n_seen while the reservoir is not full, else replaces slot j ~ U{0..n_seen} if j < size,
+    i.e. enters with probability size / (n_seen + 1). Returns (neurons, slots) to overwrite."""
+    if n_seen < size:
+        return np.arange(n_neurons), np.full(n_neurons, n_seen)
+    slots = rng.integers(0, n_seen + 1, size=n_neurons)
+    neurons = np.flatnonzero(slots < size)
+    return neurons, slots[neurons]
+
+
+def _rows(kind, keep, seq, acts):
+    """Flat rows for one kind: keep [N, K] marks the kept slots; rank counts kept slots per neuron."""
+    neuron, slot = np.nonzero(keep)
+    rank = (np.cumsum(keep, axis=1) - 1)[neuron, slot]
+    return neuron, np.full(len(neuron), kind), rank, seq[neuron, slot], acts[neuron, slot]
+
+
+def _deal(records, splits, n_per_split):
+    """Round robin: record i goes to splits[i % len(splits)]; each split keeps its first n."""
+    records = list(records)
+    needed = len(splits) * n_per_split
+    if len(records) < needed:
+        raise ValueError(
+            f"need at least {needed} records ({len(splits)} splits x {n_per_split}), got {len(records)}"
+        )
+    return {name: records[i :: len(splits)][:n_per_split] for i, name in enumerate(splits)}
+
+
+def split_top(records: list, n_per_split: int = 5) -> dict[str, list]:
+    """Top records dealt into SPLITS_TOP: train = top[0, 4, 8, ...], valid = top[2, 6, 10, ...]."""
+    return _deal(records, SPLITS_TOP, n_per_split)
+
+
+def split_random(records: list, n_per_split: int = 5) -> dict[str, list]:
+    """Random records dealt into SPLITS_RANDOM: valid = random[1, 4, 7, 10, 13]."""
+    return _deal(records, SPLITS_RANDOM, n_per_split)
