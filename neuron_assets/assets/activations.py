@@ -72,7 +72,8 @@ def build_neuron_records(layout: Layout):
         n_neurons = subject_model.shape().n_neurons
         samplers = {
             layer: RecordSampler(n_neurons, study.seq_len, n_top=study.top_records,
-                                 n_random=study.random_records, seed=study.seed * 1000 + layer)
+                                 n_random=study.random_records,
+                                 quantile_pool=max(50, study.random_records), seed=study.seed * 1000 + layer)
             for layer in layers
         }
         progress = Progress(context, len(token_ids), f"forward pass, layers {keys[0]}..{keys[-1]}, windows")

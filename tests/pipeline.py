@@ -1,0 +1,36 @@
+"""Helpers for asset tests: settings for a tiny model and a small corpus, and whole-graph runs."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from neuron_assets.cli import demo_runs, materialize_runs
+from neuron_assets.definitions import build_definitions
+from neuron_assets.resources.storage import TableStorage
+from neuron_assets.settings import Settings
+
+
+def write_corpus(path: Path, n_docs: int = 40) -> Path:
+    """A .jsonl corpus of real English documentation sections."""
+    from neuron_assets.resources.corpus import python_docs
+
+    documents = python_docs()[:n_docs]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for _, text in documents))
+    return path
+
+
+def tiny_settings(model: Path, tmp: Path, **overrides) -> Settings:
+    base = Settings(
+        model=str(model), corpus=str(write_corpus(tmp / "corpus.jsonl")), text_column="text", max_windows=120,
+        seq_len=16, layers="all", shards=2, neurons="first:2", top_records=20, random_records=15, seed=0,
+        batch_size=16, device="cpu", explainer_model=str(model), simulator_model=str(model), llm_backend="local",
+        storage=str(tmp / "data"), cache=str(tmp / "cache"),
+    )
+    return replace(base, **overrides)
+
+
+def run_graph(settings: Settings, instance, layers: tuple[str, ...], shards: list[str] | None = None) -> TableStorage:
+    defs = build_definitions(settings)
+    shards = shards or [str(s).zfill(2) for s in range(settings.shards)]
+    materialize_runs(defs, instance, demo_runs(layers, shards), log=lambda _: None)
+    return TableStorage(root=settings.storage)

@@ -1,0 +1,78 @@
+"""End to end: the embedded SmolLM2 model as subject, explainer and simulator; and the dagster CLI."""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from dagster import AssetKey, DagsterInstance, instance_for_test
+from pipeline import run_graph, tiny_settings
+from tiny_models import build_tiny_model
+
+from neuron_assets.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_embedded_model_one_layer_two_neurons(tmp_path, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("NEURON_ASSETS_")]:
+        monkeypatch.delenv(name)
+    defaults = Settings.from_env()  # the real defaults: embedded model and corpus
+    settings = replace(defaults, storage=str(tmp_path / "data"), max_windows=300, neurons="first:2")
+    with instance_for_test() as instance:
+        storage = run_graph(settings, instance, ("00",), shards=["00"])
+    tokens = storage.read("corpus_tokens")
+    assert tokens.height == 300 and len(tokens["tokens"][0]) == 64
+    records = storage.read("neuron_records", "00", "records")
+    assert records["neuron"].n_unique() == 1536  # every MLP neuron of SmolLM2's layer 0
+    scores = storage.read("scores", "00|00")
+    assert sorted(scores["neuron"].unique()) == [0, 1]
+    assert set(scores["variant"]) == {"llm", "token_baseline"}
+    explained = storage.read("explanations", "00|00").filter(pl.col("error").is_null())
+    assert explained.height >= 2 and explained["text"].str.len_chars().min() > 0
+    finite = scores["score_all"].to_numpy()
+    finite = finite[np.isfinite(finite)]
+    assert finite.size >= 2 and np.all(np.abs(finite) <= 1)
+    summary = storage.read("model_summary")
+    assert summary["layer"].to_list() == [0, 0]
+
+
+def test_dagster_cli_materializes_one_layer(tmp_path):
+    model = build_tiny_model("gpt2", tmp_path / "model", n_layers=3)
+    settings = tiny_settings(model, tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "resources" / "dagster.yaml").read_text())
+    env = {**os.environ, "DAGSTER_HOME": str(home), "NEURON_ASSETS_MODEL": settings.model,
+           "NEURON_ASSETS_CORPUS": settings.corpus, "NEURON_ASSETS_STORAGE": settings.storage,
+           "NEURON_ASSETS_CACHE": settings.cache, "NEURON_ASSETS_SEQ_LEN": "16", "NEURON_ASSETS_MAX_WINDOWS": "60",
+           "NEURON_ASSETS_DEVICE": "cpu"}
+
+    def dagster(*args):
+        done = subprocess.run([str(BIN / "dagster"), "asset", "materialize", "-m", "neuron_assets.definitions", *args],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    dagster("--select", "corpus_documents,corpus_tokens")
+    dagster("--select", "neuron_records", "--partition", "01")
+    data = Path(settings.storage) / "neuron_records"
+    assert sorted(p.name for p in data.iterdir()) == ["01"]
+    assert (data / "01" / "records.parquet").is_file() and (data / "01" / "stats.parquet").is_file()
+    with DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_materializations(AssetKey("neuron_records"), limit=10).records
+        assert [r.partition_key for r in records] == ["01"]
+
+
+def test_settings_command_lists_every_variable():
+    done = subprocess.run([str(BIN / "neuron-assets"), "settings"], capture_output=True, text=True, check=True)
+    from neuron_assets.settings import SETTINGS
+
+    for setting in SETTINGS:
+        assert setting.env in done.stdout
+    readme = (REPO / "README.md").read_text()
+    missing = [s.env for s in SETTINGS if s.env not in readme]
+    assert not missing, f"README does not document {missing}"
