@@ -47,8 +47,21 @@ def materialize_runs(defs, instance, runs, log=print) -> None:
         )
         if not result.success:
             failure = next((e for e in result.all_events if e.is_step_failure), None)
-            message = failure.step_failure_data.error.message.strip() if failure else "see the run log"
-            raise SystemExit(f"run {result.run_id} failed: {message}")
+            raise SystemExit(f"run {result.run_id} failed: {_root_cause(failure)}")
+
+
+def _root_cause(failure) -> str:
+    """The user's error (e.g. a bad setting), not Dagster's wrapper around it."""
+    if failure is None:
+        return "see the run log"
+    error = failure.step_failure_data.error
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+def shard_keys(defs) -> list[str]:
+    return defs.resolve_assets_def("scores").partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys()
 
 
 def demo_runs(layers: tuple[str, ...], shards: list[str]) -> list:
@@ -83,7 +96,7 @@ def demo(args) -> None:
 
     defs = build_definitions(settings)
     instance = _instance()
-    shards = [str(s).zfill(2) for s in range(settings.shards)]
+    shards = shard_keys(defs)
     started = time.monotonic()
     materialize_runs(defs, instance, demo_runs(tuple(args.layers), shards))
     print(f"\ndone in {time.monotonic() - started:.0f} s. Scores (score_all = top-and-random correlation):\n")

@@ -1,6 +1,8 @@
 """Layer and layer x shard partitions, built from the subject model's shape and the settings.
 
-Keys are zero-padded so that lexical order is numeric order ("00".."29").
+Keys are zero-padded so that lexical order is numeric order: layers "00".."29", shards named by
+their neuron range, "0000-0191".."1344-1535". (Shard keys that looked like layer keys would also
+make Dagster's layer mapping ambiguous.)
 """
 
 from dataclasses import dataclass
@@ -24,12 +26,14 @@ class Layout:
     def layer_key(self, layer: int) -> str:
         return str(layer).zfill(max(2, len(str(self.n_layers - 1))))
 
-    def shard_key(self, shard: int) -> str:
-        return str(shard).zfill(2)
+    def shard_keys(self) -> list[str]:
+        width = len(str(self.n_neurons - 1))
+        starts = range(0, self.n_neurons, self.shard_size)
+        return [f"{s:0{width}d}-{min(s + self.shard_size, self.n_neurons) - 1:0{width}d}" for s in starts]
 
     def shard_neurons(self, shard_key: str) -> range:
-        start = int(shard_key) * self.shard_size
-        return range(start, min(self.n_neurons, start + self.shard_size))
+        first, last = shard_key.split("-")
+        return range(int(first), int(last) + 1)
 
 
 def build_layout(layers_spec: str, n_layers: int, n_neurons: int, shards: int) -> Layout:
@@ -46,6 +50,6 @@ def layer_shard_partitions(layout: Layout) -> MultiPartitionsDefinition:
     return MultiPartitionsDefinition(
         {
             "layer": layer_partitions(layout),
-            "shard": StaticPartitionsDefinition([layout.shard_key(s) for s in range(layout.shards)]),
+            "shard": StaticPartitionsDefinition(layout.shard_keys()),
         }
     )

@@ -4,7 +4,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from neuron_assets.cli import demo_runs, materialize_runs
+from neuron_assets.cli import demo_runs, materialize_runs, shard_keys
 from neuron_assets.definitions import build_definitions
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.settings import Settings
@@ -31,6 +31,6 @@ def tiny_settings(model: Path, tmp: Path, **overrides) -> Settings:
 
 def run_graph(settings: Settings, instance, layers: tuple[str, ...], shards: list[str] | None = None) -> TableStorage:
     defs = build_definitions(settings)
-    shards = shards or [str(s).zfill(2) for s in range(settings.shards)]
+    shards = shards or shard_keys(defs)
     materialize_runs(defs, instance, demo_runs(layers, shards), log=lambda _: None)
     return TableStorage(root=settings.storage)

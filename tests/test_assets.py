@@ -18,7 +18,7 @@ from neuron_assets.resources.subject_model import SubjectModel
 def graph(request, tmp_path_factory):
     """One whole-graph materialization per architecture, shared by the tests of this module."""
     tmp = tmp_path_factory.mktemp(request.param)
-    model = build_tiny_model(request.param, tmp / "model", n_layers=2)
+    model = build_tiny_model(request.param, tmp / "model", n_layers=2, max_positions=4096)
     settings = tiny_settings(model, tmp)
     with instance_for_test() as instance:
         storage = run_graph(settings, instance, ("00", "01"))
@@ -54,10 +54,10 @@ def test_neuron_records_hold_the_true_top_windows(graph):
 def test_every_stage_writes_rows_for_the_selected_neurons(graph):
     settings, storage, _ = graph
     for layer in ("00", "01"):
-        for shard, first in (("00", 0), ("01", None)):
+        for shard, first in (("00-31", 0), ("32-63", 32)):
             explanations = storage.read("explanations", f"{layer}|{shard}")
             neurons = sorted(set(explanations["neuron"]))
-            assert len(neurons) == 2 and (first is None or neurons == [0, 1])
+            assert neurons == [first, first + 1]  # first:2 of the shard
             assert set(explanations["variant"]) == {"llm", "token_baseline"}
             ok = explanations.filter(pl.col("error").is_null())
             assert ok.height >= 2 and ok["text"].str.len_chars().min() > 0
@@ -85,9 +85,9 @@ def test_scores_match_a_recomputation_from_the_tables(graph):
     from neuron_assets.method.scoring import correlation
 
     _, storage, _ = graph
-    sims = storage.read("simulations", "00|00").filter(pl.col("error").is_null())
+    sims = storage.read("simulations", "00|00-31").filter(pl.col("error").is_null())
     records = storage.read("neuron_records", "00", "records")
-    scores = storage.read("scores", "00|00")
+    scores = storage.read("scores", "00|00-31")
     neuron, variant = sims.row(0, named=True)["neuron"], sims.row(0, named=True)["variant"]
     group = sims.filter((pl.col("neuron") == neuron) & (pl.col("variant") == variant))
     real, simulated = [], []
@@ -101,7 +101,7 @@ def test_scores_match_a_recomputation_from_the_tables(graph):
 
 def test_materializations_carry_content_data_versions_and_passing_checks(graph):
     _, storage, instance = graph
-    for asset, partition in (("corpus_tokens", None), ("explanations", "00|01"), ("scores", "01|00")):
+    for asset, partition in (("corpus_tokens", None), ("explanations", "00|32-63"), ("scores", "01|00-31")):
         event = instance.get_latest_materialization_event(AssetKey(asset))
         records = instance.fetch_materializations(AssetKey(asset), limit=100).records
         if partition:
@@ -138,7 +138,7 @@ def test_capture_stops_after_the_deepest_requested_layer(arch, tmp_path):
 
 def test_a_neuron_that_never_activates_is_an_error_row(tmp_path):
     """Zeroing one neuron's up projection makes act(gate) * up exactly 0 everywhere."""
-    model_dir = build_tiny_model("llama", tmp_path / "model", n_layers=1)
+    model_dir = build_tiny_model("llama", tmp_path / "model", n_layers=1, max_positions=4096)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -148,11 +148,11 @@ def test_a_neuron_that_never_activates_is_an_error_row(tmp_path):
     settings = tiny_settings(model_dir, tmp_path, shards=1)
     with instance_for_test() as instance:
         storage = run_graph(settings, instance, ("00",))
-    explanations = storage.read("explanations", "00|00")
+    explanations = storage.read("explanations", "00|00-63")
     dead = explanations.filter(pl.col("neuron") == 1)
     assert dead.height == 2 and dead["text"].is_null().all()
     assert all("never activates" in e for e in dead["error"])
-    scores = storage.read("scores", "00|00").filter(pl.col("neuron") == 1)
+    scores = storage.read("scores", "00|00-63").filter(pl.col("neuron") == 1)
     assert all(math.isnan(s) for s in scores["score_all"]) and scores["error"].is_not_null().all()
-    alive = storage.read("scores", "00|00").filter(pl.col("neuron") == 0)
+    alive = storage.read("scores", "00|00-63").filter(pl.col("neuron") == 0)
     assert alive["error"].is_null().any()  # the rest of the shard completed

@@ -24,15 +24,15 @@ def test_embedded_model_one_layer_two_neurons(tmp_path, monkeypatch):
     defaults = Settings.from_env()  # the real defaults: embedded model and corpus
     settings = replace(defaults, storage=str(tmp_path / "data"), max_windows=300, neurons="first:2")
     with instance_for_test() as instance:
-        storage = run_graph(settings, instance, ("00",), shards=["00"])
+        storage = run_graph(settings, instance, ("00",), shards=["0000-0191"])
     tokens = storage.read("corpus_tokens")
     assert tokens.height == 300 and len(tokens["tokens"][0]) == 64
     records = storage.read("neuron_records", "00", "records")
     assert records["neuron"].n_unique() == 1536  # every MLP neuron of SmolLM2's layer 0
-    scores = storage.read("scores", "00|00")
+    scores = storage.read("scores", "00|0000-0191")
     assert sorted(scores["neuron"].unique()) == [0, 1]
     assert set(scores["variant"]) == {"llm", "token_baseline"}
-    explained = storage.read("explanations", "00|00").filter(pl.col("error").is_null())
+    explained = storage.read("explanations", "00|0000-0191").filter(pl.col("error").is_null())
     assert explained.height >= 2 and explained["text"].str.len_chars().min() > 0
     finite = scores["score_all"].to_numpy()
     finite = finite[np.isfinite(finite)]
@@ -42,7 +42,7 @@ def test_embedded_model_one_layer_two_neurons(tmp_path, monkeypatch):
 
 
 def test_dagster_cli_materializes_one_layer(tmp_path):
-    model = build_tiny_model("gpt2", tmp_path / "model", n_layers=3)
+    model = build_tiny_model("gpt2", tmp_path / "model", n_layers=3, max_positions=4096)
     settings = tiny_settings(model, tmp_path)
     home = tmp_path / "home"
     home.mkdir()

@@ -124,7 +124,7 @@ def build_layer_summary(layout: Layout):
     )
     def layer_summary(context: AssetExecutionContext, storage: TableStorage) -> MaterializeResult:
         layer_key = context.partition_key
-        shards = [layout.shard_key(s) for s in range(layout.shards)]
+        shards = layout.shard_keys()
         present = [s for s in shards if storage.exists("scores", f"{layer_key}|{s}")]
         if not present:
             raise FileNotFoundError(f"layer {layer_key} has no scores yet: materialize scores for its shards first")

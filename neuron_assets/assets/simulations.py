@@ -63,8 +63,6 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              explained["neuron"].unique().to_list())
         tokens = tokens_by_seq(storage.read("corpus_tokens"))
-        engine = simulator.simulator(prefix)
-        tokens_before = engine.tokens_processed
         rows = []
 
         def row(e, seq_id=None, split=None, expected=None, n_failed=0, error=None):
@@ -73,11 +71,16 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
                     "expected": expected, "n_failed_tokens": n_failed, "simulator_model": simulator.label,
                     "method": METHOD, "error": error}
 
+        try:
+            engine, engine_error = simulator.simulator(prefix), None
+            tokens_before = engine.tokens_processed
+        except ValueError as exc:  # e.g. the prefix does not fit: every neuron gets this error row
+            engine, engine_error, tokens_before = None, f"simulator unusable: {exc}", 0
         progress = Progress(context, explained.height, f"simulating {context.partition_key}, explanations")
         for e in explained.iter_rows(named=True):
             progress.advance()
-            if e["error"] is not None:
-                rows.append(row(e, error=f"no explanation: {e['error']}"))
+            if e["error"] is not None or engine_error:
+                rows.append(row(e, error=engine_error or f"no explanation: {e['error']}"))
                 continue
             sequences = valid_split(records[e["neuron"]])
             segments = [simulator_segments(e["text"], tokens[seq_id]) for _, seq_id, _ in sequences]
@@ -105,8 +108,8 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
                 "failed tokens": int(df["n_failed_tokens"].sum()),
                 "simulator": simulator.label,
                 "method": METHOD,
-                "prefix tokens (cached once)": engine.prefix_tokens,
-                "tokens processed": engine.tokens_processed - tokens_before,
+                "prefix tokens (cached once)": engine.prefix_tokens if engine else 0,
+                "tokens processed": engine.tokens_processed - tokens_before if engine else 0,
                 "seconds": round(progress.seconds, 1),
                 "path": MetadataValue.path(str(storage.path("simulations", context.partition_key))),
             },

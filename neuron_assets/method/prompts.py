@@ -101,7 +101,11 @@ def clean_explanation(text: str) -> str:
 
 
 def _simulator_header(label: str, explanation: str) -> str:
-    return f"Neuron {label}\nExplanation of neuron {label} behavior: {EXPLANATION_PREFIX} {explanation}.\nActivations:\n"
+    return (
+        f"Neuron {label}\n"
+        f"Explanation of neuron {label} behavior: {EXPLANATION_PREFIX} {explanation}.\n"
+        "Activations:\n"
+    )
 
 
 def simulator_prefix(fewshot: list[dict]) -> str:
@@ -110,8 +114,10 @@ def simulator_prefix(fewshot: list[dict]) -> str:
     distribution over 0-10 after each tab. Independent of the target, so its KV cache is reusable."""
     parts = [SIMULATOR_INSTRUCTION, "\n\n"]
     for i, neuron in enumerate(fewshot, 1):
-        shown = ["unknown" if j < neuron["reveal_from"] else int(v) for j, v in enumerate(neuron["activations"])]
-        parts.append(_simulator_header(str(i), neuron["explanation"]) + format_record(neuron["tokens"], shown) + "\n")
+        acts, reveal_from = neuron["activations"], neuron["reveal_from"]
+        shown = ["unknown" if j < reveal_from else int(v) for j, v in enumerate(acts)]
+        record = format_record(neuron["tokens"], shown)
+        parts.append(_simulator_header(str(i), neuron["explanation"]) + record + "\n")
     return "".join(parts)
 
 
@@ -162,7 +168,8 @@ def _check_record(record, where: str) -> None:
     _require(record, "tokens", where)
     _require(record, "activations", where)
     if len(record["tokens"]) != len(record["activations"]):
-        raise ValueError(f"{where}: {len(record['tokens'])} tokens but {len(record['activations'])} activations")
+        n_tokens, n_acts = len(record["tokens"]), len(record["activations"])
+        raise ValueError(f"{where}: {n_tokens} tokens but {n_acts} activations")
 
 
 def prompt_version(*parts: str) -> str:

@@ -24,9 +24,9 @@ class RecordSampler:
     - random: per neuron, Algorithm R keeps a uniform sample of `quantile_pool` windows; the
       pool is shuffled at finalize and its first n_random windows are the random records.
     - quantile_q: the same pool, bucketed by window max against boundaries at `quantiles` of the
-      window maxima (q = number of boundaries <= max), at most per_quantile per bucket. The pool
-      is small, so the top buckets (above the 0.99 quantile) are usually empty; they overlap
-      with the random records by construction.
+      window maxima (q = number of boundaries <= max), at most per_quantile per bucket. These
+      overlap with the random records by construction, and as the pool is small the buckets
+      above the 0.99 quantile are usually empty.
     - stats: mean, population variance, skewness m3 / m2^1.5 and excess kurtosis
       m4 / m2^2 - 3 over all tokens, merged batch by batch with Pebay's pairwise formulas
       (numerically stable, unlike raw power sums).
@@ -69,7 +69,8 @@ class RecordSampler:
         """Add a batch: acts float32 [B, T, N] (B windows of T tokens), seq_ids int [B]."""
         acts = np.asarray(acts, dtype=np.float32)
         seq_ids = np.asarray(seq_ids, dtype=np.int64)
-        if acts.ndim != 3 or acts.shape[1:] != (self.seq_len, self.n_neurons) or seq_ids.shape != acts.shape[:1]:
+        expected = (self.seq_len, self.n_neurons)
+        if acts.ndim != 3 or acts.shape[1:] != expected or seq_ids.shape != acts.shape[:1]:
             raise ValueError(
                 f"expected acts [B, {self.seq_len}, {self.n_neurons}] and seq_ids [B], "
                 f"got {acts.shape} and {seq_ids.shape}"
@@ -83,15 +84,22 @@ class RecordSampler:
         self.n_windows += len(acts)
 
     def _update_top(self, acts, seq_ids, window_max):
-        """Merge the batch into the top-k: sort k + B candidates per neuron, keep k."""
-        B, N = window_max.shape
-        cand_max = np.concatenate([self.top_max, window_max.T], axis=1)
-        cand_seq = np.concatenate([self.top_seq, np.broadcast_to(seq_ids, (N, B))], axis=1)
-        order = np.lexsort((cand_seq, -cand_max), axis=1)[:, : self.n_top]  # max desc, seq_id asc
-        self.top_max = np.take_along_axis(cand_max, order, axis=1)
-        self.top_seq = np.take_along_axis(cand_seq, order, axis=1)
-        cand_acts = np.concatenate([self.top_acts, acts.transpose(2, 0, 1)], axis=1)
-        self.top_acts = np.take_along_axis(cand_acts, order[:, :, None], axis=1)
+        """Merge the batch into the top-k: sort k + B candidates per neuron, keep the first k.
+        Only neurons with a window reaching their current k-th max can change: once the corpus
+        is large these are few, so only they are sorted and their activations moved."""
+        k = self.n_top
+        batch_max = window_max.T  # [N, B]
+        n = np.flatnonzero((batch_max >= self.top_max[:, -1:]).any(axis=1))
+        cand_max = np.concatenate([self.top_max[n], batch_max[n]], axis=1)
+        cand_seq = np.concatenate([self.top_seq[n], np.broadcast_to(seq_ids, batch_max[n].shape)], axis=1)
+        order = np.lexsort((cand_seq, -cand_max), axis=1)[:, :k]  # max desc, seq_id asc
+        self.top_max[n] = np.take_along_axis(cand_max, order, axis=1)
+        self.top_seq[n] = np.take_along_axis(cand_seq, order, axis=1)
+        # order < k: an old slot; order >= k: window order - k of this batch
+        merged = np.take_along_axis(self.top_acts[n], np.minimum(order, k - 1)[:, :, None], axis=1)
+        row, slot = np.nonzero(order >= k)
+        merged[row, slot] = acts[order[row, slot] - k, :, n[row]]
+        self.top_acts[n] = merged
 
     def _update_reservoirs(self, acts, seq_ids, window_max):
         # one window at a time, so results do not depend on how the corpus was batched
@@ -156,7 +164,7 @@ class RecordSampler:
 
         blocks = [
             _rows(0, np.ones((N, k), bool), self.top_seq[:, :k], self.top_acts[:, :k]),
-            _rows(1, np.arange(n_pool) < self.n_random, pool_seq, pool_acts),
+            _rows(1, np.broadcast_to(np.arange(n_pool) < self.n_random, (N, n_pool)), pool_seq, pool_acts),
         ]
         for q in range(Q + 1):
             in_q = bucket == q

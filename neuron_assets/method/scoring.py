@@ -1,0 +1,80 @@
+"""Scores of simulated against real activations (METHOD.md 5).
+
+Every score pools all tokens of all scored sequences and computes once; it is not a mean of
+per-sequence scores. Token positions where the simulation is NaN (a failed expected value) are
+dropped from both sides before computing, and counted by `score_neuron`.
+"""
+
+import numpy as np
+
+
+def _pool(real: list[np.ndarray], simulated: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate sequences (float64) and drop positions where the simulation is NaN."""
+    if len(real) != len(simulated):
+        raise ValueError(f"{len(real)} real sequences but {len(simulated)} simulated")
+    r = [np.asarray(a, np.float64).ravel() for a in real]
+    s = [np.asarray(a, np.float64).ravel() for a in simulated]
+    if any(len(a) != len(b) for a, b in zip(r, s)):
+        raise ValueError("real and simulated sequences differ in length")
+    r, s = (np.concatenate(x) if x else np.zeros(0) for x in (r, s))
+    keep = ~np.isnan(s)
+    return r[keep], s[keep]
+
+
+def correlations(real: np.ndarray, simulated: np.ndarray) -> np.ndarray:
+    """Pearson r per row of [n_neurons, n_tokens] arrays, over the positions where simulated is
+    not NaN: r = sum((x - mx)(y - my)) / sqrt(sum((x - mx)^2) sum((y - my)^2)).
+    NaN where either side is constant (max == min, which includes fewer than 2 tokens)."""
+    real = np.asarray(real, np.float64)
+    simulated = np.asarray(simulated, np.float64)
+    if real.shape != simulated.shape or real.ndim != 2:
+        raise ValueError(f"expected two arrays [n_neurons, n_tokens], got {real.shape} and {simulated.shape}")
+    keep = ~np.isnan(simulated)
+    n = keep.sum(axis=1, keepdims=True)
+
+    def centred(x):
+        x = np.where(keep, x, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(keep, x - x.sum(axis=1, keepdims=True) / n, 0.0)
+
+    def constant(x):
+        return x.max(axis=1, where=keep, initial=-np.inf) <= x.min(axis=1, where=keep, initial=np.inf)
+
+    dr, ds = centred(real), centred(simulated)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (dr * ds).sum(axis=1) / np.sqrt((dr * dr).sum(axis=1) * (ds * ds).sum(axis=1))
+    return np.where(constant(real) | constant(simulated), np.nan, np.clip(r, -1.0, 1.0))
+
+
+def correlation(real: list[np.ndarray], simulated: list[np.ndarray]) -> float:
+    """Pearson r over all tokens of all sequences pooled; NaN if either side is constant or empty."""
+    r, s = _pool(real, simulated)
+    return float(correlations(r[None], s[None])[0])
+
+
+def rsquared(real: list[np.ndarray], simulated: list[np.ndarray]) -> float:
+    """1 - mean((r - p)^2) / mean(r^2), pooled. Mean of squares, not variance, as in the paper."""
+    r, s = _pool(real, simulated)
+    denominator = np.mean(r * r) if len(r) else 0.0
+    return float(1 - np.mean((r - s) ** 2) / denominator) if denominator > 0 else float("nan")
+
+
+def absolute_dev_explained(real: list[np.ndarray], simulated: list[np.ndarray]) -> float:
+    """1 - mean(|r - p|) / mean(|r|), pooled."""
+    r, s = _pool(real, simulated)
+    denominator = np.mean(np.abs(r)) if len(r) else 0.0
+    return float(1 - np.mean(np.abs(r - s)) / denominator) if denominator > 0 else float("nan")
+
+
+def score_neuron(real_top, sim_top, real_random, sim_random) -> dict:
+    """The scores of one explanation: correlation over top + random (the headline score), top
+    only and random only; rsquared and abs_dev_explained over all; failed (NaN) token count."""
+    real_all, sim_all = [*real_top, *real_random], [*sim_top, *sim_random]
+    return {
+        "score_all": correlation(real_all, sim_all),
+        "score_top": correlation(real_top, sim_top),
+        "score_random": correlation(real_random, sim_random),
+        "rsquared": rsquared(real_all, sim_all),
+        "abs_dev_explained": absolute_dev_explained(real_all, sim_all),
+        "n_failed_tokens": int(sum(np.isnan(np.asarray(s, np.float64)).sum() for s in sim_all)),
+    }

@@ -1,0 +1,211 @@
+import numpy as np
+import pytest
+
+from neuron_assets.method.records import SPLITS_RANDOM, SPLITS_TOP, RecordSampler, split_random, split_top
+
+KINDS = ["top", "random"] + [f"quantile_{q}" for q in range(5)]
+
+
+def make_data(n_windows=60, T=6, N=5, seed=1):
+    rng = np.random.default_rng(seed)
+    # rounded values give many tied window maxima, to exercise the tie rule
+    acts = np.round(rng.normal(size=(n_windows, T, N)) * 2, 0).astype(np.float32)
+    return acts, np.arange(100, 100 + n_windows)
+
+
+def feed(sampler, acts, seq_ids, batch_sizes):
+    start = 0
+    for b in batch_sizes:
+        sampler.update(acts[start : start + b], seq_ids[start : start + b])
+        start += b
+    assert start == len(acts)
+
+
+def rows(records, neuron, kind):
+    idx = [i for i, (n, k) in enumerate(zip(records["neuron"], records["kind"])) if n == neuron and k == kind]
+    return [records["rank"][i] for i in idx], [records["seq_id"][i] for i in idx], [records["activations"][i] for i in idx]
+
+
+def test_top_k_matches_brute_force_over_several_updates():
+    acts, seq_ids = make_data()
+    # shuffled seq ids: the tie rule must use seq_id, not arrival order
+    seq_ids = np.random.default_rng(5).permutation(seq_ids)
+    sampler = RecordSampler(n_neurons=5, seq_len=6, n_top=7, n_random=3, quantile_pool=8)
+    feed(sampler, acts, seq_ids, [1, 13, 20, 26])
+    records, _ = sampler.finalize()
+    for n in range(5):
+        maxima = acts[:, :, n].max(axis=1)
+        expected = sorted(range(len(acts)), key=lambda i: (-maxima[i], seq_ids[i]))[:7]
+        ranks, seqs, arrays = rows(records, n, "top")
+        assert ranks == list(range(7))
+        assert seqs == [int(seq_ids[i]) for i in expected]
+        for i, a in zip(expected, arrays):
+            np.testing.assert_array_equal(a, acts[i, :, n])
+            assert a.dtype == np.float32 and a.shape == (6,)
+
+
+def test_tie_at_the_kth_max_goes_to_the_earlier_seq_id_across_updates():
+    sampler = RecordSampler(n_neurons=1, seq_len=2, n_top=2, n_random=1, quantile_pool=2)
+    sampler.update(np.array([[[3.0], [0.0]], [[1.0], [0.0]]], np.float32), np.array([5, 6]))
+    sampler.update(np.array([[[0.0], [1.0]]], np.float32), np.array([1]))
+    records, _ = sampler.finalize()
+    assert rows(records, 0, "top")[1] == [5, 1]
+
+
+def test_every_record_holds_the_activations_of_its_window():
+    acts, seq_ids = make_data()
+    sampler = RecordSampler(n_neurons=5, seq_len=6, n_top=4, n_random=5, quantile_pool=12, per_quantile=2, n_maxima=16)
+    feed(sampler, acts, seq_ids, [30, 30])
+    records, _ = sampler.finalize()
+    by_seq = {int(s): i for i, s in enumerate(seq_ids)}
+    for n, s, a in zip(records["neuron"], records["seq_id"], records["activations"]):
+        np.testing.assert_array_equal(a, acts[by_seq[s], :, n])
+
+
+def test_row_order_kinds_and_counts():
+    acts, seq_ids = make_data()
+    sampler = RecordSampler(n_neurons=5, seq_len=6, n_top=4, n_random=5, quantile_pool=12, per_quantile=2)
+    feed(sampler, acts, seq_ids, [60])
+    records, _ = sampler.finalize()
+    keys = [(n, KINDS.index(k), r) for n, k, r in zip(records["neuron"], records["kind"], records["rank"])]
+    assert keys == sorted(keys)
+    assert set(records["kind"]) <= set(KINDS)
+    for n in range(5):
+        assert len(rows(records, n, "top")[0]) == 4
+        ranks, seqs, _ = rows(records, n, "random")
+        assert ranks == list(range(5)) and len(set(seqs)) == 5
+        for q in range(5):
+            assert len(rows(records, n, f"quantile_{q}")[0]) <= 2
+
+
+def test_quantile_buckets_follow_boundaries():
+    acts, seq_ids = make_data(n_windows=40)
+    # n_maxima > windows: the maxima reservoir holds every window, so boundaries are exact
+    sampler = RecordSampler(n_neurons=5, seq_len=6, n_top=3, n_random=3, quantile_pool=40, per_quantile=40, n_maxima=64)
+    feed(sampler, acts, seq_ids, [15, 25])
+    records, stats = sampler.finalize()
+    for n in range(5):
+        maxima = acts[:, :, n].max(axis=1)
+        boundaries = np.asarray(stats["quantile_boundaries"][n])
+        np.testing.assert_allclose(boundaries, np.quantile(maxima, [0.5, 0.9, 0.99, 0.999]), rtol=1e-6)
+        total = 0
+        for q in range(5):
+            _, _, arrays = rows(records, n, f"quantile_{q}")
+            total += len(arrays)
+            for a in arrays:
+                assert (boundaries <= a.max()).sum() == q
+        assert total == 40  # pool = all windows, per_quantile large: every window in one bucket
+
+
+def test_fewer_windows_than_requested_keeps_what_there_is():
+    acts, seq_ids = make_data(n_windows=3)
+    sampler = RecordSampler(n_neurons=5, seq_len=6)
+    sampler.update(acts, seq_ids)
+    records, stats = sampler.finalize()
+    assert len(rows(records, 0, "top")[0]) == 3
+    assert sorted(rows(records, 0, "random")[1]) == sorted(seq_ids.tolist())
+    assert stats["n_tokens"] == [18] * 5
+
+
+def test_empty_sampler_finalizes_to_no_records_and_nan_stats():
+    records, stats = RecordSampler(n_neurons=2, seq_len=4).finalize()
+    assert records["neuron"] == [] and records["activations"] == []
+    assert np.isnan(stats["mean"]).all() and stats["n_tokens"] == [0, 0]
+
+
+def sampled_random_records(seed, batch_sizes, n_neurons=4):
+    acts, seq_ids = make_data(n_windows=50, N=n_neurons)
+    sampler = RecordSampler(n_neurons=n_neurons, seq_len=6, n_top=2, n_random=5, quantile_pool=10, seed=seed)
+    feed(sampler, acts, seq_ids, batch_sizes)
+    records, _ = sampler.finalize()
+    return [rows(records, n, "random")[1] for n in range(n_neurons)]
+
+
+def test_reservoir_is_seeded_and_independent_of_batching():
+    a = sampled_random_records(0, [50])
+    assert a == sampled_random_records(0, [50])
+    assert a == sampled_random_records(0, [7, 3, 40])
+    assert a != sampled_random_records(1, [50])
+    assert a[0] != a[1]  # neurons draw independently
+
+
+def test_reservoir_is_roughly_uniform():
+    n_neurons, n_windows, pool, n_random = 2000, 100, 10, 4
+    sampler = RecordSampler(n_neurons=n_neurons, seq_len=2, n_top=1, n_random=n_random, quantile_pool=pool, n_maxima=4)
+    acts = np.zeros((n_windows, 2, n_neurons), np.float32)
+    feed(sampler, acts, np.arange(n_windows), [25] * 4)
+    records, _ = sampler.finalize()
+    counts = np.bincount([s for s, k in zip(records["seq_id"], records["kind"]) if k == "random"], minlength=n_windows)
+    # each window is a neuron's random record with probability 4/100: 80 expected, sd ~8.8;
+    # an unshuffled pool would give the first windows ~200 (they sit in the first slots)
+    assert counts.sum() == n_neurons * n_random
+    assert np.abs(counts - 80).max() < 40
+    assert abs(counts[:50].sum() - counts[50:].sum()) < 300
+
+
+def test_stats_match_numpy_on_concatenated_data():
+    rng = np.random.default_rng(3)
+    N = 4
+    acts = (50 + rng.gamma(2.0, 3.0, size=(30, 8, N))).astype(np.float32)  # skewed, far from 0
+    acts[:, :, 3] = 1.5  # constant neuron
+    sampler = RecordSampler(n_neurons=N, seq_len=8)
+    feed(sampler, acts, np.arange(30), [4, 11, 15])
+    _, stats = sampler.finalize()
+    x = acts.transpose(2, 0, 1).reshape(N, -1).astype(np.float64)
+    d = x - x.mean(axis=1, keepdims=True)
+    var = (d**2).mean(axis=1)
+    np.testing.assert_allclose(stats["mean"], x.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(stats["variance"], var, rtol=1e-9)
+    d, var = d[:3], var[:3]  # moments of the non-constant neurons
+    np.testing.assert_allclose(stats["skewness"][:3], (d**3).mean(axis=1) / var**1.5, rtol=1e-7)
+    np.testing.assert_allclose(stats["kurtosis"][:3], (d**4).mean(axis=1) / var**2 - 3, rtol=1e-7)
+    np.testing.assert_allclose(stats["max"], x.max(axis=1))
+    assert stats["variance"][3] == 0.0
+    assert np.isnan(stats["skewness"][3]) and np.isnan(stats["kurtosis"][3])
+    assert stats["n_tokens"] == [240] * N and stats["neuron"] == list(range(N))
+
+
+def state_bytes(sampler):
+    return {k: v.nbytes for k, v in vars(sampler).items() if isinstance(v, np.ndarray)}
+
+
+def test_memory_does_not_grow_with_updates():
+    acts, seq_ids = make_data(n_windows=60)
+    sampler = RecordSampler(n_neurons=5, seq_len=6, n_top=4, n_random=3, quantile_pool=5, n_maxima=8)
+    sampler.update(acts[:2], seq_ids[:2])
+    first = state_bytes(sampler)
+    for start in range(2, 60, 2):
+        sampler.update(acts[start : start + 2], seq_ids[start : start + 2])
+    assert state_bytes(sampler) == first
+
+
+def test_update_rejects_wrong_shapes():
+    sampler = RecordSampler(n_neurons=3, seq_len=4)
+    with pytest.raises(ValueError, match=r"\[B, 4, 3\]"):
+        sampler.update(np.zeros((2, 4, 5), np.float32), np.arange(2))
+
+
+def test_split_top_exact_indices():
+    splits = split_top(list(range(40)))
+    assert tuple(splits) == SPLITS_TOP
+    assert splits["train"] == [0, 4, 8, 12, 16]
+    assert splits["calibration"] == [1, 5, 9, 13, 17]
+    assert splits["valid"] == [2, 6, 10, 14, 18]
+    assert splits["test"] == [3, 7, 11, 15, 19]
+    assert split_top(list(range(8)), n_per_split=2)["valid"] == [2, 6]
+
+
+def test_split_random_exact_indices():
+    splits = split_random(list(range(20)))
+    assert tuple(splits) == SPLITS_RANDOM
+    assert splits["calibration"] == [0, 3, 6, 9, 12]
+    assert splits["valid"] == [1, 4, 7, 10, 13]
+    assert splits["test"] == [2, 5, 8, 11, 14]
+
+
+def test_splits_refuse_too_few_records():
+    with pytest.raises(ValueError, match="need at least 20 .* got 19"):
+        split_top(list(range(19)))
+    with pytest.raises(ValueError, match="need at least 15 .* got 14"):
+        split_random(list(range(14)))
+    assert len(split_top(list(range(20)))["test"]) == 5
