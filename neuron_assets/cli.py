@@ -4,11 +4,14 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from neuron_assets.settings import SETTINGS, Settings
 
 DEMO_LAYERS = ("00", "01", "02")
+# Dagster's own step events are DEBUG; INFO keeps the run logs' progress lines on the console.
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def _instance():
@@ -42,7 +45,7 @@ def materialize_runs(defs, instance, runs, log=print) -> None:
         where = f" [{partition[0]}..{partition[1]}]" if isinstance(partition, tuple) else (f" [{key}]" if key else "")
         log(f"[{i}/{len(runs)}] {time.monotonic() - started:6.0f}s  {', '.join(selection)}{where}")
         result = job.execute_in_process(
-            instance=instance, partition_key=key, tags=tags,
+            instance=instance, partition_key=key, tags=tags, run_config=QUIET,
             asset_selection=[AssetKey(name) for name in selection], raise_on_error=False,
         )
         if not result.success:
@@ -89,14 +92,15 @@ def score_table(storage_root: str) -> str:
 
 def demo(args) -> None:
     settings = Settings.from_env()
-    print(f"neuron_assets demo: subject/explainer/simulator = {settings.model}, corpus = {settings.corpus}, "
-          f"layers {', '.join(args.layers)}, neurons per shard = {settings.neurons}, {settings.shards} shards")
+    print(f"neuron_assets demo: subject, explainer and simulator = {settings.model}, corpus = {settings.corpus}; "
+          f"layers {', '.join(args.layers)}, the first {args.shards} of {settings.shards} shards per layer, "
+          f"neurons per shard = {settings.neurons}")
     print("loading definitions (the first run converts the embedded GGUF model once, ~30 s)...")
     from neuron_assets.definitions import build_definitions
 
     defs = build_definitions(settings)
     instance = _instance()
-    shards = shard_keys(defs)
+    shards = shard_keys(defs)[: args.shards]
     started = time.monotonic()
     materialize_runs(defs, instance, demo_runs(tuple(args.layers), shards))
     print(f"\ndone in {time.monotonic() - started:.0f} s. Scores (score_all = top-and-random correlation):\n")
@@ -123,10 +127,15 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="materialize the whole graph for a small slice and print the scores")
     p.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS), help="layer keys (default: 00 01 02)")
+    p.add_argument("--shards", type=int, default=1, help="shards per layer, from the first (default: 1)")
     p.set_defaults(run=demo)
     sub.add_parser("settings", help="the environment variables in force").set_defaults(run=show_settings)
     sub.add_parser("scores", help="the per-layer score table of model_summary").set_defaults(run=scores)
     args = parser.parse_args(argv)
+    # Dagster marks MultiToSingleDimensionPartitionMapping as beta at every use; the README says so once.
+    from dagster import BetaWarning
+
+    warnings.filterwarnings("ignore", category=BetaWarning)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as e:
