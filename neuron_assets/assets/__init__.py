@@ -1,0 +1,1 @@
+"""Software-defined assets, one module per stage; thin: read inputs, call method/, write tables."""

@@ -1,0 +1,1 @@
+"""Dagster resources: subject model, LLMs, corpus source, table storage, study settings."""
