@@ -85,8 +85,17 @@ def test_zero_filter_applies_to_fewshot_blocks():
     assert ZEROS_FILTERED_NOTE not in messages[-1]["content"]
 
 
+def test_prefill_begins_the_answer_with_the_closing_phrase():
+    fewshot = load_fewshot(PROMPTS / "explainer_fewshot.json")
+    messages = explainer_messages([record(10, 5)], fewshot, prefill=True)
+    assert messages[-1] == {"role": "assistant", "content": "the main thing this neuron does is find"}
+    assert messages[-2]["role"] == "user" and messages[-2]["content"].endswith(CLOSING)
+    assert messages[2]["content"] == f"the main thing this neuron does is find {fewshot[0]['explanation']}."
+
+
 def test_clean_explanation():
     assert clean_explanation("  words about water.\nSecond line.") == "words about water"
+    assert clean_explanation("The main thing this neuron does is find dates.") == "dates"
     assert clean_explanation("\n years such as 1999..") == "years such as 1999."
     assert clean_explanation("no period ") == "no period"
 

@@ -89,7 +89,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
             baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
             rows.append(_row(layer, neuron, "token_baseline", baseline, "none", prompt_version, rhash,
                              error=None if baseline else "no token has a positive mean activation"))
-            pending.append((neuron, rhash, explainer_messages(shown, fewshot)))
+            pending.append((neuron, rhash, explainer_messages(shown, fewshot, prefill=explainer.continues_assistant_turn)))
 
         progress = Progress(context, len(pending), f"explaining layer {layer_key} shard {shard_key}, neurons")
         for start in range(0, len(pending), explainer.batch_size):

@@ -81,22 +81,34 @@ def _explainer_block(label: str, records: list[tuple[list[str], np.ndarray]]) ->
 
 
 def explainer_messages(
-    records: list[tuple[list[str], np.ndarray]], fewshot: list[dict], neuron_label: str = "4"
+    records: list[tuple[list[str], np.ndarray]], fewshot: list[dict], neuron_label: str = "4",
+    prefill: bool = False,
 ) -> list[dict]:
     """Chat messages: system instruction, a user/assistant pair per few-shot neuron (labelled
-    1, 2, ...), then the target neuron's user turn, which ends with the closing phrase."""
+    1, 2, ...), then the target neuron's user turn, which ends with the closing phrase.
+
+    With `prefill` (backends that continue a final assistant message, like a local model), the
+    answers restate the phrase and the target's answer is begun with it, so the model completes
+    "the main thing this neuron does is find ..." instead of starting a reply of its own.
+    """
+    lead = f"{EXPLANATION_PREFIX} " if prefill else ""
     messages = [{"role": "system", "content": EXPLAINER_INSTRUCTION}]
     for i, neuron in enumerate(fewshot, 1):
         shots = [(r["tokens"], np.asarray(r["activations"], np.float64)) for r in neuron["records"]]
         messages.append({"role": "user", "content": _explainer_block(str(i), shots)})
-        messages.append({"role": "assistant", "content": f"{neuron['explanation']}."})
+        messages.append({"role": "assistant", "content": f"{lead}{neuron['explanation']}."})
     messages.append({"role": "user", "content": _explainer_block(neuron_label, records)})
+    if prefill:
+        messages.append({"role": "assistant", "content": EXPLANATION_PREFIX})
     return messages
 
 
 def clean_explanation(text: str) -> str:
-    """First non-empty line, whitespace stripped, one trailing period dropped."""
+    """First non-empty line, whitespace stripped, a restated closing phrase and one trailing
+    period dropped."""
     line = text.strip().split("\n", 1)[0].strip()
+    if line.lower().startswith(EXPLANATION_PREFIX):
+        line = line[len(EXPLANATION_PREFIX) :].strip()
     return line[:-1].rstrip() if line.endswith(".") else line
 
 

@@ -30,6 +30,11 @@ class LocalLLM(ConfigurableResource):
     def label(self) -> str:
         return describe_model(self.model)
 
+    @property
+    def continues_assistant_turn(self) -> bool:
+        """A local model can be handed the start of its answer (a prefill)."""
+        return True
+
     def complete(self, conversations: list[list[dict]], seed: int) -> list[dict]:
         """One answer per chat conversation: {text, tokens_in, tokens_out}."""
         lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
