@@ -1,5 +1,6 @@
 """Small helpers shared by the asset modules: partition keys, record lookup, progress, metadata."""
 
+import hashlib
 import time
 
 import numpy as np
@@ -22,6 +23,14 @@ def records_of(records: pl.DataFrame, neurons: list[int]) -> dict[int, dict[str,
     for neuron, kind, seq_id, acts in rows.select("neuron", "kind", "seq_id", "activations").iter_rows():
         out[neuron].setdefault(kind, []).append((seq_id, np.asarray(acts, dtype=np.float32)))
     return out
+
+
+def records_hash(records: list[tuple[int, np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for seq_id, acts in records:
+        digest.update(str(seq_id).encode())
+        digest.update(np.ascontiguousarray(acts, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def tokens_by_seq(corpus_tokens: pl.DataFrame) -> dict[int, list[str]]:

@@ -2,7 +2,6 @@
 
 import hashlib
 
-import numpy as np
 import polars as pl
 from dagster import (
     AssetDep,
@@ -14,7 +13,15 @@ from dagster import (
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, Progress, layer_and_shard, markdown_table, records_of, tokens_by_seq
+from neuron_assets.assets.common import (
+    OWNERS,
+    Progress,
+    layer_and_shard,
+    markdown_table,
+    records_hash,
+    records_of,
+    tokens_by_seq,
+)
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.method.baseline import token_baseline
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
@@ -29,14 +36,6 @@ SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanat
           "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost": pl.Float64,
           "cache_hit": pl.Boolean, "error": pl.String}
 VARIANTS = ("llm", "token_baseline")
-
-
-def records_hash(records: list[tuple[int, np.ndarray]]) -> str:
-    digest = hashlib.sha256()
-    for seq_id, acts in records:
-        digest.update(str(seq_id).encode())
-        digest.update(np.ascontiguousarray(acts, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, error=None):

@@ -14,8 +14,7 @@ from dagster import (
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table, percentiles, records_of
-from neuron_assets.assets.explanations import records_hash
+from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table, percentiles, records_hash, records_of
 from neuron_assets.checks import scores_in_range
 from neuron_assets.method.scoring import score_neuron
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
