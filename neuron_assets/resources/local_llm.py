@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+from neuron_assets.method.simulation import value_distribution
+
 VALUES = list(range(11))
 
 # Architectures whose attention ignores (or mishandles) a custom 4D attention mask in
@@ -320,7 +322,7 @@ class LocalSimulator:
         if self.mode == "direct":
             return per_row
         zeros = self._chain_zero_probs(batch, cache, width)
-        return [_chain_values(d, z) for d, z in zip(per_row, zeros)]
+        return [value_distribution(d, z) for d, z in zip(per_row, zeros)]
 
     def _value_probs(self, logits: torch.Tensor) -> np.ndarray:
         """Softmax over the full vocabulary, then the value tokens' probabilities (float64)."""
@@ -397,11 +399,3 @@ class LocalSimulator:
                     z[b][j] = probs[b]
         return z
 
-
-def _chain_values(digits: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """[T, 11] from p("0".."9") and z = p("0" | "1"): a "1" followed by "0" is the value 10."""
-    out = np.zeros((len(digits), 11))
-    out[:, :10] = digits
-    out[:, 1] = digits[:, 1] * (1 - z)
-    out[:, 10] = digits[:, 1] * z
-    return out
