@@ -79,14 +79,16 @@ def score_table(storage_root: str) -> str:
     from neuron_assets.resources.storage import TableStorage
 
     summary = TableStorage(root=storage_root).read("model_summary")
-    lines = [f"{'layer':>5}  {'variant':<15}{'neurons':>8}{'scored':>8}{'mean':>8}{'median':>8}"
-             f"{'top':>8}{'random':>8}{'>=0.8':>7}"]
+    lines = [f"{'layer':>5}  {'variant':<15}{'method':<14}{'neurons':>8}{'scored':>8}{'mean':>8}{'median':>8}"
+             f"{'top':>8}{'random':>8}{'>=0.8':>7}{'cost $':>9}"]
+
+    def f(x):
+        return "     nan" if x is None or x != x else f"{x:8.3f}"
+
     for r in summary.iter_rows(named=True):
-        def f(x):
-            return "     nan" if x is None or x != x else f"{x:8.3f}"
-        lines.append(f"{r['layer']:>5}  {r['variant']:<15}{r['neurons']:>8}{r['scored']:>8}{f(r['mean_score_all'])}"
-                     f"{f(r['median_score_all'])}{f(r['mean_score_top'])}{f(r['mean_score_random'])}"
-                     f"{100 * (r['share_at_least_0.8'] or 0):6.0f}%")
+        lines.append(f"{r['layer']:>5}  {r['variant']:<15}{r['method']:<14}{r['neurons']:>8}{r['scored']:>8}"
+                     f"{f(r['mean_score_all'])}{f(r['median_score_all'])}{f(r['mean_score_top'])}"
+                     f"{f(r['mean_score_random'])}{100 * (r['share_at_least_0.8'] or 0):6.0f}%{r['cost_usd']:9.4f}")
     return "\n".join(lines)
 
 
@@ -114,6 +116,8 @@ def show_settings(args) -> None:
     current = Settings.from_env()
     for setting in SETTINGS:
         value = os.environ.get(setting.env) or setting.default
+        if setting.env.endswith("_API_KEY"):  # never print a secret
+            value = "(set)" if value else "(unset)"
         print(f"{setting.env}={value}\n    {setting.help}")
     print(f"\nresolved storage root: {current.storage}")
 

@@ -2,8 +2,9 @@
 
 import inspect
 import json
+import os
 
-from dagster import Definitions
+from dagster import Definitions, EnvVar
 
 from neuron_assets.assets.activations import build_neuron_records
 from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
@@ -14,7 +15,7 @@ from neuron_assets.method import prompts
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
 from neuron_assets.resources.corpus import CorpusSource
-from neuron_assets.resources.llm import LocalLLM
+from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.models import model_shape
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
@@ -50,11 +51,30 @@ def build_definitions(settings: Settings) -> Definitions:
             "corpus": CorpusSource(source=settings.corpus, text_column=settings.text_column),
             "storage": TableStorage(root=settings.storage),
             "study": study,
-            "explainer": LocalLLM(model=settings.explainer_model, cache=settings.cache, device=settings.device,
-                                  seed=settings.seed),
-            "simulator": LocalLLM(model=settings.simulator_model, cache=settings.cache, device=settings.device,
-                                  seed=settings.seed),
+            "explainer": _llm(settings, "explainer"),
+            "simulator": _llm(settings, "simulator"),
         },
+    )
+
+
+def _api_key(role: str):
+    """The key stays in the environment: Dagster resolves the EnvVar at run time and shows only its name."""
+    for name in (f"NEURON_ASSETS_{role.upper()}_API_KEY", "OPENAI_API_KEY"):
+        if os.environ.get(name):
+            return EnvVar(name)
+    return None
+
+
+def _llm(settings: Settings, role: str) -> LLM:
+    backend = getattr(settings, f"{role}_backend")
+    return LLM(
+        backend=backend, model=getattr(settings, f"{role}_model"),
+        base_url=getattr(settings, f"{role}_base_url") or None,
+        api_key=_api_key(role) if backend == "openai" else None,
+        simulation_method=settings.simulation_method, device=settings.device, cache=settings.cache,
+        response_cache=f"{settings.storage}/llm_cache", requests_per_minute=settings.llm_rpm,
+        tokens_per_minute=settings.llm_tpm, max_concurrency=settings.llm_concurrency,
+        timeout_s=settings.llm_timeout, max_retries=settings.llm_retries, prices=settings.prices,
     )
 
 

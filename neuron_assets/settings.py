@@ -38,13 +38,36 @@ SETTINGS = (
     Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling"),
     Setting("NEURON_ASSETS_BATCH_SIZE", "16", "windows per forward pass of the subject model"),
     Setting("NEURON_ASSETS_DEVICE", "auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0'"),
-    Setting("NEURON_ASSETS_EXPLAINER_MODEL", EMBEDDED_MODEL, "explainer LLM (backend 'local': like NEURON_ASSETS_MODEL)"),
-    Setting("NEURON_ASSETS_SIMULATOR_MODEL", EMBEDDED_MODEL, "simulator LLM (backend 'local': like NEURON_ASSETS_MODEL)"),
-    Setting("NEURON_ASSETS_LLM_BACKEND", "local", "LLM backend for explainer and simulator: 'local' (in-process transformers)"),
-    Setting("NEURON_ASSETS_STORAGE", "data", "storage root of every Parquet table (a local directory)"),
+    Setting("NEURON_ASSETS_EXPLAINER_BACKEND", "local",
+            "explainer backend: 'local' (transformers in this process) or 'openai' (any OpenAI-compatible endpoint)"),
+    Setting("NEURON_ASSETS_EXPLAINER_MODEL", EMBEDDED_MODEL,
+            "explainer model: for 'local' like NEURON_ASSETS_MODEL; for 'openai' the served model name"),
+    Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)"),
+    Setting("NEURON_ASSETS_EXPLAINER_API_KEY", "", "explainer API key (secret: read from the environment at run time, "
+            "never stored; OPENAI_API_KEY is used when unset)"),
+    Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'"),
+    Setting("NEURON_ASSETS_SIMULATOR_MODEL", EMBEDDED_MODEL, "simulator model (as for the explainer)"),
+    Setting("NEURON_ASSETS_SIMULATOR_BASE_URL", "", "simulator endpoint (empty: OpenAI)"),
+    Setting("NEURON_ASSETS_SIMULATOR_API_KEY", "", "simulator API key (secret, like the explainer's)"),
+    Setting("NEURON_ASSETS_SIMULATION_METHOD", "auto",
+            "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'"),
+    Setting("NEURON_ASSETS_LLM_RPM", "0", "requests per minute per endpoint (0 = no limit)"),
+    Setting("NEURON_ASSETS_LLM_TPM", "0", "tokens per minute per endpoint (0 = no limit)"),
+    Setting("NEURON_ASSETS_LLM_CONCURRENCY", "4", "requests in flight per endpoint"),
+    Setting("NEURON_ASSETS_LLM_TIMEOUT", "60", "seconds before a request times out (then it is retried)"),
+    Setting("NEURON_ASSETS_LLM_RETRIES", "5", "retries on 429, 5xx and timeouts (exponential backoff with jitter)"),
+    Setting("NEURON_ASSETS_PRICES", "resources/prices.json", "price table, USD per million tokens per model"),
+    Setting("NEURON_ASSETS_STORAGE", "data",
+            "storage root of every Parquet table and of the LLM response cache (<root>/llm_cache)"),
     Setting("NEURON_ASSETS_CACHE", "~/.cache/neuron_assets",
             "where converted model weights are cached (the GGUF model is converted once)"),
 )
+
+
+def _repo_path(path: str) -> Path:
+    """Relative paths of files we ship (prices) are relative to the repository, not the cwd."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(__file__).resolve().parents[1] / p
 
 
 def _env(name: str) -> str:
@@ -79,9 +102,19 @@ class Settings:
     seed: int
     batch_size: int
     device: str
+    explainer_backend: str
     explainer_model: str
+    explainer_base_url: str
+    simulator_backend: str
     simulator_model: str
-    llm_backend: str
+    simulator_base_url: str
+    simulation_method: str
+    llm_rpm: int
+    llm_tpm: int
+    llm_concurrency: int
+    llm_timeout: int
+    llm_retries: int
+    prices: str
     storage: str
     cache: str
 
@@ -90,9 +123,13 @@ class Settings:
         storage = _env("NEURON_ASSETS_STORAGE")
         if "://" not in storage:
             storage = str(Path(storage).expanduser().resolve())
-        backend = _env("NEURON_ASSETS_LLM_BACKEND")
-        if backend != "local":
-            raise ValueError(f"NEURON_ASSETS_LLM_BACKEND={backend!r} is not supported; use 'local'")
+        for role in ("EXPLAINER", "SIMULATOR"):
+            backend = _env(f"NEURON_ASSETS_{role}_BACKEND")
+            if backend not in ("local", "openai"):
+                raise ValueError(f"NEURON_ASSETS_{role}_BACKEND={backend!r}: use 'local' or 'openai'")
+        method = _env("NEURON_ASSETS_SIMULATION_METHOD")
+        if method not in ("auto", "all_at_once", "chat_logprobs", "json"):
+            raise ValueError(f"NEURON_ASSETS_SIMULATION_METHOD={method!r}: use auto, all_at_once, chat_logprobs or json")
         return cls(
             model=_env("NEURON_ASSETS_MODEL"),
             corpus=_env("NEURON_ASSETS_CORPUS"),
@@ -107,9 +144,19 @@ class Settings:
             seed=_int("NEURON_ASSETS_SEED", 0),
             batch_size=_int("NEURON_ASSETS_BATCH_SIZE", 1),
             device=_env("NEURON_ASSETS_DEVICE"),
+            explainer_backend=_env("NEURON_ASSETS_EXPLAINER_BACKEND"),
             explainer_model=_env("NEURON_ASSETS_EXPLAINER_MODEL"),
+            explainer_base_url=_env("NEURON_ASSETS_EXPLAINER_BASE_URL"),
+            simulator_backend=_env("NEURON_ASSETS_SIMULATOR_BACKEND"),
             simulator_model=_env("NEURON_ASSETS_SIMULATOR_MODEL"),
-            llm_backend=backend,
+            simulator_base_url=_env("NEURON_ASSETS_SIMULATOR_BASE_URL"),
+            simulation_method=method,
+            llm_rpm=_int("NEURON_ASSETS_LLM_RPM", 0),
+            llm_tpm=_int("NEURON_ASSETS_LLM_TPM", 0),
+            llm_concurrency=_int("NEURON_ASSETS_LLM_CONCURRENCY", 1),
+            llm_timeout=_int("NEURON_ASSETS_LLM_TIMEOUT", 1),
+            llm_retries=_int("NEURON_ASSETS_LLM_RETRIES", 0),
+            prices=str(_repo_path(_env("NEURON_ASSETS_PRICES"))),
             storage=storage,
             cache=str(Path(_env("NEURON_ASSETS_CACHE")).expanduser()),
         )

@@ -23,7 +23,10 @@ def tiny_settings(model: Path, tmp: Path, **overrides) -> Settings:
     base = Settings(
         model=str(model), corpus=str(write_corpus(tmp / "corpus.jsonl")), text_column="text", max_windows=120,
         seq_len=16, layers="all", shards=2, neurons="first:2", top_records=20, random_records=15, seed=0,
-        batch_size=16, device="cpu", explainer_model=str(model), simulator_model=str(model), llm_backend="local",
+        batch_size=16, device="cpu", explainer_backend="local", explainer_model=str(model), explainer_base_url="",
+        simulator_backend="local", simulator_model=str(model), simulator_base_url="", simulation_method="auto",
+        llm_rpm=0, llm_tpm=0, llm_concurrency=4, llm_timeout=60, llm_retries=5,
+        prices=str(Path(__file__).resolve().parents[1] / "resources" / "prices.json"),
         storage=str(tmp / "data"), cache=str(tmp / "cache"),
     )
     return replace(base, **overrides)

@@ -27,7 +27,7 @@ from neuron_assets.method.baseline import token_baseline
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.partitions import Layout, layer_shard_partitions
-from neuron_assets.resources.llm import LocalLLM
+from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 
@@ -38,11 +38,12 @@ SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanat
 VARIANTS = ("llm", "token_baseline")
 
 
-def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, error=None):
+def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, cost=0.0,
+         cache_hit=False, error=None):
     explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
     return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
             "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
-            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": 0.0, "cache_hit": False, "error": error}
+            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "cache_hit": cache_hit, "error": error}
 
 
 def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict]):
@@ -60,7 +61,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         "cannot be explained is a row with an error.",
     )
     def explanations(
-        context: AssetExecutionContext, storage: TableStorage, explainer: LocalLLM, study: Study
+        context: AssetExecutionContext, storage: TableStorage, explainer: LLM, study: Study
     ) -> MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
         layer = int(layer_key)
@@ -93,19 +94,20 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         progress = Progress(context, len(pending), f"explaining layer {layer_key} shard {shard_key}, neurons")
         for start in range(0, len(pending), explainer.batch_size):
             batch = pending[start : start + explainer.batch_size]
-            seed = study.seed * 1_000_003 + layer * 10_007 + batch[0][0]
+            seeds = [study.seed * 1_000_003 + layer * 10_007 + neuron for neuron, _, _ in batch]
             try:
-                answers = explainer.complete([messages for _, _, messages in batch], seed=seed)
-                errors = [None] * len(batch)
+                answers = explainer.complete([messages for _, _, messages in batch], seeds)
             except Exception as e:  # one failed batch becomes error rows, never a failed shard
-                answers = [{"text": "", "tokens_in": 0, "tokens_out": 0}] * len(batch)
-                errors = [f"explainer failed: {type(e).__name__}: {e}"] * len(batch)
-            for (neuron, rhash, _), answer, error in zip(batch, answers, errors):
+                failed = {"text": "", "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "cache_hit": False,
+                          "error": f"explainer failed: {type(e).__name__}: {e}"}
+                answers = [failed] * len(batch)
+            for (neuron, rhash, _), answer in zip(batch, answers):
+                error = answer["error"]
                 text = clean_explanation(answer["text"]) if error is None else None
                 if error is None and not text:
                     error = "explainer returned an empty explanation"
                 rows.append(_row(layer, neuron, "llm", text or None, explainer.label, prompt_version, rhash,
-                                 answer["tokens_in"], answer["tokens_out"], error))
+                                 answer["tokens_in"], answer["tokens_out"], answer["cost"], answer["cache_hit"], error))
             progress.advance(len(batch))
 
         df = pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant")
@@ -120,6 +122,9 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 "tokens in": int(df["tokens_in"].sum()),
                 "tokens out": int(df["tokens_out"].sum()),
                 "cost (USD)": float(df["cost"].sum()),
+                "LLM cache hits": int(df["cache_hit"].sum()),
+                "LLM cache misses": df.filter((pl.col("variant") == "llm") & ~pl.col("cache_hit")
+                                              & (pl.col("tokens_in") > 0)).height,
                 "explainer": explainer.label,
                 "prompt version": prompt_version,
                 "seconds": round(progress.seconds, 1),

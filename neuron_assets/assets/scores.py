@@ -22,7 +22,7 @@ from neuron_assets.resources.storage import TableStorage
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
           "score_all": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64,
-          "rsquared": pl.Float64, "abs_dev_explained": pl.Float64, "n_failed_tokens": pl.Int64,
+          "rsquared": pl.Float64, "abs_dev_explained": pl.Float64, "n_failed_tokens": pl.Int64, "cost": pl.Float64,
           "simulator_model": pl.String, "method": pl.String, "explanation_id": pl.String,
           "records_hash": pl.String, "error": pl.String}
 SCORES_IN_RANGE = "scores_in_range"
@@ -31,12 +31,14 @@ GOOD = 0.8  # the paper's bar for a well-explained neuron
 
 def _score_rows(sims: pl.DataFrame, explanations: pl.DataFrame, records: dict) -> list[dict]:
     text = dict(zip(explanations["explanation_id"], explanations["text"]))
+    explain_cost = dict(zip(explanations["explanation_id"], explanations["cost"]))
     rows = []
     for (neuron, variant), group in sims.group_by("neuron", "variant", maintain_order=True):
         first = group.row(0, named=True)
         base = {"layer": first["layer"], "neuron": neuron, "variant": variant,
                 "explanation": text.get(first["explanation_id"]), "simulator_model": first["simulator_model"],
-                "method": first["method"], "explanation_id": first["explanation_id"]}
+                "method": first["method"], "explanation_id": first["explanation_id"],
+                "cost": explain_cost.get(first["explanation_id"], 0.0) + float(group["cost"].sum())}
         nan = dict.fromkeys(("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained"), float("nan"))
         simulated = group.filter(pl.col("expected").is_not_null())
         if simulated.height == 0:
@@ -93,10 +95,11 @@ def build_scores(layout: Layout):
 
 
 def summarize(scores: pl.DataFrame) -> pl.DataFrame:
-    """One row per (layer, variant): counts, mean/median scores, share of neurons >= 0.8."""
+    """One row per (layer, variant, method): counts, mean/median scores, share of neurons >= 0.8,
+    cost. Scores of different simulation methods are never pooled into one number."""
     finite = pl.col("score_all").filter(pl.col("score_all").is_not_nan())
     return (
-        scores.group_by("layer", "variant")
+        scores.group_by("layer", "variant", "method")
         .agg(
             pl.len().alias("neurons"),
             finite.len().alias("scored"),
@@ -106,8 +109,9 @@ def summarize(scores: pl.DataFrame) -> pl.DataFrame:
             pl.col("score_random").filter(pl.col("score_random").is_not_nan()).mean().alias("mean_score_random"),
             (finite >= GOOD).mean().alias("share_at_least_0.8"),
             pl.col("error").is_not_null().sum().alias("errors"),
+            pl.col("cost").sum().alias("cost_usd"),
         )
-        .sort("layer", "variant")
+        .sort("layer", "variant", "method")
     )
 
 
@@ -159,12 +163,12 @@ def build_model_summary(layout: Layout):
         present = [k for k in keys if storage.exists("layer_summary", k)]
         if not present:
             raise FileNotFoundError("no layer_summary partition exists yet: materialize layer_summary first")
-        summary = pl.concat([storage.read("layer_summary", k) for k in present]).sort("layer", "variant")
+        summary = pl.concat([storage.read("layer_summary", k) for k in present]).sort("layer", "variant", "method")
         version = storage.write(summary, "model_summary")
         return MaterializeResult(
             data_version=DataVersion(version),
             metadata={"dagster/row_count": summary.height, "layers present": f"{len(present)}/{len(keys)}",
-                      "summary": markdown_table(summary)},
+                      "cost (USD)": float(summary["cost_usd"].sum()), "summary": markdown_table(summary)},
         )
 
     return model_summary

@@ -1,0 +1,96 @@
+"""The asset graph with the explainer and simulator behind a real OpenAI-compatible HTTP server."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import AssetKey, instance_for_test
+from openai_server import FakeOpenAIServer
+from pipeline import tiny_settings
+from tiny_models import build_tiny_model
+
+from neuron_assets.cli import demo_runs, materialize_runs
+from neuron_assets.definitions import build_definitions
+from neuron_assets.resources.storage import TableStorage
+
+KEY = "sk-test-not-a-real-key-4217"
+SHARD = "00-31"
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    return build_tiny_model("gpt2", tmp_path_factory.mktemp("subject") / "gpt2", n_layers=1, max_positions=4096)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    return build_tiny_model("llama", tmp_path_factory.mktemp("served") / "llama", n_layers=1, max_positions=4096)
+
+
+def remote_settings(subject, tmp, server, **overrides):
+    return tiny_settings(subject, tmp, **{
+        "explainer_backend": "openai", "explainer_model": "gpt-4o-mini", "explainer_base_url": server.base_url,
+        "simulator_backend": "openai", "simulator_model": "gpt-4o-mini", "simulator_base_url": server.base_url,
+        "llm_retries": 1, "llm_timeout": 30, **overrides})
+
+
+def run(settings, instance, runs):
+    materialize_runs(build_definitions(settings), instance, runs, log=lambda _: None)
+    return TableStorage(root=settings.storage)
+
+
+def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURON_ASSETS_EXPLAINER_API_KEY", KEY)
+    monkeypatch.setenv("NEURON_ASSETS_SIMULATOR_API_KEY", KEY)
+    with FakeOpenAIServer(served, api_key=KEY, digit_bias=6.0) as server, instance_for_test() as instance:
+        settings = remote_settings(subject, tmp_path, server)
+        storage = run(settings, instance, demo_runs(("00",), [SHARD]))
+        explanations = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm")
+        assert explanations["tokens_in"].min() > 0 and explanations["cost"].min() > 0  # gpt-4o-mini is priced
+        sims = storage.read("simulations", f"00|{SHARD}")
+        assert set(sims["method"]) == {"all_at_once"}
+        assert sims.filter(pl.col("error").is_null()).height > 0
+        assert storage.read("model_summary")["cost_usd"].sum() > 0
+        completions = len(server.posts("/completions"))
+        assert completions >= 10  # one prompt-logprobs request per simulated sequence (plus the probe)
+
+        before = len(server.requests)
+        run(settings, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")])
+        assert len(server.requests) == before  # unchanged neurons: every answer from the cache
+        again = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm")
+        assert again["cache_hit"].all() and again["text"].to_list() == explanations["text"].to_list()
+        event = instance.get_latest_materialization_event(AssetKey("simulations")).asset_materialization
+        assert event.metadata["LLM cache misses"].value == 0 and event.metadata["LLM cache hits"].value > 0
+
+    written = [p for p in Path(settings.storage).rglob("*") if p.is_file()]
+    assert any("llm_cache" in str(p) for p in written)
+    assert not [p for p in written if KEY.encode() in p.read_bytes()]  # the key is never stored
+
+
+@pytest.mark.parametrize("completions, chat_logprobs, method",
+                         [(False, True, "chat_logprobs"), (False, False, "json")])
+def test_probe_picks_the_best_method_the_endpoint_supports(subject, served, tmp_path, completions, chat_logprobs, method):
+    with FakeOpenAIServer(served, completions=completions, chat_logprobs=chat_logprobs, digit_bias=6.0) as server, \
+            instance_for_test() as instance:
+        settings = remote_settings(subject, tmp_path, server, neurons="first:1")
+        storage = run(settings, instance, demo_runs(("00",), [SHARD]))
+        sims = storage.read("simulations", f"00|{SHARD}")
+        assert set(sims["method"]) == {method}
+        summary = storage.read("layer_summary", "00")
+        assert set(summary["method"]) == {method}
+        # whatever the tiny model answers, nothing is a silent zero: values or an error
+        for expected, error in sims.select("expected", "error").iter_rows():
+            assert error is not None or (expected is not None and any(v != 0 for v in expected))
+
+
+def test_failing_requests_become_error_rows_and_the_shard_completes(subject, served, tmp_path):
+    with FakeOpenAIServer(served, digit_bias=6.0) as server, instance_for_test() as instance:
+        settings = remote_settings(subject, tmp_path, server, llm_retries=0, llm_concurrency=1)
+        run(settings, instance, demo_runs(("00",), [SHARD])[:2])  # corpus and records first
+        server.script(["500"])  # the first explainer request fails, with no retry left
+        storage = run(settings, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")])
+        llm = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm").sort("neuron")
+        assert llm["error"][0] is not None and "500" in llm["error"][0]
+        assert llm["error"][1] is None  # the other neuron was explained
+        scores = storage.read("scores", f"00|{SHARD}")
+        assert scores.height == 4 and scores.filter(pl.col("error").is_null()).height >= 1
