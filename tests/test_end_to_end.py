@@ -12,7 +12,7 @@ from dagster import AssetKey, DagsterInstance, instance_for_test
 from pipeline import run_graph, tiny_settings
 from tiny_models import build_tiny_model
 
-from neuron_assets.cli import materialize_runs
+from neuron_assets.cli import materialize_runs, score_table
 from neuron_assets.definitions import build_definitions
 from neuron_assets.settings import Settings
 
@@ -40,7 +40,9 @@ def test_embedded_model_one_layer_two_neurons(tmp_path, monkeypatch):
     finite = finite[np.isfinite(finite)]
     assert finite.size >= 2 and np.all(np.abs(finite) <= 1)
     summary = storage.read("model_summary")
-    assert summary["layer"].to_list() == [0, 0]
+    assert summary["layer"].to_list() == [0, 0] and set(summary["method"]) == {"all_at_once"}
+    table = score_table(settings.storage).splitlines()
+    assert len(table) == 3 and "token_baseline" in table[2] and "all_at_once" in table[1]
 
 
 def test_dagster_cli_materializes_one_layer(tmp_path):
