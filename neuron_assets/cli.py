@@ -7,6 +7,7 @@ import time
 import warnings
 from pathlib import Path
 
+from neuron_assets.audit import add_audit_parser
 from neuron_assets.settings import SETTINGS, Settings
 
 DEMO_LAYERS = ("00", "01", "02")
@@ -68,7 +69,9 @@ def shard_keys(defs) -> list[str]:
 
 
 def demo_runs(layers: tuple[str, ...], shards: list[str]) -> list:
-    runs = [(("corpus_documents", "corpus_tokens"), None), (("neuron_records",), (layers[0], layers[-1]))]
+    # Observing the weights first lets Dagster notice when a later checkpoint changes a layer.
+    runs = [(("subject_model_weights",), None), (("corpus_documents", "corpus_tokens"), None),
+            (("neuron_records",), (layers[0], layers[-1]))]
     runs += [(("explanations", "simulations", "scores"), f"{layer}|{shard}") for layer in layers for shard in shards]
     runs += [(("layer_summary",), layer) for layer in layers]
     runs += [(("model_summary",), None)]
@@ -126,6 +129,13 @@ def scores(args) -> None:
     print(score_table(Settings.from_env().storage))
 
 
+def refresh(args) -> None:
+    from neuron_assets.refresh import main_refresh
+
+    args.stale_only = not args.missing
+    main_refresh(args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="neuron-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +145,13 @@ def main(argv=None) -> None:
     p.set_defaults(run=demo)
     sub.add_parser("settings", help="the environment variables in force").set_defaults(run=show_settings)
     sub.add_parser("scores", help="the per-layer score table of model_summary").set_defaults(run=scores)
+    p = sub.add_parser("refresh", help="observe the weights, then materialize only the stale partitions")
+    p.add_argument("--dry-run", action="store_true", help="list what would run, launch nothing")
+    p.add_argument("--missing", action="store_true",
+                   help="also fill missing partitions whose inputs exist (default: stale ones only)")
+    p.add_argument("--no-observe", action="store_true", help="do not observe the weights first")
+    p.set_defaults(run=refresh)
+    add_audit_parser(sub)
     args = parser.parse_args(argv)
     # Dagster marks MultiToSingleDimensionPartitionMapping as beta at every use; the README says so once.
     from dagster import BetaWarning

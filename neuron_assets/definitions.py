@@ -1,16 +1,18 @@
-"""The one Definitions object: assets, checks and resources, built from the settings."""
+"""The one Definitions object: assets, checks, resources, sensors and schedules, built from the settings."""
 
 import inspect
 import json
 import os
 
-from dagster import Definitions, EnvVar
+from dagster import Definitions, EnvVar, map_asset_specs
 
 from neuron_assets.assets.activations import build_neuron_records
 from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
 from neuron_assets.assets.explanations import build_explanations
 from neuron_assets.assets.scores import build_layer_summary, build_model_summary, build_scores
 from neuron_assets.assets.simulations import build_simulations
+from neuron_assets.assets.weights import build_subject_model_weights
+from neuron_assets.automation import automation_sensor, observe_sources_nightly, refresh_stale_partitions
 from neuron_assets.method import prompts
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
@@ -23,7 +25,8 @@ from neuron_assets.resources.subject_model import SubjectModel
 from neuron_assets.settings import Settings
 
 
-def build_definitions(settings: Settings) -> Definitions:
+def build_definitions(settings: Settings, code_versions: dict[str, str] | None = None) -> Definitions:
+    """`code_versions` replaces the code version of the named assets (tests: what a code change reruns)."""
     shape = model_shape(settings.model, settings.cache)
     layout = build_layout(settings.layers, shape.n_layers, shape.n_neurons, settings.shards)
     study = Study(seq_len=settings.seq_len, max_windows=settings.max_windows, top_records=settings.top_records,
@@ -34,17 +37,24 @@ def build_definitions(settings: Settings) -> Definitions:
     wording = inspect.getsource(prompts)
     explainer_version = prompt_version(json.dumps(explainer_fewshot, sort_keys=True), wording)
     simulator_version = prompt_version(json.dumps(simulator_fewshot, sort_keys=True), wording)
+    assets = [
+        corpus_documents,
+        corpus_tokens,
+        build_neuron_records(layout),
+        build_explanations(layout, explainer_version, explainer_fewshot),
+        build_simulations(layout, simulator_version, simulator_fewshot),
+        build_scores(layout),
+        build_layer_summary(layout),
+        build_model_summary(layout),
+    ]
+    if code_versions:
+        assets = map_asset_specs(
+            lambda spec: spec.replace_attributes(code_version=code_versions.get(spec.key.to_user_string(),
+                                                                                spec.code_version)), assets)
     return Definitions(
-        assets=[
-            corpus_documents,
-            corpus_tokens,
-            build_neuron_records(layout),
-            build_explanations(layout, explainer_version, explainer_fewshot),
-            build_simulations(layout, simulator_version, simulator_fewshot),
-            build_scores(layout),
-            build_layer_summary(layout),
-            build_model_summary(layout),
-        ],
+        assets=[build_subject_model_weights(layout), *assets],
+        sensors=[automation_sensor, refresh_stale_partitions],
+        schedules=[observe_sources_nightly],
         resources={
             "subject_model": SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,
                                           batch_size=settings.batch_size),

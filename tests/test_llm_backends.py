@@ -34,6 +34,11 @@ def remote_settings(subject, tmp, server, **overrides):
         "llm_retries": 1, "llm_timeout": 30, **overrides})
 
 
+def data_versions(instance) -> dict:
+    return {asset: instance.get_latest_materialization_event(AssetKey(asset)).asset_materialization.tags[
+        "dagster/data_version"] for asset in ("explanations", "simulations", "scores")}
+
+
 def run(settings, instance, runs):
     materialize_runs(build_definitions(settings), instance, runs, log=lambda _: None)
     return TableStorage(root=settings.storage)
@@ -49,14 +54,25 @@ def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, mo
         assert explanations["tokens_in"].min() > 0 and explanations["cost"].min() > 0  # gpt-4o-mini is priced
         sims = storage.read("simulations", f"00|{SHARD}")
         assert set(sims["method"]) == {"all_at_once"}
+        assert sims["expected"].is_not_null().all()  # every sequence read, despite split characters
         assert sims.filter(pl.col("error").is_null()).height > 0
         assert storage.read("model_summary")["cost_usd"].sum() > 0
         completions = len(server.posts("/completions"))
         assert completions >= 10  # one prompt-logprobs request per simulated sequence (plus the probe)
 
         before = len(server.requests)
+        versions = data_versions(instance)
         run(settings, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")])
-        assert len(server.requests) == before  # unchanged neurons: every answer from the cache
+        assert len(server.requests) == before  # unchanged neurons are reused: no request at all
+        assert data_versions(instance) == versions  # identical tables: nothing downstream turns stale
+        event = instance.get_latest_materialization_event(AssetKey("simulations")).asset_materialization
+        clean = sims.group_by("neuron", "variant").agg(pl.col("error").is_null().all().alias("ok"))["ok"].sum()
+        assert clean >= 1 and event.metadata["reused (unchanged inputs)"].value == clean  # failed ones are retried
+
+        for asset in ("explanations", "simulations"):  # lose the tables, keep the response cache
+            storage.path(asset, f"00|{SHARD}").unlink()
+        run(settings, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")])
+        assert len(server.requests) == before  # every answer from the persistent response cache
         again = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm")
         assert again["cache_hit"].all() and again["text"].to_list() == explanations["text"].to_list()
         event = instance.get_latest_materialization_event(AssetKey("simulations")).asset_materialization
@@ -86,7 +102,7 @@ def test_probe_picks_the_best_method_the_endpoint_supports(subject, served, tmp_
 def test_failing_requests_become_error_rows_and_the_shard_completes(subject, served, tmp_path):
     with FakeOpenAIServer(served, digit_bias=6.0) as server, instance_for_test() as instance:
         settings = remote_settings(subject, tmp_path, server, llm_retries=0, llm_concurrency=1)
-        run(settings, instance, demo_runs(("00",), [SHARD])[:2])  # corpus and records first
+        run(settings, instance, demo_runs(("00",), [SHARD])[:3])  # weights, corpus and records first
         server.script(["500"])  # the first explainer request fails, with no retry left
         storage = run(settings, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")])
         llm = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm").sort("neuron")

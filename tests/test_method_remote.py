@@ -143,12 +143,28 @@ def test_read_all_at_once_bos_in_front_is_skipped():
 def test_read_all_at_once_byte_tokens_fail_clearly():
     _, offsets = all_at_once_prompt("PREFIX\n\n", "greetings", TOKENS)
     tokens, tops = echo(SEPARATE, SEPARATE_TOPS)
-    tokens[1] = "Ġhello"  # a raw byte-level BPE token, not text
+    # a byte-level server everywhere: tabs echo as "ĉ" and alignment is never regained
+    byte_level = [t.replace("\t", "ĉ").replace(" ", "Ġ") for t in tokens]
     with pytest.raises(ValueError, match="do not spell the prompt"):
-        read_all_at_once(tokens, None, tops, PROMPT, offsets)
-    tokens[1] = "bytes:\\xe2\\x80"
+        read_all_at_once(byte_level, None, tops, PROMPT, offsets)
+    tokens[-1] = "bytes:\\xe2\\x80"  # after the last TAB: nothing to regain alignment on
     with pytest.raises(ValueError, match="not plain text"):
         read_all_at_once(tokens, None, tops, PROMPT, offsets)
+
+
+def test_fragments_of_a_split_character_are_skipped_up_to_the_tab():
+    """A character split over tokens echoes as fragments that do not spell it: alignment is
+    regained at the TAB ending that subject token, so every value is still read."""
+    _, offsets = all_at_once_prompt("PREFIX\n\n", "greetings", TOKENS)
+    tokens, tops = echo(SEPARATE, SEPARATE_TOPS)
+    i = tokens.index(" world")
+    tokens[i : i + 1] = [" wor", "\ufffd", "\ufffd"]  # " world" echoed as a piece and two fragments
+    tops = tops[:i] + [None, None, None] + tops[i + 1 :]
+    probs, failed = read_all_at_once(tokens, None, tops, PROMPT, offsets)
+    assert not failed.any()
+    plain_tokens, plain_tops = echo(SEPARATE, SEPARATE_TOPS)
+    reference, _ = read_all_at_once(plain_tokens, None, plain_tops, PROMPT, offsets)
+    np.testing.assert_allclose(probs, reference)
     # server offsets that point at other text are refused, not read
     tokens, tops = echo(SEPARATE, SEPARATE_TOPS)
     shifted = (np.cumsum([0] + [len(t) for t in tokens[:-1]]) + 1).tolist()

@@ -18,6 +18,7 @@ from dagster import (
 
 from neuron_assets.assets.common import OWNERS, Progress, percentiles
 from neuron_assets.assets.corpus import corpus_tokens
+from neuron_assets.automation import ON_CHANGE
 from neuron_assets.method.records import RecordSampler
 from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.storage import TableStorage
@@ -52,8 +53,10 @@ def build_neuron_records(layout: Layout):
     @asset(
         partitions_def=layer_partitions(layout),
         backfill_policy=BackfillPolicy.single_run(),
-        deps=[corpus_tokens],
+        # The weights share the layer partitions: identity mapping, layer L reads weights[L].
+        deps=[corpus_tokens, "subject_model_weights"],
         code_version="1",
+        automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="activations",

@@ -33,6 +33,11 @@ def records_hash(records: list[tuple[int, np.ndarray]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def previous_rows(storage, asset: str, partition: str) -> pl.DataFrame | None:
+    """This partition's table from its last materialization, for reusing unchanged neurons."""
+    return storage.read(asset, partition) if storage.exists(asset, partition) else None
+
+
 def tokens_by_seq(corpus_tokens: pl.DataFrame) -> dict[int, list[str]]:
     return dict(zip(corpus_tokens["seq_id"].to_list(), corpus_tokens["tokens"].to_list()))
 

@@ -4,6 +4,7 @@ import polars as pl
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
 from neuron_assets.assets.common import OWNERS
+from neuron_assets.automation import ON_CHANGE
 from neuron_assets.resources.corpus import CorpusError, CorpusSource, token_windows
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
@@ -41,6 +42,7 @@ def corpus_documents(corpus: CorpusSource, storage: TableStorage) -> Materialize
 @asset(
     deps=[corpus_documents],
     code_version="1",
+    automation_condition=ON_CHANGE,
     kinds={"python", "parquet"},
     owners=OWNERS,
     group_name="corpus",

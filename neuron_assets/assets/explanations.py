@@ -10,6 +10,8 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
+    TableColumn,
+    TableSchema,
     asset,
 )
 
@@ -18,11 +20,13 @@ from neuron_assets.assets.common import (
     Progress,
     layer_and_shard,
     markdown_table,
+    previous_rows,
     records_hash,
     records_of,
     tokens_by_seq,
 )
 from neuron_assets.assets.corpus import corpus_tokens
+from neuron_assets.automation import ON_CHANGE
 from neuron_assets.method.baseline import token_baseline
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
@@ -34,8 +38,9 @@ from neuron_assets.resources.study import Study
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "text": pl.String, "explainer_model": pl.String, "prompt_version": pl.String,
           "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost": pl.Float64,
-          "cache_hit": pl.Boolean, "error": pl.String}
+          "cache_hit": pl.Boolean, "code_version": pl.String, "error": pl.String}
 VARIANTS = ("llm", "token_baseline")
+CODE_VERSION = "2"  # bump when the explanation logic changes; the prompt version is appended
 
 
 def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, cost=0.0,
@@ -43,7 +48,20 @@ def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0
     explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
     return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
             "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
-            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "cache_hit": cache_hit, "error": error}
+            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "cache_hit": cache_hit,
+            "error": error}
+
+
+def _reusable(previous: pl.DataFrame | None, neuron: int, rhash: str, model: str, code_version: str) -> dict | None:
+    """The neuron's earlier llm explanation, if it came from the same records, model, prompt and code."""
+    if previous is None or "code_version" not in previous.columns:
+        return None
+    match = previous.filter(
+        (pl.col("neuron") == neuron) & (pl.col("variant") == "llm") & pl.col("error").is_null()
+        & (pl.col("records_hash") == rhash) & (pl.col("explainer_model") == model)
+        & (pl.col("code_version") == code_version)
+    )
+    return match.row(0, named=True) if match.height else None
 
 
 def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict]):
@@ -51,7 +69,8 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         partitions_def=layer_shard_partitions(layout),
         deps=[AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens],
-        code_version=f"1-{prompt_version}",
+        code_version=f"{CODE_VERSION}-{prompt_version}",
+        automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="explanations",
@@ -68,7 +87,9 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         neurons = study.selected(layout.shard_neurons(shard_key))
         records = records_of(storage.read("neuron_records", layer_key, "records"), neurons)
         tokens = tokens_by_seq(storage.read("corpus_tokens"))
-        rows, pending = [], []
+        previous = previous_rows(storage, "explanations", context.partition_key)
+        code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        rows, pending, reused, hits = [], [], 0, 0
         for neuron in neurons:
             kinds = records[neuron]
             try:
@@ -89,7 +110,13 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
             baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
             rows.append(_row(layer, neuron, "token_baseline", baseline, "none", prompt_version, rhash,
                              error=None if baseline else "no token has a positive mean activation"))
-            pending.append((neuron, rhash, explainer_messages(shown, fewshot, prefill=explainer.continues_assistant_turn)))
+            earlier = _reusable(previous, neuron, rhash, explainer.label, code_version)
+            if earlier:  # same records, model and prompt: no LLM call, and an identical row
+                rows.append(earlier)
+                reused += 1
+            else:
+                pending.append((neuron, rhash, explainer_messages(shown, fewshot,
+                                                                  prefill=explainer.continues_assistant_turn)))
 
         progress = Progress(context, len(pending), f"explaining layer {layer_key} shard {shard_key}, neurons")
         for start in range(0, len(pending), explainer.batch_size):
@@ -101,6 +128,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 failed = {"text": "", "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "cache_hit": False,
                           "error": f"explainer failed: {type(e).__name__}: {e}"}
                 answers = [failed] * len(batch)
+            hits += sum(answer["cache_hit"] for answer in answers)
             for (neuron, rhash, _), answer in zip(batch, answers):
                 error = answer["error"]
                 text = clean_explanation(answer["text"]) if error is None else None
@@ -110,6 +138,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                                  answer["tokens_in"], answer["tokens_out"], answer["cost"], answer["cache_hit"], error))
             progress.advance(len(batch))
 
+        rows = [{**row, "code_version": code_version} for row in rows]
         df = pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())
@@ -122,14 +151,15 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 "tokens in": int(df["tokens_in"].sum()),
                 "tokens out": int(df["tokens_out"].sum()),
                 "cost (USD)": float(df["cost"].sum()),
-                "LLM cache hits": int(df["cache_hit"].sum()),
-                "LLM cache misses": df.filter((pl.col("variant") == "llm") & ~pl.col("cache_hit")
-                                              & (pl.col("tokens_in") > 0)).height,
+                "reused (unchanged inputs)": reused,
+                "LLM cache hits": hits,
+                "LLM cache misses": len(pending) - hits,
                 "explainer": explainer.label,
                 "prompt version": prompt_version,
                 "seconds": round(progress.seconds, 1),
                 "preview": markdown_table(df.select("neuron", "variant", "text", "error").head(10)),
                 "path": MetadataValue.path(str(storage.path("explanations", context.partition_key))),
+                "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
             },
         )
 

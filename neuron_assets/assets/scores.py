@@ -11,10 +11,15 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
+    TableColumn,
+    TableColumnDep,
+    TableColumnLineage,
+    TableSchema,
     asset,
 )
 
 from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table, percentiles, records_hash, records_of
+from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import scores_in_range
 from neuron_assets.method.scoring import score_neuron
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
@@ -63,6 +68,7 @@ def build_scores(layout: Layout):
         deps=["simulations", "explanations",
               AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))],
         code_version="1",
+        automation_condition=ON_CHANGE,
         kinds={"numpy", "parquet"},
         owners=OWNERS,
         group_name="scores",
@@ -87,6 +93,19 @@ def build_scores(layout: Layout):
                 **percentiles(df.filter(pl.col("variant") == "llm")["score_all"].to_list(), "llm score_all"),
                 "best neurons": markdown_table(best.select("neuron", "variant", "score_all", "explanation").head(5)),
                 "path": MetadataValue.path(str(storage.path("scores", context.partition_key))),
+                "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
+                "dagster/column_lineage": TableColumnLineage(deps_by_column={
+                    **{c: [TableColumnDep("simulations", "expected"), TableColumnDep("neuron_records", "activations")]
+                       for c in ("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained")},
+                    "n_failed_tokens": [TableColumnDep("simulations", "expected")],
+                    "explanation": [TableColumnDep("explanations", "text")],
+                    "explanation_id": [TableColumnDep("simulations", "explanation_id")],
+                    "records_hash": [TableColumnDep("simulations", "seq_id"),
+                                     TableColumnDep("neuron_records", "activations")],
+                    "simulator_model": [TableColumnDep("simulations", "simulator_model")],
+                    "method": [TableColumnDep("simulations", "method")],
+                    "cost": [TableColumnDep("explanations", "cost"), TableColumnDep("simulations", "cost")],
+                }),
             },
             check_results=[AssetCheckResult(check_name=SCORES_IN_RANGE, **scores_in_range(df))],
         )
@@ -120,6 +139,7 @@ def build_layer_summary(layout: Layout):
         partitions_def=layer_partitions(layout),
         deps=[AssetDep("scores", partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))],
         code_version="1",
+        automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
         group_name="summaries",
@@ -153,6 +173,7 @@ def build_model_summary(layout: Layout):
     @asset(
         deps=["layer_summary"],
         code_version="1",
+        automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
         group_name="summaries",

@@ -11,11 +11,14 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
+    TableColumn,
+    TableSchema,
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, Progress, layer_and_shard, records_of, tokens_by_seq
+from neuron_assets.assets.common import OWNERS, Progress, layer_and_shard, previous_rows, records_of, tokens_by_seq
 from neuron_assets.assets.corpus import corpus_tokens
+from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import no_silent_zero_simulations
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.partitions import Layout, layer_shard_partitions
@@ -25,7 +28,8 @@ from neuron_assets.resources.storage import TableStorage
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "seq_id": pl.Int32, "split": pl.String, "expected": pl.List(pl.Float32),
           "n_failed_tokens": pl.Int32, "simulator_model": pl.String, "method": pl.String, "tokens_in": pl.Int64,
-          "tokens_out": pl.Int64, "cost": pl.Float64, "cache_hit": pl.Boolean, "error": pl.String}
+          "tokens_out": pl.Int64, "cost": pl.Float64, "cache_hit": pl.Boolean,
+          "code_version": pl.String, "error": pl.String}
 NO_SILENT_ZEROS = "no_silent_zero_simulations"
 
 
@@ -36,6 +40,17 @@ def valid_split(kinds: dict) -> list[tuple[str, int, np.ndarray]]:
     return [("top", s, a) for s, a in top] + [("random", s, a) for s, a in random]
 
 
+def reusable_simulations(previous: pl.DataFrame | None, model: str, method: str, code_version: str) -> dict:
+    """{(neuron, variant): rows} of earlier simulations that succeeded with the same simulator,
+    method and code; a neuron's rows are reused when its explanation and sequences are unchanged."""
+    if previous is None or "code_version" not in previous.columns:
+        return {}
+    ok = previous.filter((pl.col("simulator_model") == model) & (pl.col("code_version") == code_version)
+                         & ((pl.lit(method) == "auto") | (pl.col("method") == method)))
+    groups = ok.partition_by("neuron", "variant", as_dict=True)
+    return {key: rows for key, rows in groups.items() if rows["error"].is_null().all()}
+
+
 def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
     @asset(
         partitions_def=layer_shard_partitions(layout),
@@ -43,6 +58,7 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
               AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens],
         code_version=f"1-{prompt_version}",
+        automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="simulations",
@@ -59,14 +75,12 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              explained["neuron"].unique().to_list())
         tokens = tokens_by_seq(storage.read("corpus_tokens"))
-        rows = []
-        try:
-            engine, engine_error = simulator.simulation(fewshot, log=context.log.info), None
-        except Exception as exc:  # prefix too long, endpoint down: every neuron gets this error row
-            engine, engine_error = None, f"simulator unusable: {type(exc).__name__}: {exc}"
-        method = engine.method if engine else "none"
+        code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        earlier = reusable_simulations(previous_rows(storage, "simulations", context.partition_key),
+                                       simulator.label, simulator.simulation_method, code_version)
+        engine, engine_error, rows, reused, calls, hits = None, None, [], 0, 0, 0
 
-        def row(e, seq_id=None, split=None, result=None, error=None):
+        def row(e, method, seq_id=None, split=None, result=None, error=None):
             result = result or failed_simulation(error)
             expected = result["expected"]
             return {"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
@@ -74,21 +88,38 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
                     "expected": None if expected is None else expected.tolist(), "n_failed_tokens": result["n_failed"],
                     "simulator_model": simulator.label, "method": method, "tokens_in": result["tokens_in"],
                     "tokens_out": result["tokens_out"], "cost": result["cost"], "cache_hit": result["cache_hit"],
-                    "error": result["error"]}
+                    "code_version": code_version, "error": result["error"]}
 
         progress = Progress(context, explained.height, f"simulating {context.partition_key}, explanations")
         for e in explained.iter_rows(named=True):
             progress.advance()
-            if e["error"] is not None or engine_error:
-                rows.append(row(e, error=engine_error or f"no explanation: {e['error']}"))
+            if e["error"] is not None:
+                rows.append(row(e, "none", error=f"no explanation: {e['error']}"))
                 continue
             sequences = valid_split(records[e["neuron"]])
+            before = earlier.get((e["neuron"], e["variant"]))
+            if (before is not None and before["explanation_id"][0] == e["explanation_id"]
+                    and set(before.select("split", "seq_id").rows()) == {(sp, s) for sp, s, _ in sequences}):
+                rows += before.to_dicts()  # no LLM call, and identical rows
+                reused += 1
+                continue
+            if engine is None and engine_error is None:  # loaded (or probed) only when needed
+                try:
+                    engine = simulator.simulation(fewshot, log=context.log.info)
+                except Exception as exc:  # prefix too long, endpoint down: every neuron gets this error
+                    engine_error = f"simulator unusable: {type(exc).__name__}: {exc}"
+            if engine_error:
+                rows.append(row(e, "none", error=engine_error))
+                continue
+            calls += len(sequences)
             try:
                 results = engine.simulate(e["text"], [tokens[seq_id] for _, seq_id, _ in sequences])
             except Exception as exc:  # a failed neuron is a row with its error; the shard goes on
                 message = f"simulator failed: {type(exc).__name__}: {exc}"
                 results = [failed_simulation(message, len(tokens[seq_id])) for _, seq_id, _ in sequences]
-            rows += [row(e, seq_id, split, result) for (split, seq_id, _), result in zip(sequences, results)]
+            hits += sum(result["cache_hit"] for result in results)
+            rows += [row(e, engine.method, seq_id, split, result)
+                     for (split, seq_id, _), result in zip(sequences, results)]
 
         df = pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant", "split", "seq_id")
         version = storage.write(df, "simulations", context.partition_key)
@@ -101,14 +132,17 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
                 "failed rows": int(df["error"].is_not_null().sum()),
                 "failed tokens": int(df["n_failed_tokens"].sum()),
                 "simulator": simulator.label,
-                "method": method,
+                "method": ", ".join(sorted(set(df["method"]))),
+                "reused (unchanged inputs)": reused,
                 "tokens in": int(df["tokens_in"].sum()),
                 "tokens out": int(df["tokens_out"].sum()),
                 "cost (USD)": float(df["cost"].sum()),
-                "LLM cache hits": int(df["cache_hit"].sum()),
-                "LLM cache misses": int((~df["cache_hit"] & (df["tokens_in"] > 0)).sum()),
+                "sequences simulated now": calls,
+                "LLM cache hits": hits,
+                "LLM cache misses": calls - hits,
                 "seconds": round(progress.seconds, 1),
                 "path": MetadataValue.path(str(storage.path("simulations", context.partition_key))),
+                "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
             },
             check_results=[AssetCheckResult(check_name=NO_SILENT_ZEROS, **check)],
         )

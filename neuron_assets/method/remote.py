@@ -59,7 +59,8 @@ def _first_token_at(starts: list[int]) -> dict[int, int]:
     """Offset -> index of the first token that starts there."""
     first = {}
     for i, start in enumerate(starts):
-        first.setdefault(int(start), i)
+        if start is not None:
+            first.setdefault(int(start), i)
     return first
 
 
@@ -93,30 +94,42 @@ def all_at_once_prompt(prefix: str, explanation: str, tokens: list[str]) -> tupl
     return prefix + "".join(segments) + "unknown\n<end>\n", offsets
 
 
-def _echo_starts(echo_tokens: list[str], text_offsets: list[int] | None, prompt: str) -> list[int]:
-    """Start offset in `prompt` of every echoed token.
+def _echo_starts(echo_tokens: list[str], text_offsets: list[int] | None, prompt: str) -> list[int | None]:
+    """Start offset in `prompt` of every echoed token (None where it cannot be known).
 
-    Without server offsets they are cumulative lengths, which is only valid if the tokens spell
-    the prompt exactly. A server may echo a BOS token it added in front ("<s>"): text before
-    the prompt is allowed if it ends on a token boundary, and its tokens get negative starts.
-    Byte-level tokens ("Ġhello", "bytes:\\xe2", "token_id:42") do not spell the prompt: we stop
-    rather than guess where they fall."""
+    Without server offsets, the tokens are laid end to end along the prompt. Tokens a server
+    puts in front (a BOS such as "<s>") get None. A character split over several tokens echoes
+    as fragments ("\ufffd") that do not spell it; they occur only inside a subject token's text
+    (everything else in the prompt is ASCII), so alignment is regained at the TAB that ends that
+    token, and the fragments get None (they are never read). Byte-level token strings ("Ġhello")
+    never regain alignment: then we stop rather than guess."""
     if text_offsets is not None:
         if len(text_offsets) != len(echo_tokens):
             raise ValueError(f"{len(echo_tokens)} echoed tokens but {len(text_offsets)} offsets")
         return [int(s) for s in text_offsets]
-    text = "".join(echo_tokens)
-    head = len(text) - len(prompt)
-    starts = np.cumsum([0] + [len(t) for t in echo_tokens[:-1]]).tolist() if echo_tokens else []
-    if head < 0 or not text.endswith(prompt) or (head > 0 and head not in starts):
+    starts: list[int | None] = []
+    pos, lost = 0, False
+    for token in echo_tokens:
+        if not lost and token and prompt.startswith(token, pos):
+            starts.append(pos)
+            pos += len(token)
+        elif pos == 0:  # not yet in the prompt: text the server added in front
+            starts.append(None)
+        elif (tab := token.find("\t")) >= 0 and (t := prompt.find("\t", pos)) >= 0 and prompt.startswith(token[tab:], t):
+            starts.append(t if tab == 0 else None)
+            pos, lost = t + len(token) - tab, False
+        else:
+            starts.append(None)
+            lost = True
+    if lost or pos != len(prompt):
+        text = "".join(echo_tokens)
         where = next((i for i, (a, b) in enumerate(zip(text, prompt)) if a != b), min(len(text), len(prompt)))
         raise ValueError(
-            f"echoed tokens do not spell the prompt (first difference at character {where}: "
-            f"{text[where:where + 20]!r} vs {prompt[where:where + 20]!r}); the server returned "
-            "tokens that are not plain text (byte-level tokens?): pass its text_offset or use "
-            "a server that returns decoded tokens"
+            f"echoed tokens do not spell the prompt (near character {where}: {text[where:where + 20]!r} vs "
+            f"{prompt[where:where + 20]!r}); the server returned tokens that are not plain text "
+            "(byte-level tokens?): pass its text_offset or use a server that returns decoded tokens"
         )
-    return [s - head for s in starts]
+    return starts
 
 
 def read_all_at_once(

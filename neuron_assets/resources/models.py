@@ -171,5 +171,70 @@ def neuron_module(model, layer: int) -> torch.nn.Module:
     return model.get_submodule(pattern.format(layer))
 
 
+def layer_prefixes(model_type: str, layer: int) -> tuple[str, str]:
+    """Name prefixes of layer `layer`'s parameters, from the neuron module pattern: the full one
+    ('model.layers.3.', 'transformer.h.3.', 'gpt_neox.layers.3.') and the one without the base
+    model's prefix ('layers.3.', 'h.3.'), as base-model checkpoints (and GPT-2's own) name them."""
+    pattern = ARCHITECTURES[model_type][0]
+    full = pattern[: pattern.index("{}") + 2].format(layer) + "."
+    return full, full.split(".", 1)[1]
+
+
+def _weight_files(path: str) -> list[Path]:
+    """The checkpoint files of a local directory or of a Hub-cache snapshot (safetensors first)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not in the cache as a snapshot: hash the loaded model instead
+            return []
+    return sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+
+
+def layer_weight_hashes(name: str, cache: str, layers: list[int], device: str = "cpu") -> dict[int, str]:
+    """{layer: sha256 (16 hex) over the name, shape, dtype and bytes of every parameter of the layer}.
+
+    Read from the checkpoint files on disk, one layer's tensors at a time, never from the model
+    cached in this process (`load_causal_lm`): a checkpoint rewritten in place is seen as it is now.
+    Only a model without local weight files is hashed from its loaded parameters.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model(name, cache)
+    model_type = shape_of(AutoConfig.from_pretrained(path)).model_type
+    prefixes = {layer: layer_prefixes(model_type, layer) for layer in layers}
+    tensors: dict[str, object] = {}  # name -> loader of that tensor
+    files = _weight_files(path)
+    if files and files[0].suffix == ".safetensors":
+        from safetensors import safe_open
+
+        handles = [safe_open(str(f), framework="pt") for f in files]
+        for handle in handles:
+            for key in handle.keys():
+                tensors[key] = functools.partial(handle.get_tensor, key)
+    elif files:
+        for f in files:
+            state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            tensors.update({key: functools.partial(state.__getitem__, key) for key in state})
+    else:
+        model, _ = load_causal_lm(name, cache, device)
+        tensors.update({key: (lambda p=p: p) for key, p in model.state_dict().items()})
+
+    hashes = {}
+    for layer, (full, short) in prefixes.items():
+        names = sorted(k for k in tensors if k.startswith(full) or k.startswith(short))
+        if not names:
+            raise ValueError(f"{name}: no parameter of layer {layer} (no name starts with {full!r})")
+        digest = hashlib.sha256()
+        for key in names:
+            tensor = tensors[key]().detach().cpu().contiguous()
+            digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hashes[layer] = digest.hexdigest()[:16]
+    return hashes
+
+
 def describe_model(name: str) -> str:
     return f"SmolLM2-135M-Instruct (embedded, {EMBEDDED_GGUF})" if name == "embedded" else name

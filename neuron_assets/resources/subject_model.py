@@ -9,6 +9,7 @@ from dagster import ConfigurableResource
 from neuron_assets.resources.models import (
     ModelShape,
     describe_model,
+    layer_weight_hashes,
     load_causal_lm,
     model_shape,
     neuron_module,
@@ -39,6 +40,10 @@ class SubjectModel(ConfigurableResource):
 
     def tokenizer(self):
         return self.load()[1]
+
+    def layer_hashes(self, layers: list[int]) -> dict[int, str]:
+        """{layer: hash of that layer's weights}, read from the checkpoint on disk (not the cached model)."""
+        return layer_weight_hashes(self.model, self.cache, layers, self.device)
 
     def neuron_activations(self, windows: np.ndarray, layers: list[int]) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
         """Yield (first window index, {layer: float32 [B, T, N]}) per batch of token windows.

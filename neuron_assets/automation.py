@@ -1,0 +1,147 @@
+"""What reruns by itself: the automation condition of every asset, its sensor, the nightly
+observation schedule and the (opt-in) stale-partition sensor.
+
+- `ON_CHANGE` (on corpus_tokens and everything downstream): a partition that was materialized
+  before reruns when the data version of one of its inputs changed, or when the asset's code
+  version changed. Partitions that were never materialized are left alone (fill them explicitly).
+- `neuron_assets_automation` (RUNNING by default): the sensor that evaluates those conditions.
+- `observe_sources_nightly` (03:00, STOPPED by default): observes subject_model_weights (a hash
+  per layer) and re-materializes corpus_documents (a content hash: unchanged text is a no-op).
+  A changed layer or corpus then reaches the automation sensor as a new data version.
+- `refresh_stale_partitions` (STOPPED by default): requests, stage by stage, what
+  `neuron_assets.refresh.stale_partitions` finds stale, as `neuron-assets refresh` does.
+"""
+
+import hashlib
+
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    AssetSelection,
+    AutomationCondition,
+    AutomationConditionSensorDefinition,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SkipReason,
+    define_asset_job,
+    schedule,
+    sensor,
+)
+
+
+def _dep_data_changed() -> AutomationCondition:
+    """A dependency has a new data version (not merely a new materialization or observation with the
+    same version), outside a run that also executed this asset, or will be requested this tick."""
+    return AutomationCondition.any_deps_match(
+        (AutomationCondition.data_version_changed() & ~AutomationCondition.executed_with_root_target())
+        .with_label("data_version_changed_without_root")
+        | AutomationCondition.will_be_requested()
+    ).with_label("any_deps_data_version_changed")
+
+
+def _code_changed() -> AutomationCondition:
+    """The code version changed since the last tick, for partitions that exist and can run."""
+    return (
+        AutomationCondition.code_version_changed()
+        & ~AutomationCondition.missing()
+        & ~AutomationCondition.any_deps_missing()
+        & ~AutomationCondition.in_progress()
+    ).with_label("code_version_changed")
+
+
+# eager(), with "a dependency updated" narrowed to "a dependency's data version changed": Dagster's
+# own any_deps_updated() fires on every new materialization, so the nightly re-materialization of an
+# unchanged corpus would rerun every layer. code_version_changed() alone selects every partition,
+# materialized or not, hence the guards in _code_changed().
+ON_CHANGE = (
+    AutomationCondition.eager().replace("any_deps_updated", _dep_data_changed()) | _code_changed()
+).with_label("on_change")
+
+
+automation_sensor = AutomationConditionSensorDefinition(
+    "neuron_assets_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Evaluates every asset's automation condition (ON_CHANGE in neuron_assets/automation.py): "
+    "reruns materialized partitions whose inputs have a new data version or whose code version changed.",
+)
+
+
+@schedule(
+    cron_schedule="0 3 * * *",
+    target=AssetSelection.assets("subject_model_weights", "corpus_documents"),
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Nightly: observe subject_model_weights (one hash per layer, read from the checkpoint on "
+    "disk) and re-materialize corpus_documents (its data version is a content hash, so unchanged text "
+    "changes nothing downstream). Changed layers or text then reach the automation sensor.",
+)
+def observe_sources_nightly(context):
+    stamp = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    # The observation without a partition hashes every layer; corpus_documents is unpartitioned.
+    yield RunRequest(run_key=f"weights-{stamp}", asset_selection=[AssetKey("subject_model_weights")])
+    yield RunRequest(run_key=f"corpus-{stamp}", asset_selection=[AssetKey("corpus_documents")])
+
+
+# A job's assets must share one partitions definition, so the sensor's requests go to three jobs.
+JOBS = {
+    "unpartitioned_assets": ("corpus_documents", "corpus_tokens", "model_summary"),
+    "layer_assets": ("neuron_records", "layer_summary"),
+    "layer_shard_assets": ("explanations", "simulations", "scores"),
+}
+refresh_jobs = [define_asset_job(name, selection=AssetSelection.assets(*assets)) for name, assets in JOBS.items()]
+
+
+@sensor(
+    name="refresh_stale_partitions",
+    jobs=refresh_jobs,
+    default_status=DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds=300,
+    description="Requests runs for stale partitions (neuron_assets.refresh; never-materialized ones are left alone), "
+    "earliest stage first: staleness is not transitive in Dagster, so the next stage is requested on a "
+    "later tick, once it has become stale. A request's run key names the latest materialization of each "
+    "partition it recomputes, so a partition is requested once per change, not once per tick.",
+)
+def refresh_stale_partitions(context: SensorEvaluationContext):
+    from neuron_assets.refresh import first_stage, refresh_runs, stale_partitions
+
+    graph = context.repository_def.asset_graph
+    layer_order = [str(k) for k in graph.get(AssetKey("neuron_records")).partitions_def.get_partition_keys()]
+    # Stale partitions only, as `neuron-assets refresh` without --missing: never-run shards stay unrun.
+    stale = stale_partitions(context.repository_def, context.instance, include_missing=False)
+    runs = refresh_runs(first_stage(stale), layer_order)
+    if not runs:
+        return SkipReason("nothing is stale")
+    requests = []
+    for selection, partition in runs:
+        tags, key = {}, None
+        if isinstance(partition, tuple):
+            tags = {"dagster/asset_partition_range_start": partition[0],
+                    "dagster/asset_partition_range_end": partition[1]}
+        else:
+            key = partition
+        job = next(name for name, assets in JOBS.items() if selection[0] in assets)
+        requests.append(RunRequest(run_key=_run_key(context.instance, graph, selection, partition), job_name=job,
+                                   asset_selection=[AssetKey(name) for name in selection], partition_key=key,
+                                   tags=tags))
+    return requests
+
+
+def _run_key(instance, graph, selection, partition) -> str:
+    """The run and the latest materialization of every partition it recomputes: the same stale state
+    gives the same key (Dagster skips it), a new materialization of one of them a new key."""
+    parts = [",".join(selection), str(partition)]
+    for name in selection:
+        if isinstance(partition, tuple):
+            keys = [str(k) for k in graph.get(AssetKey(name)).partitions_def.get_partition_keys()]
+            keys = keys[keys.index(partition[0]) : keys.index(partition[1]) + 1]
+        else:
+            keys = [partition]
+        for key in keys:
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=AssetKey(name), asset_partitions=[key] if key else None), limit=1
+            ).records
+            parts.append(str(records[0].storage_id) if records else "-")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
