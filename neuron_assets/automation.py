@@ -30,6 +30,8 @@ from dagster import (
     sensor,
 )
 
+from neuron_assets.partitions import run_target
+
 
 def _dep_data_changed() -> AutomationCondition:
     """A dependency has a new data version (not merely a new materialization or observation with the
@@ -116,12 +118,7 @@ def refresh_stale_partitions(context: SensorEvaluationContext):
         return SkipReason("nothing is stale")
     requests = []
     for selection, partition in runs:
-        tags, key = {}, None
-        if isinstance(partition, tuple):
-            tags = {"dagster/asset_partition_range_start": partition[0],
-                    "dagster/asset_partition_range_end": partition[1]}
-        else:
-            key = partition
+        key, tags = run_target(partition)
         job = next(name for name, assets in JOBS.items() if selection[0] in assets)
         requests.append(RunRequest(run_key=_run_key(context.instance, graph, selection, partition), job_name=job,
                                    asset_selection=[AssetKey(name) for name in selection], partition_key=key,

@@ -34,15 +34,12 @@ def materialize_runs(defs, instance, runs, log=print) -> None:
     """
     from dagster import AssetKey
 
+    from neuron_assets.partitions import run_target
+
     job = defs.resolve_implicit_global_asset_job_def()
     started = time.monotonic()
     for i, (selection, partition) in enumerate(runs, 1):
-        tags, key = {}, None
-        if isinstance(partition, tuple):
-            tags = {"dagster/asset_partition_range_start": partition[0],
-                    "dagster/asset_partition_range_end": partition[1]}
-        else:
-            key = partition
+        key, tags = run_target(partition)
         where = f" [{partition[0]}..{partition[1]}]" if isinstance(partition, tuple) else (f" [{key}]" if key else "")
         log(f"[{i}/{len(runs)}] {time.monotonic() - started:6.0f}s  {', '.join(selection)}{where}")
         result = job.execute_in_process(

@@ -53,3 +53,12 @@ def layer_shard_partitions(layout: Layout) -> MultiPartitionsDefinition:
             "shard": StaticPartitionsDefinition(layout.shard_keys()),
         }
     )
+
+
+def run_target(partition: str | tuple[str, str] | None) -> tuple[str | None, dict[str, str]]:
+    """A run's partitions as Dagster takes them: one key, or a range of layers as range tags
+    (one single-run backfill: one forward pass for all of them)."""
+    if isinstance(partition, tuple):
+        return None, {"dagster/asset_partition_range_start": partition[0],
+                      "dagster/asset_partition_range_end": partition[1]}
+    return partition, {}
