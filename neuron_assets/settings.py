@@ -5,7 +5,7 @@ the tests and a user's study. `SETTINGS` lists them for the README and `neuron-a
 """
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 EMBEDDED_MODEL = "embedded"
@@ -160,9 +160,6 @@ class Settings:
             storage=storage,
             cache=str(Path(_env("NEURON_ASSETS_CACHE")).expanduser()),
         )
-
-    def describe(self) -> dict[str, str]:
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
