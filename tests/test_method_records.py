@@ -109,7 +109,7 @@ def test_fewer_windows_than_requested_keeps_what_there_is():
 
 def test_empty_sampler_finalizes_to_no_records_and_nan_stats():
     records, stats = RecordSampler(n_neurons=2, seq_len=4).finalize()
-    assert records["neuron"] == [] and records["activations"] == []
+    assert len(records["neuron"]) == 0 and records["activations"].shape == (0, 4)
     assert np.isnan(stats["mean"]).all() and stats["n_tokens"] == [0, 0]
 
 
@@ -155,10 +155,10 @@ def test_stats_match_numpy_on_concatenated_data():
     d = x - x.mean(axis=1, keepdims=True)
     var = (d**2).mean(axis=1)
     np.testing.assert_allclose(stats["mean"], x.mean(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(stats["variance"], var, rtol=1e-9)
+    np.testing.assert_allclose(stats["variance"], var, rtol=1e-6)  # float32 batch sums
     d, var = d[:3], var[:3]  # moments of the non-constant neurons
-    np.testing.assert_allclose(stats["skewness"][:3], (d**3).mean(axis=1) / var**1.5, rtol=1e-7)
-    np.testing.assert_allclose(stats["kurtosis"][:3], (d**4).mean(axis=1) / var**2 - 3, rtol=1e-7)
+    np.testing.assert_allclose(stats["skewness"][:3], (d**3).mean(axis=1) / var**1.5, rtol=1e-5)
+    np.testing.assert_allclose(stats["kurtosis"][:3], (d**4).mean(axis=1) / var**2 - 3, rtol=1e-5)
     np.testing.assert_allclose(stats["max"], x.max(axis=1))
     assert stats["variance"][3] == 0.0
     assert np.isnan(stats["skewness"][3]) and np.isnan(stats["kurtosis"][3])

@@ -2,6 +2,7 @@
 
 import hashlib
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import polars as pl
@@ -65,6 +66,32 @@ class Progress:
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.start
+
+
+class ModelClock:
+    """Seconds spent inside the models (forward passes, generation, simulation): what is left of
+    a step's time is orchestration and I/O, reported beside it in the metadata."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextmanager
+    def running(self):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds += time.monotonic() - start
+
+    def timed(self, batches):
+        """Yield from `batches`, counting the time spent producing each item."""
+        batches = iter(batches)
+        while True:
+            with self.running():
+                item = next(batches, None)
+            if item is None:
+                return
+            yield item
 
 
 def percentiles(values, name: str) -> dict:

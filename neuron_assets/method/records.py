@@ -51,7 +51,8 @@ class RecordSampler:
         self.per_quantile, self.n_maxima = per_quantile, n_maxima
         self.quantiles = tuple(float(q) for q in quantiles)
         self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        # one stream per reservoir, so a batch's draws are those of its windows in order
+        self.pool_rng, self.maxima_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
         self.n_windows = 0
         N, T = n_neurons, seq_len
         # neuron-major; empty top slots hold -inf so that any real window displaces them
@@ -79,53 +80,66 @@ class RecordSampler:
             return
         window_max = acts.max(axis=1)  # [B, N]
         self._update_top(acts, seq_ids, window_max)
-        self._update_reservoirs(acts, seq_ids, window_max)
-        self._update_moments(acts)
+        n_seen = self.n_windows + np.arange(len(acts))
+        for b, neurons, slots in _reservoir_writes(self.pool_rng, n_seen, self.quantile_pool, self.n_neurons):
+            self.pool_seq[neurons, slots] = seq_ids[b]
+            self.pool_acts[neurons, slots] = acts[b][:, neurons].T
+        for b, neurons, slots in _reservoir_writes(self.maxima_rng, n_seen, self.n_maxima, self.n_neurons):
+            self.maxima[neurons, slots] = window_max[b, neurons]
+        self._update_moments(acts.reshape(-1, self.n_neurons))
+        self.max = np.maximum(self.max, window_max.max(axis=0))
         self.n_windows += len(acts)
 
     def _update_top(self, acts, seq_ids, window_max):
-        """Merge the batch into the top-k: sort k + B candidates per neuron, keep the first k.
-        Only neurons with a window reaching their current k-th max can change: once the corpus
-        is large these are few, so only they are sorted and their activations moved."""
+        """Merge the batch into the top-k. Slots are unordered (finalize sorts them): a window
+        that enters takes the slot of one that leaves, so only entering windows are copied.
+        Only neurons with a window reaching their current k-th max can change."""
         k = self.n_top
         batch_max = window_max.T  # [N, B]
-        n = np.flatnonzero((batch_max >= self.top_max[:, -1:]).any(axis=1))
+        kth = self.top_max.min(axis=1, keepdims=True)  # empty slots hold -inf
+        n = np.flatnonzero((batch_max >= kth).any(axis=1))
+        if len(n) == 0:
+            return
         cand_max = np.concatenate([self.top_max[n], batch_max[n]], axis=1)
         cand_seq = np.concatenate([self.top_seq[n], np.broadcast_to(seq_ids, batch_max[n].shape)], axis=1)
-        order = np.lexsort((cand_seq, -cand_max), axis=1)[:, :k]  # max desc, seq_id asc
-        self.top_max[n] = np.take_along_axis(cand_max, order, axis=1)
-        self.top_seq[n] = np.take_along_axis(cand_seq, order, axis=1)
-        # order < k: an old slot; order >= k: window order - k of this batch
-        merged = np.take_along_axis(self.top_acts[n], np.minimum(order, k - 1)[:, :, None], axis=1)
-        row, slot = np.nonzero(order >= k)
-        merged[row, slot] = acts[order[row, slot] - k, :, n[row]]
-        self.top_acts[n] = merged
+        best = np.lexsort((cand_seq, -cand_max), axis=1)[:, :k]  # max desc, seq_id asc
+        kept = np.zeros(cand_max.shape, bool)
+        np.put_along_axis(kept, best, True, axis=1)
+        # per neuron as many freed slots as entering windows, both listed in row order
+        row, slot = np.nonzero(~kept[:, :k])
+        _, b = np.nonzero(kept[:, k:])
+        neurons = n[row]
+        self.top_max[neurons, slot] = batch_max[neurons, b]
+        self.top_seq[neurons, slot] = seq_ids[b]
+        self.top_acts[neurons, slot] = acts[b, :, neurons]
 
-    def _update_reservoirs(self, acts, seq_ids, window_max):
-        # one window at a time, so results do not depend on how the corpus was batched
-        for b in range(len(acts)):
-            n_seen = self.n_windows + b
-            neurons, slots = _reservoir_slots(self.rng, n_seen, self.quantile_pool, self.n_neurons)
-            self.pool_seq[neurons, slots] = seq_ids[b]
-            self.pool_acts[neurons, slots] = acts[b][:, neurons].T
-            neurons, slots = _reservoir_slots(self.rng, n_seen, self.n_maxima, self.n_neurons)
-            self.maxima[neurons, slots] = window_max[b, neurons]
-
-    def _update_moments(self, acts):
+    def _update_moments(self, x):
         """Pebay (2008) merge of central moment sums M_p = sum (x - mean)^p, with
         delta = mean_b - mean_a and n = n_a + n_b:
         M2 = M2a + M2b + delta^2 n_a n_b / n
         M3 = M3a + M3b + delta^3 n_a n_b (n_a - n_b) / n^2 + 3 delta (n_a M2b - n_b M2a) / n
         M4 = M4a + M4b + delta^4 n_a n_b (n_a^2 - n_a n_b + n_b^2) / n^3
              + 6 delta^2 (n_a^2 M2b + n_b^2 M2a) / n^2 + 4 delta (n_a M3b - n_b M3a) / n
+        A batch is summed in float32 (the activations' precision) around c, its float32 mean;
+        with S_p = sum (x - c)^p and e = S_1 / n_b, mean_b = c + e and the central sums are
+        M2b = S2 - n_b e^2, M3b = S3 - 3 e S2 + 2 n_b e^3, M4b = S4 - 4 e S3 + 6 e^2 S2 - 3 n_b e^4.
+        The merge is float64.
         """
-        x = acts.reshape(-1, self.n_neurons).astype(np.float64)
         na, nb = float(self.n_windows * self.seq_len), float(len(x))
         n = na + nb
-        mean_b = x.mean(axis=0)
-        d = x - mean_b
-        d2 = d * d
-        m2b, m3b, m4b = d2.sum(axis=0), (d2 * d).sum(axis=0), (d2 * d2).sum(axis=0)
+        c = x.sum(axis=0) / np.float32(nb)
+        d = x - c
+        e = d.sum(axis=0).astype(np.float64) / nb
+        d2 = np.square(d)
+        s2 = d2.sum(axis=0).astype(np.float64)
+        d *= d2
+        s3 = d.sum(axis=0).astype(np.float64)
+        np.square(d2, out=d2)
+        s4 = d2.sum(axis=0).astype(np.float64)
+        mean_b = c.astype(np.float64) + e
+        m2b = s2 - nb * e**2
+        m3b = s3 - 3 * e * s2 + 2 * nb * e**3
+        m4b = s4 - 4 * e * s3 + 6 * e**2 * s2 - 3 * nb * e**4
         m2a, m3a, m4a = self.m2, self.m3, self.m4
         delta = mean_b - self.mean
         self.mean = self.mean + delta * nb / n
@@ -140,11 +154,11 @@ class RecordSampler:
             + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
             + 4 * delta * (na * m3b - nb * m3a) / n
         )
-        self.max = np.maximum(self.max, x.max(axis=0))
         self.min = np.minimum(self.min, x.min(axis=0))
 
     def finalize(self) -> tuple[dict, dict]:
-        """(records, stats) as dicts of columns; see the class docstring. Does not change state."""
+        """(records, stats) as dicts of numpy columns; see the class docstring. Records hold
+        neuron, kind (str), rank, seq_id and activations float32 [rows, T]. Does not change state."""
         N, T, Q = self.n_neurons, self.seq_len, len(self.quantiles)
         k = min(self.n_windows, self.n_top)
         n_pool = min(self.n_windows, self.quantile_pool)
@@ -154,6 +168,9 @@ class RecordSampler:
         order = np.argsort(shuffle_rng.random((N, n_pool)), axis=1)
         pool_seq = np.take_along_axis(self.pool_seq[:, :n_pool], order, axis=1)
         pool_acts = np.take_along_axis(self.pool_acts[:, :n_pool], order[:, :, None], axis=1)
+        best = np.lexsort((self.top_seq, -self.top_max), axis=1)[:, :k]  # max desc, seq_id asc
+        top_seq = np.take_along_axis(self.top_seq, best, axis=1)
+        top_acts = np.take_along_axis(self.top_acts, best[:, :, None], axis=1)
 
         if self.n_windows:
             n_max = min(self.n_windows, self.n_maxima)
@@ -163,7 +180,7 @@ class RecordSampler:
         bucket = (pool_acts.max(axis=2)[:, :, None] >= boundaries[:, None, :]).sum(axis=2)
 
         blocks = [
-            _rows(0, np.ones((N, k), bool), self.top_seq[:, :k], self.top_acts[:, :k]),
+            _rows(0, np.ones((N, k), bool), top_seq, top_acts),
             _rows(1, np.broadcast_to(np.arange(n_pool) < self.n_random, (N, n_pool)), pool_seq, pool_acts),
         ]
         for q in range(Q + 1):
@@ -174,11 +191,11 @@ class RecordSampler:
         order = np.lexsort((rank, kind, neuron))
         kinds = ("top", "random", *(f"quantile_{q}" for q in range(Q + 1)))
         records = {
-            "neuron": neuron[order].tolist(),
-            "kind": [kinds[i] for i in kind[order]],
-            "rank": rank[order].tolist(),
-            "seq_id": seq[order].tolist(),
-            "activations": list(np.ascontiguousarray(acts[order].reshape(-1, T))),
+            "neuron": neuron[order],
+            "kind": np.array(kinds)[kind[order]],
+            "rank": rank[order],
+            "seq_id": seq[order],
+            "activations": acts[order].reshape(-1, T),
         }
         return records, self._stats(boundaries)
 
@@ -202,15 +219,22 @@ class RecordSampler:
         }
 
 
-def _reservoir_slots(rng, n_seen, size, n_neurons):
-    """Algorithm R, one independent reservoir per neuron: window number n_seen (0-based) fills
-    slot n_seen while the reservoir is not full, else replaces slot j ~ U{0..n_seen} if j < size,
-    i.e. enters with probability size / (n_seen + 1). Returns (neurons, slots) to overwrite."""
-    if n_seen < size:
-        return np.arange(n_neurons), np.full(n_neurons, n_seen)
-    slots = rng.integers(0, n_seen + 1, size=n_neurons)
-    neurons = np.flatnonzero(slots < size)
-    return neurons, slots[neurons]
+def _reservoir_writes(rng, n_seen, size, n_neurons):
+    """Algorithm R, one independent reservoir per neuron, for a batch of windows numbered
+    n_seen (0-based, ascending): window i fills slot i while the reservoir is not full, else
+    replaces slot j ~ U{0..i} if j < size, i.e. enters with probability size / (i + 1).
+    Yields (window in batch, neurons, slots) in window order: apply them in that order, so a
+    later window wins a slot drawn twice. One draw of the batch's full rows equals the draws
+    window by window, so batching changes nothing."""
+    full = n_seen >= size
+    drawn = iter(rng.integers(0, n_seen[full, None] + 1, size=(int(full.sum()), n_neurons)))
+    for b, i in enumerate(n_seen):
+        if i < size:
+            yield b, slice(None), i
+        else:
+            slots = next(drawn)
+            neurons = np.flatnonzero(slots < size)
+            yield b, neurons, slots[neurons]
 
 
 def _rows(kind, keep, seq, acts):

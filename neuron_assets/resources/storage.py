@@ -37,7 +37,8 @@ class TableStorage(ConfigurableResource):
             target.write_bytes(payload)  # one PUT: object stores never expose partial objects
         return hashlib.sha256(payload).hexdigest()[:16]
 
-    def read(self, asset: str, partition: str | None = None, table: str = "data") -> pl.DataFrame:
+    def read(self, asset: str, partition: str | None = None, table: str = "data",
+             columns: list[str] | None = None) -> pl.DataFrame:
         target = self.path(asset, partition, table)
         if not target.exists():
             where = f"partition {partition}" if partition else "it"
@@ -46,7 +47,7 @@ class TableStorage(ConfigurableResource):
                 f"(dagster asset materialize --select {asset}"
                 + (f" --partition '{partition}')" if partition else ")")
             )
-        return pl.read_parquet(target.read_bytes())
+        return pl.read_parquet(target.read_bytes(), columns=columns)
 
     def exists(self, asset: str, partition: str | None = None, table: str = "data") -> bool:
         return self.path(asset, partition, table).exists()

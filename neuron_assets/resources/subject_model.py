@@ -66,7 +66,7 @@ class SubjectModel(ConfigurableResource):
         handles = [neuron_module(model, layer).register_forward_pre_hook(hook_for(layer)) for layer in layers]
         try:
             for start in range(0, len(windows), self.batch_size):
-                batch = torch.as_tensor(windows[start : start + self.batch_size], dtype=torch.long, device=model.device)
+                batch = torch.tensor(windows[start : start + self.batch_size], dtype=torch.long, device=model.device)
                 captured.clear()
                 with torch.inference_mode():
                     try:
