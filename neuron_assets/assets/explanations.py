@@ -17,6 +17,7 @@ from dagster import (
 
 from neuron_assets.assets.common import (
     OWNERS,
+    ModelClock,
     Progress,
     layer_and_shard,
     markdown_table,
@@ -119,11 +120,13 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                                                                   prefill=explainer.continues_assistant_turn)))
 
         progress = Progress(context, len(pending), f"explaining layer {layer_key} shard {shard_key}, neurons")
+        clock = ModelClock()
         for start in range(0, len(pending), explainer.batch_size):
             batch = pending[start : start + explainer.batch_size]
             seeds = [study.seed * 1_000_003 + layer * 10_007 + neuron for neuron, _, _ in batch]
             try:
-                answers = explainer.complete([messages for _, _, messages in batch], seeds)
+                with clock.running():
+                    answers = explainer.complete([messages for _, _, messages in batch], seeds)
             except Exception as e:  # one failed batch becomes error rows, never a failed shard
                 failed = {"text": "", "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "cache_hit": False,
                           "error": f"explainer failed: {type(e).__name__}: {e}"}
@@ -157,6 +160,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 "explainer": explainer.label,
                 "prompt version": prompt_version,
                 "seconds": round(progress.seconds, 1),
+                "model seconds": round(clock.seconds, 1),
                 "preview": markdown_table(df.select("neuron", "variant", "text", "error").head(10)),
                 "path": MetadataValue.path(str(storage.path("explanations", context.partition_key))),
                 "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),

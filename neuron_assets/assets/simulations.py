@@ -16,7 +16,7 @@ from dagster import (
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, Progress, layer_and_shard, previous_rows, records_of, tokens_by_seq
+from neuron_assets.assets.common import OWNERS, ModelClock, Progress, layer_and_shard, previous_rows, records_of, tokens_by_seq
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import no_silent_zero_simulations
@@ -91,6 +91,7 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
                     "code_version": code_version, "error": result["error"]}
 
         progress = Progress(context, explained.height, f"simulating {context.partition_key}, explanations")
+        clock = ModelClock()
         for e in explained.iter_rows(named=True):
             progress.advance()
             if e["error"] is not None:
@@ -113,7 +114,8 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
                 continue
             calls += len(sequences)
             try:
-                results = engine.simulate(e["text"], [tokens[seq_id] for _, seq_id, _ in sequences])
+                with clock.running():
+                    results = engine.simulate(e["text"], [tokens[seq_id] for _, seq_id, _ in sequences])
             except Exception as exc:  # a failed neuron is a row with its error; the shard goes on
                 message = f"simulator failed: {type(exc).__name__}: {exc}"
                 results = [failed_simulation(message, len(tokens[seq_id])) for _, seq_id, _ in sequences]
@@ -141,6 +143,7 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
                 "LLM cache hits": hits,
                 "LLM cache misses": calls - hits,
                 "seconds": round(progress.seconds, 1),
+                "model seconds": round(clock.seconds, 1),
                 "path": MetadataValue.path(str(storage.path("simulations", context.partition_key))),
                 "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
             },
