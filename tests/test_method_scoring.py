@@ -3,12 +3,14 @@ import math
 import numpy as np
 import pytest
 
+from neuron_assets.method import scoring
 from neuron_assets.method.scoring import (
     absolute_dev_explained,
     correlation,
     correlations,
     rsquared,
     score_neuron,
+    score_neurons,
 )
 from neuron_assets.method.simulation import VALUES, expected_values, value_distribution
 
@@ -110,3 +112,72 @@ def test_vectorised_correlations_agree_with_loop():
     keep = ~np.isnan(sim[1])
     assert got[1] == pytest.approx(np.corrcoef(real[1, keep], sim[1, keep])[0, 1])
     assert got[0] == pytest.approx(np.corrcoef(real[0], sim[0])[0, 1])
+
+
+def _padded(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """One row per explanation: its sequences concatenated, then NaN up to the longest row."""
+    flat = [np.concatenate(seqs) if seqs else np.zeros(0) for seqs in rows]
+    out = np.full((len(flat), max(len(f) for f in flat)), np.nan)
+    for row, f in zip(out, flat):
+        row[: len(f)] = f
+    return out
+
+
+def _neurons_with_edge_cases(rng):
+    """(real_top, sim_top, real_random, sim_random) lists of sequences per explanation: random
+    ragged ones with failed tokens, then the cases where the scores are NaN."""
+    def sequences(n, length):
+        real = [np.abs(rng.normal(size=length)) * rng.integers(0, 2, size=length) for _ in range(n)]
+        sim = [r + rng.normal(scale=0.5, size=length) for r in real]
+        for s in sim:
+            s[rng.random(length) < 0.1] = np.nan
+        return real, sim
+
+    neurons = [(*sequences(rng.integers(1, 6), rng.integers(1, 20)),
+                *sequences(rng.integers(1, 6), rng.integers(1, 20))) for _ in range(30)]
+    neurons += [
+        ([np.arange(4.0)], [np.full(4, 2.0)], [np.arange(3.0)], [np.full(3, 2.0)]),  # constant simulation
+        ([np.full(4, 3.0)], [np.arange(4.0)], [np.full(2, 3.0)], [np.array([1.0, 5.0])]),  # constant real
+        ([np.arange(4.0)], [np.full(4, np.nan)], [np.arange(3.0)], [np.full(3, np.nan)]),  # every token failed
+        ([np.zeros(4)], [np.arange(4.0)], [np.zeros(2)], [np.ones(2)]),  # mean(r^2) = mean|r| = 0
+        ([np.array([0.0, 0.0, 5.0])], [np.array([1.0, 2.0, np.nan])], [], []),  # real nonzero only where failed
+        ([], [], [np.arange(5.0)], [np.arange(5.0) ** 2]),  # no top sequences
+        ([np.array([2.0])], [np.array([1.0])], [np.array([0.0, 1.0])], [np.array([0.0, 3.0])]),  # one top token
+        ([np.ones(4)] * 3, [np.ones(4)] * 3, [np.arange(4.0)], [np.array([0.0, np.nan, np.nan, 1.0])]),  # 2 kept
+    ]
+    return neurons
+
+
+@pytest.mark.parametrize("rows_per_block", [5, 256])
+def test_vectorised_scores_equal_score_neuron_row_by_row(rows_per_block, monkeypatch):
+    monkeypatch.setattr(scoring, "ROWS_PER_BLOCK", rows_per_block)
+    neurons = _neurons_with_edge_cases(np.random.default_rng(1))
+    got = score_neurons(*(_padded([n[k] for n in neurons]) for k in range(4)))
+    expected = [score_neuron(*n) for n in neurons]
+    assert set(got) == set(expected[0])
+    for key, values in got.items():
+        assert values.shape == (len(neurons),)
+        np.testing.assert_allclose(values, [e[key] for e in expected], rtol=1e-12, atol=0, equal_nan=True, err_msg=key)
+    assert got["n_failed_tokens"].dtype.kind == "i"
+    assert np.isfinite(got["score_all"][:30]).all() and got["n_failed_tokens"][:30].sum() > 0
+    assert np.isnan(got["score_all"][30:34]).all() and np.isnan(got["score_top"][35])
+    assert np.isnan(got["rsquared"][32:35]).all() and np.isnan(got["abs_dev_explained"][32:35]).all()
+    assert got["n_failed_tokens"][32] == 7 and got["n_failed_tokens"][35] == 0  # padding is not a failure
+
+
+def test_vectorised_scores_are_bitwise_equal_on_full_rows():
+    """Without failed tokens or padding, each row sums the same values in the same order as the
+    per-neuron functions: complete groups score exactly as `score_neuron` scored them."""
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(20, 2, 5, 64)).astype(np.float32)
+    sim = (real + rng.normal(size=real.shape)).astype(np.float32)
+    got = score_neurons(real[:, 0].reshape(20, -1), sim[:, 0].reshape(20, -1),
+                        real[:, 1].reshape(20, -1), sim[:, 1].reshape(20, -1))
+    for i in range(20):
+        expected = score_neuron(list(real[i, 0]), list(sim[i, 0]), list(real[i, 1]), list(sim[i, 1]))
+        assert {key: values[i] for key, values in got.items()} == expected
+
+
+def test_vectorised_scores_of_no_explanations_are_empty():
+    got = score_neurons(*(np.zeros((0, 0)) for _ in range(4)))
+    assert all(values.shape == (0,) for values in got.values())

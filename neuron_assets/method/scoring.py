@@ -3,9 +3,17 @@
 Every score pools all tokens of all scored sequences and computes once; it is not a mean of
 per-sequence scores. Token positions where the simulation is NaN (a failed expected value) are
 dropped from both sides before computing, and counted by `score_neuron`.
+
+The per-neuron functions (`correlation`, `rsquared`, `absolute_dev_explained`, `score_neuron`) are
+the readable definitions; `correlations` and `score_neurons` compute the same for many neurons at
+once, on [n_neurons, n_tokens] arrays.
 """
 
 import numpy as np
+
+# `score_neurons` works on blocks of this many rows so that its float64 temporaries stay in cache:
+# about twice as fast as all rows at once.
+ROWS_PER_BLOCK = 256
 
 
 def _pool(real: list[np.ndarray], simulated: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -78,3 +86,43 @@ def score_neuron(real_top, sim_top, real_random, sim_random) -> dict:
         "abs_dev_explained": absolute_dev_explained(real_all, sim_all),
         "n_failed_tokens": int(sum(np.isnan(np.asarray(s, np.float64)).sum() for s in sim_all)),
     }
+
+
+def _fraction_explained(real: np.ndarray, simulated: np.ndarray, loss) -> np.ndarray:
+    """1 - mean(loss(r - p)) / mean(loss(r)) per row, over the positions where simulated is not
+    NaN; NaN where the denominator is not positive (which includes rows with no such position)."""
+    keep = ~np.isnan(simulated)
+    n = keep.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        error = np.where(keep, loss(real - simulated), 0.0).sum(axis=1) / n
+        scale = np.where(keep, loss(real), 0.0).sum(axis=1) / n
+        return np.where(scale > 0, 1 - error / scale, np.nan)
+
+
+def _score_block(real_top, sim_top, real_random, sim_random) -> dict[str, np.ndarray]:
+    """`score_neurons` on one block of rows."""
+    real_top, sim_top, real_random, sim_random = (
+        np.asarray(x, np.float64) for x in (real_top, sim_top, real_random, sim_random))
+    real_all = np.concatenate([real_top, real_random], axis=1)
+    sim_all = np.concatenate([sim_top, sim_random], axis=1)
+    return {
+        "score_all": correlations(real_all, sim_all),
+        "score_top": correlations(real_top, sim_top),
+        "score_random": correlations(real_random, sim_random),
+        "rsquared": _fraction_explained(real_all, sim_all, np.square),
+        "abs_dev_explained": _fraction_explained(real_all, sim_all, np.abs),
+        "n_failed_tokens": (np.isnan(sim_all) & ~np.isnan(real_all)).sum(axis=1),
+    }
+
+
+def score_neurons(real_top, sim_top, real_random, sim_random) -> dict[str, np.ndarray]:
+    """`score_neuron` for many explanations at once. Each argument is [n_explanations, n_tokens]:
+    row i holds explanation i's sequences of that split concatenated. NaN in sim marks a failed
+    token; a row with fewer tokens than the array is wide is padded with NaN in both real and sim,
+    which is how padding is told apart from failed tokens. Returns the same keys as `score_neuron`,
+    each a 1-D array over explanations."""
+    arrays = [np.asarray(x) for x in (real_top, sim_top, real_random, sim_random)]
+    # range(0, max(n, 1)) gives zero rows one empty block, so every key is still returned.
+    starts = range(0, max(len(arrays[0]), 1), ROWS_PER_BLOCK)
+    blocks = [_score_block(*(x[start:start + ROWS_PER_BLOCK] for x in arrays)) for start in starts]
+    return {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
