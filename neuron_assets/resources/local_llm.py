@@ -1,6 +1,7 @@
 """The in-process explainer and simulator: a Hugging Face causal LM already loaded by the caller.
 
-- `chat_text` / `generate_texts`: batched chat generation for the explainer (METHOD.md section 3).
+- `chat_text` / `generate_texts`: chat generation for the explainer (METHOD.md section 3), with
+  the prompts' shared few-shot prefix computed once, stopping at the end of the answer's first line.
 - `LocalSimulator`: the paper's "all at once" simulator (METHOD.md section 4). Instead of parsing
   echoed prompt logprobs from an API, it reads the next-token distribution over the value tokens
   "0".."10" straight from the logits at every read position (the TAB after each token).
@@ -11,10 +12,13 @@ No Dagster import: the resource in this package wraps these functions.
 """
 
 import inspect
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from neuron_assets.method.simulation import value_distribution
 
@@ -72,49 +76,231 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _generation_config(max_new_tokens, temperature, top_p, pad_id, eos_ids) -> GenerationConfig:
-    """Exactly the reference sampling: no top-k (transformers defaults to 50), no penalties.
-
-    Unset fields would be filled from the model's own generation_config (which may ask for
-    top-k, penalties or sampling), so everything that shapes the output is set here.
-    """
-    sampling = temperature > 0
-    params = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        num_beams=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids or None,
-    )
-    if sampling:  # sampling-only flags: transformers warns about them in greedy mode
-        params.update(temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0)
-    return GenerationConfig(**params)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token rows so that every prompt ends where generation starts."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _count_new_tokens(new: list[int], eos_ids: list[int]) -> int:
-    """Generated tokens up to and including the first EOS; what follows is padding."""
-    for i, token in enumerate(new):
-        if token in eos_ids:
-            return i + 1
-    return len(new)
-
-
 def _rng_devices(device: torch.device) -> list:
     """fork_rng must know the CUDA device to save and restore its generator too."""
     return [device] if device.type == "cuda" else []
+
+
+class _RowCache(DynamicLayer):
+    """One layer's keys and values for a few rows, in preallocated [rows, heads, capacity, dim]
+    buffers where every row has its own length.
+
+    New entries are written in place at each row's end: a decode step costs a write of one entry
+    per row, where DynamicLayer copies the whole cache, and rows of different lengths need no left
+    padding. `keys` / `values` are views up to the longest row; whatever lies beyond a shorter row's
+    length must be hidden from it by the attention mask.
+    """
+
+    def __init__(self, capacity: int, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.capacity = capacity
+        self.lengths = [0]
+        if prefix is not None:
+            keys, values = prefix
+            self.lazy_initialization(keys, values)
+            self.key_buffer[:, :, : keys.shape[-2]] = keys
+            self.value_buffer[:, :, : values.shape[-2]] = values
+            self.lengths = [keys.shape[-2]]
+            self._expose()
+
+    @classmethod
+    def stacked(cls, rows: list["_RowCache"]) -> "_RowCache":
+        """The rows of several caches of equal capacity as one batch."""
+        merged = cls(rows[0].capacity)
+        merged.device, merged.is_initialized = rows[0].device, True
+        merged.key_buffer = torch.cat([r.key_buffer for r in rows])
+        merged.value_buffer = torch.cat([r.value_buffer for r in rows])
+        merged.lengths = [n for r in rows for n in r.lengths]
+        merged._expose()
+        return merged
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, heads, _, key_dim = key_states.shape
+        self.device = key_states.device
+        # Zeros, not empty: masked-out entries still meet a zero attention weight, and 0 * NaN is NaN.
+        self.key_buffer = key_states.new_zeros((rows, heads, self.capacity, key_dim))
+        self.value_buffer = value_states.new_zeros((rows, heads, self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, _, new, _ = key_states.shape
+        if len(set(self.lengths)) == 1:  # one row, or rows of one length: a plain slice
+            start = self.lengths[0]
+            self.key_buffer[:, :, start : start + new] = key_states
+            self.value_buffer[:, :, start : start + new] = value_states
+        else:
+            columns = torch.tensor(self.lengths, device=self.device)[:, None] + torch.arange(new, device=self.device)
+            row_index = torch.arange(rows, device=self.device)[:, None]
+            self.key_buffer[row_index, :, columns] = key_states.transpose(1, 2)
+            self.value_buffer[row_index, :, columns] = value_states.transpose(1, 2)
+        self.lengths = [n + new for n in self.lengths]
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.lengths = [self.lengths[i] for i in indices.tolist()]
+        self._expose()
+
+    def _expose(self) -> None:
+        width = max(self.lengths)
+        self.keys, self.values = self.key_buffer[:, :, :width], self.value_buffer[:, :, :width]
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """Token ids that start every prompt of a call, and their keys and values per layer ([1, heads,
+    len(tokens), dim]; an empty list when there are no tokens)."""
+
+    tokens: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def cache(self, model, capacity: int) -> Cache:
+        """A one-row cache of `capacity` positions holding this prefix."""
+        prefill = self.layers or [None] * model.config.get_text_config().num_hidden_layers
+        return Cache(layers=[_RowCache(capacity, kv) for kv in prefill])
+
+
+# Tokens per forward pass when a prompt's own tokens run on top of a cache (see `_run_row`).
+PREFILL_CHUNK = 256
+
+# The last shared prefix computed per model: the few-shot part of the explainer prompt is the same
+# for every neuron, so its keys and values are computed once per process and model.
+_PREFIXES: "weakref.WeakKeyDictionary[torch.nn.Module, _Prefix]" = weakref.WeakKeyDictionary()
+
+
+def _common_length(rows: list[list[int]]) -> int:
+    """Length of the longest common prefix of the token rows."""
+    first, shortest = rows[0], min(len(r) for r in rows)
+    for i in range(shortest):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return shortest
+
+
+def _shared_prefix(model, prompts: list[list[int]]) -> _Prefix:
+    """Keys and values of the prompts' longest common prefix, short of every prompt's last token
+    (each row needs one token of its own to compute its first logits).
+
+    Reuses what an earlier call stored for this model as far as it agrees, computes only the rest,
+    and stores the result for the next call.
+    """
+    tokens = prompts[0][: min(_common_length(prompts), min(len(p) for p in prompts) - 1)]
+    if not tokens:
+        return _Prefix([], [])
+    stored = _PREFIXES.get(model)
+    known = _common_length([stored.tokens, tokens]) if stored else 0
+    if known == len(tokens):
+        return _Prefix(tokens, [(k[:, :, :known], v[:, :, :known]) for k, v in stored.layers])
+    reused = _Prefix(tokens[:known], [(k[:, :, :known], v[:, :, :known]) for k, v in stored.layers] if known else [])
+    cache = reused.cache(model, len(tokens))
+    _run_row(model, tokens[known:], known, cache)
+    prefix = _Prefix(tokens, [(layer.keys, layer.values) for layer in cache.layers])
+    _PREFIXES[model] = prefix
+    return prefix
+
+
+def _last_logits(model, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, attention_mask=None):
+    """One forward pass of `ids` [rows, q] at `positions` on top of `cache`; the logits [rows, V] of
+    the last position."""
+    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=ids, position_ids=positions, attention_mask=attention_mask, cache=cache, use_cache=True,
+                **keep)
+    return out.logits[:, -1]
+
+
+def _run_row(model, tokens: list[int], start: int, cache: Cache) -> torch.Tensor:
+    """One row's `tokens` at positions start, start + 1, ... on top of `cache`; logits [1, V] after them.
+
+    In chunks of PREFILL_CHUNK tokens: on top of a cache, attention takes an explicit causal mask
+    and then computes every query-key pair, the masked half of the new tokens' own triangle
+    included; chunks bound that waste (about a quarter of the attention for a 1,500-token row on
+    a 1,100-token prefix).
+    """
+    device = model.device
+    for begin in range(0, len(tokens), PREFILL_CHUNK):
+        chunk = tokens[begin : begin + PREFILL_CHUNK]
+        positions = torch.arange(start + begin, start + begin + len(chunk), device=device)[None]
+        logits = _last_logits(model, torch.tensor([chunk], device=device), positions, cache)
+    return logits
+
+
+def _decodes_rows_together(model) -> bool:
+    """Whether a batch's rows decode as one batch, or one row at a time after each other.
+
+    Rows of different lengths need a padding mask, and with a mask transformers' sdpa and eager
+    attention repeat every cached key and value for each query head sharing it (grouped-query
+    attention runs natively only without a mask). On a CPU those copies cost more than the batch
+    saves: SmolLM2-135M, 8 rows of 2,700 tokens, one thread: ~2.2 s per step for the copies alone,
+    against ~0.1 s per row and step one row at a time, where no mask is needed.
+    """
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_attention_heads", None)
+    grouped = getattr(config, "num_key_value_heads", None) not in (None, heads)
+    return model.device.type != "cpu" or not grouped
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else a draw from softmax(logits / temperature)
+    restricted to the nucleus, the most probable tokens whose probability first reaches top_p (the
+    reference sampling: no top-k, no penalties)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already reaches top_p
+        scores = scores.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+    return torch.multinomial(scores.softmax(dim=-1), 1)[:, 0]
+
+
+def _answer_complete(tokenizer, eos_ids: list[int], new: list[int]) -> bool:
+    """The answer ended (EOS) or its first non-empty line did: `clean_explanation` keeps only that
+    line, so what follows would be generated for nothing."""
+    return new[-1] in eos_ids or "\n" in tokenizer.decode(new, skip_special_tokens=True).lstrip()
+
+
+def _prefill_rows(model, prefix: _Prefix, prompts: list[list[int]], capacity: int) -> tuple[Cache, torch.Tensor]:
+    """A cache holding every prompt as one row each, and the logits [rows, V] after each prompt.
+
+    Each prompt's own tokens run as a batch of one on a copy of the prefix cache: no padding, and
+    on a CPU a long batched, padded prefill is slower than the same rows one after the other.
+    """
+    start = len(prefix.tokens)
+    caches, logits = [], []
+    for prompt in prompts:
+        caches.append(prefix.cache(model, capacity))
+        logits.append(_run_row(model, prompt[start:], start, caches[-1]))
+    if len(caches) == 1:
+        return caches[0], logits[0]
+    return Cache(layers=[_RowCache.stacked(rows) for rows in zip(*(c.layers for c in caches))]), torch.cat(logits)
+
+
+def _generate_rows(model, tokenizer, prefix: _Prefix, prompts, max_new_tokens, temperature, top_p, eos_ids):
+    """New tokens for each prompt (all start with `prefix`), decoded as one batch; a row leaves the
+    batch as soon as its answer is complete."""
+    cache, logits = _prefill_rows(model, prefix, prompts, max(len(p) for p in prompts) + max_new_tokens)
+    new = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # the prompt of each batch row
+    while True:
+        tokens = _next_tokens(logits, temperature, top_p)
+        for row, token in zip(active, tokens.tolist()):
+            new[row].append(token)
+        going = [i for i, row in enumerate(active)
+                 if len(new[row]) < max_new_tokens and not _answer_complete(tokenizer, eos_ids, new[row])]
+        if not going:
+            return new
+        if len(going) < len(active):
+            keep = torch.tensor(going, device=model.device)
+            cache.batch_select_indices(keep)
+            tokens, active = tokens[keep], [active[i] for i in going]
+        lengths = torch.tensor(cache.layers[0].lengths, device=model.device)
+        # Rows are right-padded: row i sees its own lengths[i] entries and the token it adds now.
+        visible = torch.arange(int(lengths.max()) + 1, device=model.device)[None] <= lengths[:, None]
+        logits = _last_logits(model, tokens[:, None], lengths[:, None], cache, attention_mask=visible)
 
 
 def generate_texts(
@@ -127,30 +313,39 @@ def generate_texts(
     seed: int = 0,
     batch_size: int = 8,
 ) -> list[dict]:
-    """Generate one completion per conversation, in batches.
+    """Generate one answer per conversation: its first non-empty line, or up to EOS or max_new_tokens.
+
+    The prompts' common token prefix (the instruction and few-shot examples) is computed once and
+    reused (also by later calls with the same model); each prompt's own tokens run on top of it,
+    and up to `batch_size` rows of similar length decode together where the device makes that
+    cheaper (see `_decodes_rows_together`). Generation of a row stops after the first line of its
+    answer, the only part the explanation keeps.
 
     temperature 0 is greedy; otherwise sampling with `top_p`, reproducible for a given `seed` (the
     global RNG is seeded inside a fork, so callers' random state is untouched). Returns per
-    conversation {"text", "tokens_in", "tokens_out"}: the decoded new tokens without special
-    tokens, the prompt length, and the generated length up to and including EOS.
+    conversation, in input order, {"text", "tokens_in", "tokens_out"}: the decoded new tokens without
+    special tokens, the full prompt length, and the generated length up to and including the stop.
     """
+    if not conversations:
+        return []
     # Templates carry their own BOS; only the plain rendering asks the tokenizer for special tokens.
     special = not getattr(tokenizer, "chat_template", None)
     prompts = [tokenizer(chat_text(tokenizer, c), add_special_tokens=special)["input_ids"] for c in conversations]
-    # Padding is done by hand, so a tokenizer without a pad token needs no (lasting) change.
-    pad_id, eos_ids = _pad_id(tokenizer), _eos_ids(model, tokenizer)
-    config = _generation_config(max_new_tokens, temperature, top_p, pad_id, eos_ids)
-    results = []
+    eos_ids = _eos_ids(model, tokenizer)
+    # Similar lengths share a batch: less padding while decoding.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    group = batch_size if _decodes_rows_together(model) else 1
+    results = [None] * len(prompts)
     with torch.random.fork_rng(devices=_rng_devices(model.device)), torch.inference_mode():
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            rows = prompts[start : start + batch_size]
-            ids, mask = _left_pad(rows, pad_id, model.device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for row, generated in zip(rows, out[:, ids.shape[1] :].tolist()):
-                n = _count_new_tokens(generated, eos_ids)
-                text = tokenizer.decode(generated[:n], skip_special_tokens=True)
-                results.append({"text": text, "tokens_in": len(row), "tokens_out": n})
+        prefix = _shared_prefix(model, prompts)
+        for begin in range(0, len(order), group):
+            batch = order[begin : begin + group]
+            rows = [prompts[i] for i in batch]
+            generated = _generate_rows(model, tokenizer, prefix, rows, max_new_tokens, temperature, top_p, eos_ids)
+            for i, new in zip(batch, generated):
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                results[i] = {"text": text, "tokens_in": len(prompts[i]), "tokens_out": len(new)}
     return results
 
 
@@ -270,6 +465,35 @@ class LocalSimulator:
             batch = todo[start : start + self.batch_size]
             for i, probs in zip(batch, self._simulate_batch([encoded[i] for i in batch])):
                 results[i] = probs
+        return results
+
+    @torch.inference_mode()
+    def simulate_token_by_token(self, sequences: list[list[str]]) -> list[np.ndarray]:
+        """The same [T, 11] arrays as `simulate`, computed by METHOD.md's "token by token" method:
+        one forward call (batch of 1) per token on top of the cached prefix, feeding the segments
+        up to and including token t and reading the next-token distribution at the last position.
+        In chain mode the same call appends a "1" and also reads p("0") after it.
+
+        The slow reference: the baseline of bench/simulation.py and a check of `simulate`.
+        """
+        device = self.model.device
+        one = [self.value_ids[1]] if self.mode == "chain" else []
+        results = []
+        for segments in sequences:
+            ids, reads = self._encode(segments)
+            first = np.zeros((len(reads), len(self.value_ids)))
+            zero_after_one = np.zeros(len(reads))
+            for t, r in enumerate(reads):
+                row = ids[: r + 1] + one
+                keep = torch.zeros((1, len(row)), dtype=torch.bool)
+                keep[0, r:] = True  # the read position, and in chain mode the "1" after it
+                logits = self._forward(
+                    input_ids=torch.tensor([row], device=device), cache=self._batch_cache(1), keep=keep.to(device)
+                )
+                self.tokens_processed += len(row)
+                probs = self._value_probs(logits)
+                first[t], zero_after_one[t] = probs[0], probs[-1, 0]
+            results.append(value_distribution(first, zero_after_one if self.mode == "chain" else None))
         return results
 
     # -- one batch
