@@ -26,12 +26,12 @@ def model_seconds(instance) -> dict[str, float]:
 
     totals = {}
     for name in TIMED_ASSETS:
-        records = instance.fetch_materializations(AssetKey(name), limit=10_000).records
-        totals[name] = sum(
-            r.asset_materialization.metadata["model seconds"].value
-            for r in records
-            if "model seconds" in r.asset_materialization.metadata
-        )
+        # a run over several partitions records its metadata on each: count it once per run
+        per_run = {}
+        for r in instance.fetch_materializations(AssetKey(name), limit=10_000).records:
+            if "model seconds" in r.asset_materialization.metadata:
+                per_run[r.run_id] = r.asset_materialization.metadata["model seconds"].value
+        totals[name] = sum(per_run.values())
     return totals
 
 

@@ -53,6 +53,15 @@ def _short_neurons(records: pl.DataFrame, n_neurons: int) -> dict[str, int]:
     return out
 
 
+def _store_layer(storage: TableStorage, key: str, sampler: RecordSampler) -> dict:
+    """Finalize one layer's sampler, write its two tables, and return what the metadata needs."""
+    records, stats = _tables(sampler)
+    versions = (storage.write(records, "neuron_records", key, "records"),
+                storage.write(stats, "neuron_records", key, "stats"))
+    return {"rows": records.height, "short": _short_neurons(records, sampler.n_neurons),
+            "max": stats["max"].to_list(), "content hash": "".join(versions)}
+
+
 def build_neuron_records(layout: Layout):
     @asset(
         partitions_def=layer_partitions(layout),
@@ -91,27 +100,24 @@ def build_neuron_records(layout: Layout):
                 seq_ids = np.arange(start, start + len(acts[layers[0]]))
                 list(pool.map(lambda layer: samplers[layer].update(acts[layer], seq_ids), layers))
                 progress.advance(len(seq_ids))
-            tables = pool.map(_tables, [samplers.pop(layer) for layer in layers])
+            # finalizing and writing the layers side by side too; each frees its sampler
+            stored = list(pool.map(lambda key, layer: _store_layer(storage, key, samplers.pop(layer)), keys, layers))
         tokens_per_s = token_ids.size / max(progress.seconds, 1e-9)
 
-        hashes, short = [], {"top": 0, "random": 0}
-        for key, (records, stats) in zip(keys, tables):
-            versions = (storage.write(records, "neuron_records", key, "records"),
-                        storage.write(stats, "neuron_records", key, "stats"))
-            hashes.append("".join(versions))
-            for kind, n in _short_neurons(records, n_neurons).items():
-                short[kind] += n
+        short = {kind: sum(layer["short"][kind] for layer in stored) for kind in ("top", "random")}
+        for key, layer in zip(keys, stored):
             context.add_asset_metadata(
                 {
-                    "dagster/row_count": records.height,
+                    "dagster/row_count": layer["rows"],
                     "neurons": n_neurons,
-                    "never active (max <= 0)": int((stats["max"] <= 0).sum()),
-                    **percentiles(stats["max"].to_list(), "max activation"),
-                    "content hash": "".join(versions),
+                    "never active (max <= 0)": sum(m <= 0 for m in layer["max"]),
+                    **percentiles(layer["max"], "max activation"),
+                    "content hash": layer["content hash"],
                     "path": MetadataValue.path(str(storage.path("neuron_records", key, "records"))),
                 },
                 partition_key=key,
             )
+        hashes = [layer["content hash"] for layer in stored]
         # One data version for the run: per layer when the run has one layer (the usual refresh).
         version = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
         return MaterializeResult(
