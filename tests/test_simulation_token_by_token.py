@@ -5,21 +5,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neuron_assets.resources.local_llm import LocalSimulator
+from test_local_llm import PREFIX, make_sequence
 from tiny_models import build_tiny_model
-
-PREFIX = (
-    "We study neurons. Predict activations 0-10 for each token; unknown marks an unknown value.\n"
-    "Neuron 1\nExplanation: the word class\n<start>\nthe\tunknown\nclass\t10\nis\t0\nfor\t1\n<end>\n"
-    "Neuron 2\nExplanation: loops\n<start>\n"
-)
-WORDS = "for each item in the list while the loop is running break out of it if the value".split()
-
-
-def make_sequence(n: int, offset: int = 0) -> list[str]:
-    """Segments as the prompt builder writes them: each ends with TAB, where a value would go."""
-    words = [WORDS[(offset + i) % len(WORDS)] for i in range(n)]
-    return [f"{words[0]}\t"] + [f"unknown\n{w}\t" for w in words[1:]]
-
 
 # Different lengths in one call, and an empty sequence between them.
 SEQUENCES = [make_sequence(6, 0), [], make_sequence(1, 7), make_sequence(11, 3)]
