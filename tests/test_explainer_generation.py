@@ -227,7 +227,7 @@ def test_seeded_sampling_is_reproducible(model_dirs, arch, decode_together):
     torch.manual_seed(123)
     assert torch.equal(torch.rand(1), after)  # the caller's RNG stream is not disturbed
     assert run(0, top_p=0.5) == run(0, top_p=0.5)
-    assert all(0 < r["tokens_out"] <= MAX_NEW for r in a)
+    assert all(0 < r["tokens_out"] <= MAX_NEW and r["tokens_in"] > 0 for r in a)
 
 
 def test_sampling_follows_temperature_and_top_p():
