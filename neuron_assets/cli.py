@@ -5,50 +5,114 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
+from concurrent.futures import as_completed
 
 from neuron_assets.audit import add_audit_parser
-from neuron_assets.settings import SETTINGS, Settings
+from neuron_assets.instance import InstanceError, open_instance
+from neuron_assets.partitions import run_target
+from neuron_assets.resources.files import StorageError, check_s3_root
+from neuron_assets.settings import SECRETS, SETTINGS, Settings
 
 DEMO_LAYERS = ("00", "01", "02")
 # Dagster's own step events are DEBUG; INFO keeps the run logs' progress lines on the console.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
-def _instance():
-    from dagster import DagsterInstance
+def materialize_runs(defs, instance, runs, log=print, workers: int = 1) -> None:
+    """Materialize (selection, partition or (start, end) range) runs, stage by stage.
 
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text((Path(__file__).resolve().parents[1] / "resources" / "dagster.yaml").read_text())
-    return DagsterInstance.get()
-
-
-def materialize_runs(defs, instance, runs, log=print) -> None:
-    """Materialize (selection, partition or (start, end) range) runs one after another, in-process.
-
-    One process keeps the models loaded across runs; each run is recorded in the instance, so
-    it shows in the Dagster UI exactly as a run launched there.
+    Each run is recorded in the instance, so it shows in the Dagster UI exactly as a run launched
+    there. With one worker, runs go one after another in this process, which keeps the models
+    loaded across runs. With more, the runs of a stage (consecutive runs of the same assets, such
+    as the layer x shard runs) go `workers` at a time, each step in its own process (the
+    multiprocess executor), and the 'llm' pool limits how many LLM steps run at once.
     """
+    started = time.monotonic()
+    done = 0
+
+    def note(selection, partition, key):
+        nonlocal done
+        done += 1
+        where = f" [{partition[0]}..{partition[1]}]" if isinstance(partition, tuple) else (f" [{key}]" if key else "")
+        log(f"[{done}/{len(runs)}] {time.monotonic() - started:6.0f}s  {', '.join(selection)}{where}")
+
+    if workers <= 1:
+        job = defs.resolve_implicit_global_asset_job_def()
+        for selection, partition in runs:
+            note(selection, partition, run_target(partition)[0])
+            _raise_if_failed(_run_in_process(job, instance, selection, partition))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # One process per run: Dagster's run logging is not safe for two runs in threads of one process.
+    job_name = defs.resolve_implicit_global_asset_job_def().name
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for stage in _stages(runs):
+            futures = {pool.submit(_run_in_subprocesses, instance.get_ref(), job_name, selection,
+                                   _partition_tags(defs, selection, partition)): (selection, partition)
+                       for selection, partition in stage}
+            failures = []
+            for future in as_completed(futures):
+                selection, partition = futures[future]
+                failure = future.result()
+                note(selection, partition, run_target(partition)[0])
+                if failure:
+                    failures.append(failure)
+            if failures:
+                raise SystemExit("\n".join(failures))
+
+
+def _stages(runs: list) -> list[list]:
+    """Consecutive runs of the same assets: independent of each other, dependent on earlier stages."""
+    stages: list[list] = []
+    for run in runs:
+        if stages and stages[-1][0][0] == run[0]:
+            stages[-1].append(run)
+        else:
+            stages.append([run])
+    return stages
+
+
+def _run_in_process(job, instance, selection, partition):
     from dagster import AssetKey
 
-    from neuron_assets.partitions import run_target
+    key, tags = run_target(partition)
+    return job.execute_in_process(
+        instance=instance, partition_key=key, tags=tags, run_config=QUIET,
+        asset_selection=[AssetKey(name) for name in selection], raise_on_error=False,
+    )
 
-    job = defs.resolve_implicit_global_asset_job_def()
-    started = time.monotonic()
-    for i, (selection, partition) in enumerate(runs, 1):
-        key, tags = run_target(partition)
-        where = f" [{partition[0]}..{partition[1]}]" if isinstance(partition, tuple) else (f" [{key}]" if key else "")
-        log(f"[{i}/{len(runs)}] {time.monotonic() - started:6.0f}s  {', '.join(selection)}{where}")
-        result = job.execute_in_process(
-            instance=instance, partition_key=key, tags=tags, run_config=QUIET,
-            asset_selection=[AssetKey(name) for name in selection], raise_on_error=False,
-        )
-        if not result.success:
-            failure = next((e for e in result.all_events if e.is_step_failure), None)
-            raise SystemExit(f"run {result.run_id} failed: {_root_cause(failure)}")
+
+def _partition_tags(defs, selection, partition) -> dict[str, str]:
+    key, tags = run_target(partition)
+    if key is None:
+        return tags
+    return dict(defs.resolve_assets_def(selection[0]).partitions_def.get_tags_for_partition_key(key))
+
+
+def _run_in_subprocesses(instance_ref, job_name: str, selection, tags: dict) -> str | None:
+    """One run, each step in its own process; its failure as a message (None when it succeeded)."""
+    from dagster import AssetKey, BetaWarning, DagsterInstance, execute_job
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    # Step processes rebuild the definitions from the environment: the same settings as the caller's.
+    job = ReconstructableRepository.for_module("neuron_assets.definitions", "defs").get_reconstructable_job(job_name)
+    with DagsterInstance.from_ref(instance_ref) as instance:
+        result = execute_job(job, instance, tags=tags, asset_selection=[AssetKey(name) for name in selection],
+                             run_config={**QUIET, "execution": {"config": {"multiprocess": {}}}})
+        return None if result.success else _failure(result)
+
+
+def _raise_if_failed(result) -> None:
+    if not result.success:
+        raise SystemExit(_failure(result))
+
+
+def _failure(result) -> str:
+    failure = next((e for e in result.all_events if e.is_step_failure), None)
+    return f"run {result.run_id} failed: {_root_cause(failure)}"
 
 
 def _root_cause(failure) -> str:
@@ -97,14 +161,15 @@ def demo(args) -> None:
     print(f"neuron_assets demo: subject, explainer and simulator = {settings.model}, corpus = {settings.corpus}; "
           f"layers {', '.join(args.layers)}, the first {args.shards} of {settings.shards} shards per layer, "
           f"neurons per shard = {settings.neurons}")
+    check_s3_root(settings.storage)  # an unusable s3:// root fails here, before any run
     print("loading definitions (the first run converts the embedded GGUF model once, ~30 s)...")
     from neuron_assets.definitions import build_definitions
 
     defs = build_definitions(settings)
-    instance = _instance()
+    instance = open_instance()
     shards = shard_keys(defs)[: args.shards]
     started = time.monotonic()
-    materialize_runs(defs, instance, demo_runs(tuple(args.layers), shards))
+    materialize_runs(defs, instance, demo_runs(tuple(args.layers), shards), workers=settings.workers)
     print(f"\ndone in {time.monotonic() - started:.0f} s. Scores (score_all = top-and-random correlation):\n")
     print(score_table(settings.storage))
     print(f"\nTables:        {settings.storage}/<asset>/<partition>/*.parquet")
@@ -116,7 +181,7 @@ def show_settings(args) -> None:
     current = Settings.from_env()
     for setting in SETTINGS:
         value = os.environ.get(setting.env) or setting.default
-        if setting.env.endswith("_API_KEY"):  # never print a secret
+        if setting.env.endswith(SECRETS):  # never print a secret
             value = "(set)" if value else "(unset)"
         print(f"{setting.env}={value}\n    {setting.help}")
     print(f"\nresolved storage root: {current.storage}")
@@ -156,7 +221,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=BetaWarning)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, InstanceError, StorageError) as e:
         sys.exit(f"neuron-assets: {e}")
 
 

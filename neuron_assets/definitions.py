@@ -3,8 +3,10 @@
 import inspect
 import json
 import os
+from pathlib import Path
 
-from dagster import Definitions, EnvVar, map_asset_specs
+import yaml
+from dagster import Definitions, EnvVar, definitions, map_asset_specs
 
 from neuron_assets.assets.activations import build_neuron_records
 from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
@@ -23,6 +25,8 @@ from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
 from neuron_assets.settings import Settings
+
+K8S_EXECUTOR = Path(__file__).resolve().parents[1] / "resources" / "k8s" / "executor.yaml"
 
 
 def build_definitions(settings: Settings, code_versions: dict[str, str] | None = None) -> Definitions:
@@ -53,6 +57,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
                                                                                 spec.code_version)), assets)
     return Definitions(
         assets=[build_subject_model_weights(layout), *assets],
+        executor=executor(settings.executor),
         sensors=[automation_sensor, refresh_stale_partitions],
         schedules=[observe_sources_nightly],
         resources={
@@ -65,6 +70,18 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
             "simulator": _llm(settings, "simulator"),
         },
     )
+
+
+def executor(name: str):
+    """None keeps Dagster's default (a process per step for launched runs); 'k8s' makes each step a
+    Kubernetes pod, configured by resources/k8s/executor.yaml (the GPU goes to neuron_records only)."""
+    if name != "k8s":
+        return None
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError:
+        raise ValueError("NEURON_ASSETS_EXECUTOR=k8s needs dagster-k8s: pip install 'neuron_assets[k8s]'") from None
+    return k8s_job_executor.configured(yaml.safe_load(K8S_EXECUTOR.read_text()), name="k8s_job_executor")
 
 
 def _api_key(role: str):
@@ -88,4 +105,7 @@ def _llm(settings: Settings, role: str) -> LLM:
     )
 
 
-defs = build_definitions(Settings.from_env())
+@definitions
+def defs() -> Definitions:
+    """What `dagster dev`, the daemon and every step process load: the settings in the environment."""
+    return build_definitions(Settings.from_env())

@@ -249,10 +249,10 @@ def main_refresh(args) -> None:
 
     Reads args.dry_run, and if present args.stale_only (leave missing partitions alone) and
     args.no_observe (do not observe the weights first)."""
-    from neuron_assets.cli import _instance
+    from neuron_assets.instance import open_instance
     from neuron_assets.definitions import build_definitions
     from neuron_assets.settings import Settings
 
     defs = build_definitions(Settings.from_env())
-    refresh(defs, _instance(), dry_run=getattr(args, "dry_run", False),
+    refresh(defs, open_instance(), dry_run=getattr(args, "dry_run", False),
             observe=not getattr(args, "no_observe", False), include_missing=not getattr(args, "stale_only", False))

@@ -61,7 +61,25 @@ SETTINGS = (
             "storage root of every Parquet table and of the LLM response cache (<root>/llm_cache)"),
     Setting("NEURON_ASSETS_CACHE", "~/.cache/neuron_assets",
             "where converted model weights are cached (the GGUF model is converted once)"),
+    Setting("NEURON_ASSETS_WORKERS", "1",
+            "runs at once within a stage of `neuron-assets demo` (e.g. the layer x shard runs); above 1, "
+            "each step runs in its own process (multiprocess executor) and the 'llm' pool limits LLM steps"),
+    Setting("NEURON_ASSETS_EXECUTOR", "multiprocess",
+            "executor of runs launched from the UI or a daemon: 'multiprocess' (one process per step, "
+            "on this machine) or 'k8s' (one Kubernetes pod per step; resources/k8s/executor.yaml)"),
+    Setting("AWS_ENDPOINT_URL", "", "S3-compatible server of s3:// paths, e.g. http://minio:9000 "
+            "(unset: AWS itself); read by botocore"),
+    Setting("AWS_ACCESS_KEY_ID", "", "S3 access key id (or any source of botocore's credential chain)"),
+    Setting("AWS_SECRET_ACCESS_KEY", "", "S3 secret key (secret: read by botocore at run time, never stored)"),
+    Setting("NEURON_ASSETS_PG_HOST", "", "PostgreSQL host of the Dagster instance in resources/dagster_postgres.yaml"),
+    Setting("NEURON_ASSETS_PG_PORT", "5432", "PostgreSQL port (resources/dagster_postgres.yaml)"),
+    Setting("NEURON_ASSETS_PG_USER", "", "PostgreSQL user (resources/dagster_postgres.yaml)"),
+    Setting("NEURON_ASSETS_PG_PASSWORD", "", "PostgreSQL password (secret; resources/dagster_postgres.yaml)"),
+    Setting("NEURON_ASSETS_PG_DB", "", "PostgreSQL database (resources/dagster_postgres.yaml)"),
 )
+
+# Printed as "(set)" or "(unset)", never their value.
+SECRETS = ("_API_KEY", "SECRET_ACCESS_KEY", "_PASSWORD")
 
 
 def _repo_path(path: str) -> Path:
@@ -117,6 +135,8 @@ class Settings:
     prices: str
     storage: str
     cache: str
+    workers: int = 1
+    executor: str = "multiprocess"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -127,6 +147,9 @@ class Settings:
             backend = _env(f"NEURON_ASSETS_{role}_BACKEND")
             if backend not in ("local", "openai"):
                 raise ValueError(f"NEURON_ASSETS_{role}_BACKEND={backend!r}: use 'local' or 'openai'")
+        executor = _env("NEURON_ASSETS_EXECUTOR")
+        if executor not in ("multiprocess", "k8s"):
+            raise ValueError(f"NEURON_ASSETS_EXECUTOR={executor!r}: use 'multiprocess' or 'k8s'")
         method = _env("NEURON_ASSETS_SIMULATION_METHOD")
         if method not in ("auto", "all_at_once", "chat_logprobs", "json"):
             raise ValueError(f"NEURON_ASSETS_SIMULATION_METHOD={method!r}: use auto, all_at_once, chat_logprobs or json")
@@ -159,7 +182,15 @@ class Settings:
             prices=str(_repo_path(_env("NEURON_ASSETS_PRICES"))),
             storage=storage,
             cache=str(Path(_env("NEURON_ASSETS_CACHE")).expanduser()),
+            workers=_int("NEURON_ASSETS_WORKERS", 1),
+            executor=executor,
         )
+
+    def environment(self) -> dict[str, str]:
+        """These settings as the environment variables that give them back through `from_env`
+        (what a child process, such as a multiprocess step, reads)."""
+        names = {s.env.removeprefix("NEURON_ASSETS_").lower(): s.env for s in SETTINGS}
+        return {names[field]: str(value) for field, value in vars(self).items()}
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:

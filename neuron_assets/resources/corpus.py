@@ -8,6 +8,8 @@ import polars as pl
 from dagster import ConfigurableResource
 from upath import UPath
 
+from neuron_assets.resources.files import check_s3_root
+
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -82,6 +84,7 @@ class CorpusSource(ConfigurableResource):
         if self.source == "python-docs":
             return python_docs()
         root = UPath(self.source)
+        check_s3_root(self.source, "NEURON_ASSETS_CORPUS")
         if not root.exists():
             raise CorpusError(f"NEURON_ASSETS_CORPUS={self.source!r} does not exist")
         if root.is_dir():

@@ -24,10 +24,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,6 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from upath import UPath
+
+from neuron_assets.resources.files import StorageError, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -336,20 +336,8 @@ class OpenAIEndpoint:
         text = self._scrub(json.dumps(record, ensure_ascii=False, default=str))
         path = self._cache_path(key)
         try:
-            if path.protocol in ("", "file", "local"):
-                folder = Path(path.path).parent
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key[:16]}.", suffix=".tmp")
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        f.write(text)
-                    os.replace(tmp, Path(path.path))
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
-            else:  # object stores: one PUT is atomic
-                path.write_text(text, encoding="utf-8")
-        except OSError as error:  # a cache that cannot be written must not lose a paid answer
+            write_atomic(path, text.encode("utf-8"))
+        except (OSError, StorageError) as error:  # a cache that cannot be written must not lose a paid answer
             log.warning("could not write LLM cache entry %s: %s", path, error)
 
     # -- the request path

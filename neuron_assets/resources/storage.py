@@ -2,18 +2,22 @@
 
 import hashlib
 import io
-import os
-import uuid
 
 import polars as pl
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 from upath import UPath
+
+from neuron_assets.resources.files import check_s3_root, s3_errors, write_atomic
 
 
 class TableStorage(ConfigurableResource):
     """`{root}/{asset}/{partition}/{table}.parquet`; a multi-partition 'layer|shard' is 'layer/shard'."""
 
     root: str = "data"
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        # An unreachable, refused or missing s3:// root fails the step before any work.
+        check_s3_root(self.root)
 
     def path(self, asset: str, partition: str | None = None, table: str = "data") -> UPath:
         folder = UPath(self.root) / asset
@@ -26,28 +30,24 @@ class TableStorage(ConfigurableResource):
         buffer = io.BytesIO()
         df.write_parquet(buffer, statistics=False)
         payload = buffer.getvalue()
-        target = self.path(asset, partition, table)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.protocol in ("", "file", "local"):
-            # temp file then rename: readers never see a half-written table
-            temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            temp.write_bytes(payload)
-            os.replace(temp.path, target.path)
-        else:
-            target.write_bytes(payload)  # one PUT: object stores never expose partial objects
+        write_atomic(self.path(asset, partition, table), payload)
         return hashlib.sha256(payload).hexdigest()[:16]
 
     def read(self, asset: str, partition: str | None = None, table: str = "data",
              columns: list[str] | None = None) -> pl.DataFrame:
         target = self.path(asset, partition, table)
-        if not target.exists():
+        if not self.exists(asset, partition, table):
             where = f"partition {partition}" if partition else "it"
             raise FileNotFoundError(
                 f"{asset} has no table at {target}: materialize {where} first "
                 f"(dagster asset materialize --select {asset}"
                 + (f" --partition '{partition}')" if partition else ")")
             )
-        return pl.read_parquet(target.read_bytes(), columns=columns)
+        with s3_errors(str(target), "read"):
+            payload = target.read_bytes()
+        return pl.read_parquet(payload, columns=columns)
 
     def exists(self, asset: str, partition: str | None = None, table: str = "data") -> bool:
-        return self.path(asset, partition, table).exists()
+        target = self.path(asset, partition, table)
+        with s3_errors(str(target), "look for"):
+            return target.exists()
