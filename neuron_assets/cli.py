@@ -111,18 +111,16 @@ def _raise_if_failed(result) -> None:
 
 
 def _failure(result) -> str:
-    failure = next((e for e in result.all_events if e.is_step_failure), None)
-    return f"run {result.run_id} failed: {_root_cause(failure)}"
-
-
-def _root_cause(failure) -> str:
-    """The user's error (e.g. a bad setting), not Dagster's wrapper around it."""
-    if failure is None:
-        return "see the run log"
-    error = failure.step_failure_data.error
+    """The user's error (e.g. a bad setting) of the first failed step or resource, not Dagster's
+    wrapper around it."""
+    errors = [e.event_specific_data.error for e in result.all_events
+              if getattr(e.event_specific_data, "error", None) is not None]
+    if not errors:
+        return f"run {result.run_id} failed: see the run log"
+    error = errors[0]
     while error.cause is not None:
         error = error.cause
-    return error.message.strip()
+    return f"run {result.run_id} failed: {error.message.strip()}"
 
 
 def shard_keys(defs) -> list[str]:

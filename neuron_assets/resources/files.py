@@ -55,16 +55,16 @@ def s3_errors(url: str, action: str, setting: str = "NEURON_ASSETS_STORAGE"):
         raise StorageError(
             f"cannot {action} {url}: the S3 endpoint {_endpoint()} does not answer ({e}). "
             "Check AWS_ENDPOINT_URL and that the server is running."
-        ) from e
+        ) from None
     except (NoCredentialsError, PartialCredentialsError) as e:
         raise StorageError(
             f"cannot {action} {url}: no S3 credentials ({e}). Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
-        ) from e
+        ) from None
     except PermissionError as e:
         raise StorageError(
             f"cannot {action} {url}: S3 at {_endpoint()} refused the credentials ({e}). "
             "Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that they may read and write this bucket."
-        ) from e
+        ) from None
     except FileNotFoundError as e:
         if "bucket" not in str(e).lower():
             raise
@@ -72,7 +72,7 @@ def s3_errors(url: str, action: str, setting: str = "NEURON_ASSETS_STORAGE"):
         raise StorageError(
             f"cannot {action} {url}: the bucket {bucket!r} does not exist at {_endpoint()}. "
             f"Create it (aws s3 mb s3://{bucket}) or change {setting}."
-        ) from e
+        ) from None
 
 
 def check_s3_root(url: str, setting: str = "NEURON_ASSETS_STORAGE") -> None:
