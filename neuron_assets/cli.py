@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import socket
 import sys
 import time
 import warnings
@@ -15,6 +16,7 @@ from neuron_assets.settings import SECRETS, SETTINGS, Settings
 
 DEMO_LAYERS = ("00", "01", "02")
 # Dagster's own step events are DEBUG; INFO keeps the run logs' progress lines on the console.
+RUN_HOST, RUN_PID = "neuron_assets/host", "neuron_assets/pid"
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
@@ -27,6 +29,7 @@ def materialize_runs(defs, instance, runs, log=print, workers: int = 1) -> None:
     as the layer x shard runs) go `workers` at a time, each step in its own process (the
     multiprocess executor), and the 'llm' pool limits how many LLM steps run at once.
     """
+    release_dead_runs(instance, log)
     started = time.monotonic()
     done = 0
 
@@ -63,6 +66,33 @@ def materialize_runs(defs, instance, runs, log=print, workers: int = 1) -> None:
                 raise SystemExit("\n".join(failures))
 
 
+def _owner() -> dict[str, str]:
+    """Tags naming the process that executes a run, so that a later call can tell it died."""
+    return {RUN_HOST: socket.gethostname(), RUN_PID: str(os.getpid())}
+
+
+def release_dead_runs(instance, log=print) -> None:
+    """Mark failed the runs started by this CLI on this machine whose process is gone (SIGKILL, out
+    of memory), and give back their pool slots: otherwise a killed LLM step holds its 'llm' slot
+    forever and the next run waits for it. (Runs from the UI or a daemon: Dagster's run monitoring.)"""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    in_flight = RunsFilter(statuses=[DagsterRunStatus.STARTING, DagsterRunStatus.STARTED],
+                           tags={RUN_HOST: socket.gethostname()})
+    for run in instance.get_runs(filters=in_flight):
+        pid = int(run.tags[RUN_PID])
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, under another user
+            continue
+        instance.report_run_failed(run, f"the process {pid} that executed this run is gone (killed?)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        log(f"run {run.run_id}: its process {pid} is gone; marked failed, its pool slots given back")
+
+
 def _stages(runs: list) -> list[list]:
     """Consecutive runs of the same assets: independent of each other, dependent on earlier stages."""
     stages: list[list] = []
@@ -79,7 +109,7 @@ def _run_in_process(job, instance, selection, partition):
 
     key, tags = run_target(partition)
     return job.execute_in_process(
-        instance=instance, partition_key=key, tags=tags, run_config=QUIET,
+        instance=instance, partition_key=key, tags={**tags, **_owner()}, run_config=QUIET,
         asset_selection=[AssetKey(name) for name in selection], raise_on_error=False,
     )
 
@@ -100,7 +130,7 @@ def _run_in_subprocesses(instance_ref, job_name: str, selection, tags: dict) -> 
     # Step processes rebuild the definitions from the environment: the same settings as the caller's.
     job = ReconstructableRepository.for_module("neuron_assets.definitions", "defs").get_reconstructable_job(job_name)
     with DagsterInstance.from_ref(instance_ref) as instance:
-        result = execute_job(job, instance, tags=tags, asset_selection=[AssetKey(name) for name in selection],
+        result = execute_job(job, instance, tags={**tags, **_owner()}, asset_selection=[AssetKey(name) for name in selection],
                              run_config={**QUIET, "execution": {"config": {"multiprocess": {}}}})
         return None if result.success else _failure(result)
 

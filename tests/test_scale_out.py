@@ -152,7 +152,8 @@ def test_parallel_runs_on_postgresql_equal_a_serial_run(subject, tmp_path, monke
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         defs = build_definitions(settings)
         materialize_runs(defs, instance, runs[:3], log=lambda _: None)  # weights, corpus, records: in-process
-        materialize_runs(defs, instance, runs[3:], log=lambda _: None, workers=2)
+        materialize_runs(defs, instance, runs[3:5], log=lambda _: None, workers=2)  # the two layers at once
+        materialize_runs(defs, instance, runs[5:], log=lambda _: None)
 
         parallel = [r for r in instance.get_runs() if r.tags.get("dagster/partition", "").endswith(f"|{shard}")]
         assert sorted(r.tags["dagster/partition"] for r in parallel) == [f"00|{shard}", f"01|{shard}"]
@@ -203,27 +204,24 @@ def test_killed_run_leaves_no_partial_file_and_finished_neurons_are_not_recomput
     shutil.copy(REPO / "resources" / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with FakeOpenAIServer(served, api_key=KEY, digit_bias=6.0) as server:
-        settings = remote(tiny_settings(subject, tmp_path, layers="0", neurons="first:12", llm_concurrency=1), server)
+        settings = remote(tiny_settings(subject, tmp_path, layers="0", neurons="first:6", llm_concurrency=1), server)
         for name, value in settings.environment().items():
             monkeypatch.setenv(name, value)
         instance = DagsterInstance.get()
         defs = build_definitions(settings)
-        materialize_runs(defs, instance, demo_runs(("00",), [SHARD])[:3], log=lambda _: None)
         cache = Path(settings.storage) / "llm_cache"
 
-        # The run's own process and its step process, killed mid-shard: after some answers are cached.
-        server.script(["slow:0.3"] * 200)
-        run = subprocess.Popen([Path(sys.executable).parent / "dagster", "asset", "materialize", "-m",
-                                "neuron_assets.definitions", "--select", "explanations,simulations,scores",
-                                "--partition", f"00|{SHARD}"], cwd=tmp_path, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # `neuron-assets demo`, killed mid-shard: after some of the shard's answers are cached.
+        server.script(["slow:0.5"] * 6)
+        demo = subprocess.Popen([Path(sys.executable).parent / "neuron-assets", "demo", "--layers", "00"],
+                                cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
-        while len(list(cache.rglob("*.json"))) < 4:
-            assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        while len(list(cache.rglob("*.json"))) < 3:
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo ended before it could be killed"
             time.sleep(0.05)
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
-        time.sleep(0.5)  # a step process in the group is gone too
+        os.killpg(demo.pid, signal.SIGKILL)
+        demo.wait()
         finished = len(list(cache.rglob("*.json")))
         requested = len(server.posts())
 
@@ -237,12 +235,16 @@ def test_killed_run_leaves_no_partial_file_and_finished_neurons_are_not_recomput
             elif path.suffix == ".json":
                 assert path.read_text().startswith("{") and path.read_text().endswith("}")
 
-        server.script([])
-        materialize_runs(defs, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")],
-                         log=lambda _: None)
+        killed = instance.get_runs()[0]
+        assert killed.status == DagsterRunStatus.STARTED and killed.tags["dagster/partition"] == f"00|{SHARD}"
+        messages = []
+        materialize_runs(defs, instance, demo_runs(("00",), [SHARD]), log=messages.append)
+        # The dead run gave back its 'llm' pool slot; otherwise this run would wait for it forever.
+        assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+        assert f"run {killed.run_id}: its process" in messages[0] and "pool slots given back" in messages[0]
         rerun = len(server.posts()) - requested
         total = len(list(cache.rglob("*.json")))  # every distinct request the shard needs, answered once
-        assert finished >= 4 and rerun == total - finished  # what finished before the kill is not asked again
+        assert finished >= 3 and rerun == total - finished  # what finished before the kill is not asked again
         event = instance.get_latest_materialization_event(AssetKey("explanations")).asset_materialization
         assert event.metadata["LLM cache hits"].value >= 1
         assert storage.read("scores", f"00|{SHARD}").height > 0
