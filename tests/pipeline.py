@@ -32,6 +32,13 @@ def tiny_settings(model: Path, tmp: Path, **overrides) -> Settings:
     return replace(base, **overrides)
 
 
+def remote(settings: Settings, server) -> Settings:
+    """The same settings with explainer and simulator behind an OpenAI-compatible test server."""
+    return replace(settings, explainer_backend="openai", explainer_model="gpt-4o-mini",
+                   explainer_base_url=server.base_url, simulator_backend="openai", simulator_model="gpt-4o-mini",
+                   simulator_base_url=server.base_url, llm_retries=1, llm_timeout=30)
+
+
 def run_graph(settings: Settings, instance, layers: tuple[str, ...], shards: list[str] | None = None) -> TableStorage:
     defs = build_definitions(settings)
     shards = shards or shard_keys(defs)

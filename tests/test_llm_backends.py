@@ -1,12 +1,13 @@
 """The asset graph with the explainer and simulator behind a real OpenAI-compatible HTTP server."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 import pytest
 from dagster import AssetKey, instance_for_test
 from openai_server import FakeOpenAIServer
-from pipeline import tiny_settings
+from pipeline import remote, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.cli import demo_runs, materialize_runs
@@ -28,10 +29,7 @@ def served(tmp_path_factory):
 
 
 def remote_settings(subject, tmp, server, **overrides):
-    return tiny_settings(subject, tmp, **{
-        "explainer_backend": "openai", "explainer_model": "gpt-4o-mini", "explainer_base_url": server.base_url,
-        "simulator_backend": "openai", "simulator_model": "gpt-4o-mini", "simulator_base_url": server.base_url,
-        "llm_retries": 1, "llm_timeout": 30, **overrides})
+    return replace(remote(tiny_settings(subject, tmp), server), **overrides)
 
 
 def data_versions(instance) -> dict:

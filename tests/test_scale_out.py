@@ -16,7 +16,7 @@ import requests
 import s3fs
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, instance_for_test
 from openai_server import FakeOpenAIServer
-from pipeline import run_graph, tiny_settings
+from pipeline import remote, run_graph, tiny_settings
 from services import free_port, postgres_server, s3_server
 from tiny_models import build_tiny_model
 
@@ -60,12 +60,6 @@ def s3(monkeypatch):
         fs.mkdir("study")
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
-
-
-def remote(settings, server):
-    return replace(settings, explainer_backend="openai", explainer_model="gpt-4o-mini",
-                   explainer_base_url=server.base_url, simulator_backend="openai", simulator_model="gpt-4o-mini",
-                   simulator_base_url=server.base_url, llm_retries=1, llm_timeout=30)
 
 
 def tables(storage: TableStorage) -> dict:
