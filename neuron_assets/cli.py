@@ -174,20 +174,32 @@ def demo_runs(layers: tuple[str, ...], shards: list[str]) -> list:
     return runs
 
 
+# (column of the quality report, header, width); a column missing from the summary is not printed
+REPORT = (("mean_score_all", "mean", 7), ("share_at_least_0.8", ">=0.8", 6), ("control_mean_score_all", "control", 8),
+          ("margin_over_control", "margin", 7), ("gain_over_llm", "gain", 7),
+          ("mean_detection_random", "det.rnd", 8), ("mean_detection_hard", "det.hard", 9),
+          ("mean_fuzzing_random", "fuz.rnd", 8), ("mean_fuzzing_hard", "fuz.hard", 9))
+
+
 def score_table(storage_root: str) -> str:
+    """The quality report of model_summary as text: one line per layer x variant (x simulation
+    method); NaN where nothing could be computed, '-' where the column does not apply."""
+    from neuron_assets.assets.scores import quality_report
     from neuron_assets.resources.storage import TableStorage
 
-    summary = TableStorage(root=storage_root).read("model_summary")
-    lines = [f"{'layer':>5}  {'variant':<15}{'method':<14}{'neurons':>8}{'scored':>8}{'mean':>8}{'median':>8}"
-             f"{'top':>8}{'random':>8}{'>=0.8':>7}{'cost $':>9}"]
+    report = quality_report(TableStorage(root=storage_root).read("model_summary"))
+    columns = [c for c in REPORT if c[0] in report.columns]
+    lines = [f"{'layer':>5}  {'variant':<16}{'method':<14}{'neurons':>8}"
+             + "".join(f"{header:>{width}}" for _, header, width in columns) + f"{'cost $':>10}"]
 
-    def f(x):
-        return "     nan" if x is None or x != x else f"{x:8.3f}"
+    def cell(value, width):
+        if value is None:
+            return f"{'-':>{width}}"
+        return f"{'nan':>{width}}" if value != value else f"{value:{width}.3f}"
 
-    for r in summary.iter_rows(named=True):
-        lines.append(f"{r['layer']:>5}  {r['variant']:<15}{r['method']:<14}{r['neurons']:>8}{r['scored']:>8}"
-                     f"{f(r['mean_score_all'])}{f(r['median_score_all'])}{f(r['mean_score_top'])}"
-                     f"{f(r['mean_score_random'])}{100 * (r['share_at_least_0.8'] or 0):6.0f}%{r['cost_usd']:9.4f}")
+    for r in report.iter_rows(named=True):
+        lines.append(f"{r['layer']:>5}  {r['variant']:<16}{r['method']:<14}{r['neurons']:>8}"
+                     + "".join(cell(r[name], width) for name, _, width in columns) + f"{r['cost_usd']:10.4f}")
     return "\n".join(lines)
 
 

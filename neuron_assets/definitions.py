@@ -41,14 +41,16 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     wording = inspect.getsource(prompts)
     explainer_version = prompt_version(json.dumps(explainer_fewshot, sort_keys=True), wording)
     simulator_version = prompt_version(json.dumps(simulator_fewshot, sort_keys=True), wording)
+    sources = ["explanations"]  # the explanation assets whose variants are simulated and scored
+    control = settings.control == "shuffled"
     assets = [
         corpus_documents,
         corpus_tokens,
         build_neuron_records(layout),
         build_explanations(layout, explainer_version, explainer_fewshot),
-        build_simulations(layout, simulator_version, simulator_fewshot),
-        build_scores(layout),
-        build_layer_summary(layout),
+        build_simulations(layout, simulator_version, simulator_fewshot, sources, control),
+        build_scores(layout, sources, control),
+        build_layer_summary(layout, detection=False),
         build_model_summary(layout),
     ]
     if code_versions:

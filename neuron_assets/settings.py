@@ -51,6 +51,18 @@ SETTINGS = (
     Setting("NEURON_ASSETS_SIMULATOR_API_KEY", "", "simulator API key (secret, like the explainer's)"),
     Setting("NEURON_ASSETS_SIMULATION_METHOD", "auto",
             "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'"),
+    Setting("NEURON_ASSETS_REVISION", "on",
+            "'on': a 'revised' variant per neuron, written after showing the explainer held-out excerpts "
+            "where its first explanation predicted badly; 'off' skips it"),
+    Setting("NEURON_ASSETS_CONTROL", "shuffled",
+            "'shuffled': every variant also scored on explanations of other neurons of the shard (its "
+            "control; doubles simulation cost); 'none' skips controls"),
+    Setting("NEURON_ASSETS_DETECTION", "on",
+            "'on': detection and fuzzing scores (the simulator LLM judges whole excerpts, with random and "
+            "hard negatives); 'off' skips them"),
+    Setting("NEURON_ASSETS_IMPORT_FROM", "",
+            "a local or s3:// folder of explanations in the published layout (explanations/<layer>/<neuron>.jsonl) "
+            "scored beside ours as the 'imported' variant (empty: none)"),
     Setting("NEURON_ASSETS_LLM_RPM", "0", "requests per minute per endpoint (0 = no limit)"),
     Setting("NEURON_ASSETS_LLM_TPM", "0", "tokens per minute per endpoint (0 = no limit)"),
     Setting("NEURON_ASSETS_LLM_CONCURRENCY", "4", "requests in flight per endpoint"),
@@ -137,6 +149,10 @@ class Settings:
     cache: str
     workers: int = 1
     executor: str = "multiprocess"
+    revision: str = "on"
+    control: str = "shuffled"
+    detection: str = "on"
+    import_from: str = ""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -150,6 +166,11 @@ class Settings:
         executor = _env("NEURON_ASSETS_EXECUTOR")
         if executor not in ("multiprocess", "k8s"):
             raise ValueError(f"NEURON_ASSETS_EXECUTOR={executor!r}: use 'multiprocess' or 'k8s'")
+        for name, allowed in (("REVISION", ("on", "off")), ("CONTROL", ("shuffled", "none")),
+                              ("DETECTION", ("on", "off"))):
+            if _env(f"NEURON_ASSETS_{name}") not in allowed:
+                raise ValueError(f"NEURON_ASSETS_{name}={_env(f'NEURON_ASSETS_{name}')!r}: use "
+                                 f"{' or '.join(repr(a) for a in allowed)}")
         method = _env("NEURON_ASSETS_SIMULATION_METHOD")
         if method not in ("auto", "all_at_once", "chat_logprobs", "json"):
             raise ValueError(f"NEURON_ASSETS_SIMULATION_METHOD={method!r}: use auto, all_at_once, chat_logprobs or json")
@@ -184,6 +205,10 @@ class Settings:
             cache=str(Path(_env("NEURON_ASSETS_CACHE")).expanduser()),
             workers=_int("NEURON_ASSETS_WORKERS", 1),
             executor=executor,
+            revision=_env("NEURON_ASSETS_REVISION"),
+            control=_env("NEURON_ASSETS_CONTROL"),
+            detection=_env("NEURON_ASSETS_DETECTION"),
+            import_from=_env("NEURON_ASSETS_IMPORT_FROM"),
         )
 
     def environment(self) -> dict[str, str]:

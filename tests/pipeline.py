@@ -28,6 +28,8 @@ def tiny_settings(model: Path, tmp: Path, **overrides) -> Settings:
         llm_rpm=0, llm_tpm=0, llm_concurrency=4, llm_timeout=60, llm_retries=5,
         prices=str(Path(__file__).resolve().parents[1] / "resources" / "prices.json"),
         storage=str(tmp / "data"), cache=str(tmp / "cache"),
+        # the extra stages are tested on their own (test_quality.py); off here to keep plumbing tests fast
+        revision="off", control="none", detection="off",
     )
     return replace(base, **overrides)
 

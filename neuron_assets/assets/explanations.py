@@ -1,6 +1,7 @@
 """explanations[layer|shard]: one sentence per neuron and variant (llm, token_baseline)."""
 
 import hashlib
+import zlib
 
 import polars as pl
 from dagster import (
@@ -29,6 +30,7 @@ from neuron_assets.assets.common import (
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.method.baseline import token_baseline
+from neuron_assets.method.controls import control_of, donors
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.partitions import Layout, layer_shard_partitions
@@ -51,6 +53,34 @@ def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0
             "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
             "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "cache_hit": cache_hit,
             "error": error}
+
+
+def explanation_variants(storage: TableStorage, sources: list[str], partition_key: str, seed: int,
+                         control: bool) -> pl.DataFrame:
+    """Every explanation of a layer x shard partition that is simulated and scored: the rows of the
+    `sources` tables (explanations, revised_explanations, imported_explanations), and with `control`
+    each variant's shuffled control: every neuron explained by that variant gets the explanation of
+    another such neuron of the shard (`donor_neuron`), at no explainer cost."""
+    own = pl.concat([storage.read(source, partition_key) for source in sources], how="diagonal_relaxed")
+    own = own.select(*SCHEMA).with_columns(donor_neuron=pl.lit(None, pl.Int32))
+    if not control:
+        return own
+    controls = []
+    for (variant,), rows in own.filter(pl.col("error").is_null()).group_by("variant", maintain_order=True):
+        rows = rows.sort("neuron")
+        if rows.height < 2:
+            why = "a shuffled control needs at least 2 neurons of the shard explained by this variant"
+            controls.append(rows.with_columns(variant=pl.lit(control_of(variant)), text=pl.lit(None, pl.String), error=pl.lit(why),
+                                              cost=0.0, tokens_in=0, tokens_out=0))
+            continue
+        seed_v = zlib.crc32(f"{seed}|{partition_key}|{variant}".encode())
+        donor = rows[donors(rows.height, seed_v)]
+        ids = [hashlib.sha256(f"{control_of(variant)}|{n}|{d}".encode()).hexdigest()[:16]
+               for n, d in zip(rows["neuron"], donor["explanation_id"])]
+        controls.append(donor.with_columns(
+            neuron=rows["neuron"], variant=pl.lit(control_of(variant)), explanation_id=pl.Series(ids),
+            donor_neuron=donor["neuron"], tokens_in=0, tokens_out=0, cost=0.0, cache_hit=False))
+    return pl.concat([own, *controls], how="diagonal_relaxed").sort("neuron", "variant")
 
 
 def _reusable(previous: pl.DataFrame | None, neuron: int, rhash: str, model: str, code_version: str) -> dict | None:

@@ -19,19 +19,26 @@ from dagster import (
 )
 
 from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table, percentiles, records_hash, records_of
+from neuron_assets.assets.explanations import explanation_variants
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import scores_in_range
+from neuron_assets.method.controls import SUFFIX
 from neuron_assets.method.scoring import score_neurons
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
 from neuron_assets.resources.storage import TableStorage
+from neuron_assets.resources.study import Study
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
           "score_all": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64,
           "rsquared": pl.Float64, "abs_dev_explained": pl.Float64, "n_failed_tokens": pl.Int64, "cost": pl.Float64,
           "simulator_model": pl.String, "method": pl.String, "explanation_id": pl.String,
-          "records_hash": pl.String, "error": pl.String}
+          "records_hash": pl.String, "donor_neuron": pl.Int32, "error": pl.String}
 SCORES_IN_RANGE = "scores_in_range"
 GOOD = 0.8  # the paper's bar for a well-explained neuron
+REPORT_COLUMNS = ("layer", "variant", "method", "neurons", "mean_score_all", "share_at_least_0.8",
+                  "control_mean_score_all", "margin_over_control", "gain_over_llm", "mean_detection_random",
+                  "mean_detection_hard", "mean_fuzzing_random", "mean_fuzzing_hard", "cost_usd")
+BALANCED_ACCURACIES = ("detection", "detection_random", "detection_hard", "fuzzing", "fuzzing_random", "fuzzing_hard")
 
 
 def _padded(groups: list[list[np.ndarray]]) -> np.ndarray:
@@ -49,11 +56,13 @@ def _score_rows(sims: pl.DataFrame, explanations: pl.DataFrame, records: dict) -
     `score_neurons` call."""
     text = dict(zip(explanations["explanation_id"], explanations["text"]))
     explain_cost = dict(zip(explanations["explanation_id"], explanations["cost"]))
+    donor = dict(zip(explanations["explanation_id"], explanations["donor_neuron"]))
     rows, scored = [], []  # scored: (index in rows, real and simulated sequences by split)
     for (neuron, variant), group in sims.group_by("neuron", "variant", maintain_order=True):
         first = group.row(0, named=True)
         base = {"layer": first["layer"], "neuron": neuron, "variant": variant,
-                "explanation": text.get(first["explanation_id"]), "simulator_model": first["simulator_model"],
+                "explanation": text.get(first["explanation_id"]), "donor_neuron": donor.get(first["explanation_id"]),
+                "simulator_model": first["simulator_model"],
                 "method": first["method"], "explanation_id": first["explanation_id"],
                 "cost": explain_cost.get(first["explanation_id"], 0.0) + float(group["cost"].sum())}
         nan = dict.fromkeys(("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained"), float("nan"))
@@ -82,14 +91,15 @@ def _score_rows(sims: pl.DataFrame, explanations: pl.DataFrame, records: dict) -
     return rows
 
 
-def build_scores(layout: Layout):
+def build_scores(layout: Layout, sources: list[str], control: bool):
     @asset(
         partitions_def=layer_shard_partitions(layout),
-        deps=["simulations", "explanations",
+        deps=["simulations", *sources,
               AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))],
         # 2: scored in one vectorised call; where a group has failed tokens or sequences, sums run
         # in another order, so scores can differ from version 1's in the last bits (< 1e-14).
-        code_version="2",
+        # 3: controls (donor_neuron) and several explanation sources.
+        code_version="3",
         automation_condition=ON_CHANGE,
         kinds={"numpy", "parquet"},
         owners=OWNERS,
@@ -100,10 +110,10 @@ def build_scores(layout: Layout):
         "score_all (5 top + 5 random, the headline), score_top, score_random; rsquared and "
         "abs_dev_explained (meaningful only after calibration). NaN when the simulation is constant.",
     )
-    def scores(context: AssetExecutionContext, storage: TableStorage) -> MaterializeResult:
+    def scores(context: AssetExecutionContext, storage: TableStorage, study: Study) -> MaterializeResult:
         layer_key, _ = layer_and_shard(context)
         sims = storage.read("simulations", context.partition_key)
-        explanations = storage.read("explanations", context.partition_key)
+        explanations = explanation_variants(storage, sources, context.partition_key, study.seed, control)
         records = records_of(storage.read("neuron_records", layer_key, "records"), sims["neuron"].unique().to_list())
         df = pl.DataFrame(_score_rows(sims, explanations, records), schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "scores", context.partition_key)
@@ -135,37 +145,89 @@ def build_scores(layout: Layout):
     return scores
 
 
-def summarize(scores: pl.DataFrame) -> pl.DataFrame:
-    """One row per (layer, variant, method): counts, mean/median scores, share of neurons >= 0.8,
-    cost. Scores of different simulation methods are never pooled into one number."""
+def _finite_mean(column: str) -> pl.Expr:
+    return pl.col(column).filter(pl.col(column).is_not_nan()).mean()
+
+
+def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per (layer, variant, method) of the explanation variants; controls fold into the row
+    of their variant, and scores of different simulation methods are never pooled.
+
+    - neurons, scored (finite score_all), mean / median score_all, mean score_top / score_random,
+      share_at_least_0.8 (of scored neurons), errors;
+    - control_mean_score_all: mean score_all of the variant's shuffled control, and
+      margin_over_control = mean_score_all - control_mean_score_all;
+    - gain_over_llm: mean over neurons scored by both of (score_all - the llm variant's score_all)
+      (the revision gain for 'revised'); null for llm;
+    - with `detection`: mean balanced accuracies (detection, fuzzing; with random and with hard
+      negatives) and r_detection / r_fuzzing, the Pearson r over neurons between score_all and the
+      balanced accuracy over all negatives;
+    - cost_usd: explainer + simulator for the variant, its control and its detection scores.
+    """
+    control = pl.col("variant").str.ends_with(SUFFIX)
+    keys = ["layer", "variant", "method"]
+    real, controls = scores.filter(~control), scores.filter(control)
     finite = pl.col("score_all").filter(pl.col("score_all").is_not_nan())
-    return (
-        scores.group_by("layer", "variant", "method")
-        .agg(
-            pl.len().alias("neurons"),
-            finite.len().alias("scored"),
-            finite.mean().alias("mean_score_all"),
-            finite.median().alias("median_score_all"),
-            pl.col("score_top").filter(pl.col("score_top").is_not_nan()).mean().alias("mean_score_top"),
-            pl.col("score_random").filter(pl.col("score_random").is_not_nan()).mean().alias("mean_score_random"),
-            (finite >= GOOD).mean().alias("share_at_least_0.8"),
-            pl.col("error").is_not_null().sum().alias("errors"),
-            pl.col("cost").sum().alias("cost_usd"),
-        )
-        .sort("layer", "variant", "method")
+    out = real.group_by(keys).agg(
+        pl.len().alias("neurons"),
+        finite.len().alias("scored"),
+        finite.mean().alias("mean_score_all"),
+        finite.median().alias("median_score_all"),
+        _finite_mean("score_top").alias("mean_score_top"),
+        _finite_mean("score_random").alias("mean_score_random"),
+        (finite >= GOOD).mean().alias("share_at_least_0.8"),
+        pl.col("error").is_not_null().sum().alias("errors"),
+        pl.col("cost").sum().alias("cost_usd"),
     )
+    control_means = controls.with_columns(pl.col("variant").str.strip_suffix(SUFFIX)).group_by(keys).agg(
+        _finite_mean("score_all").alias("control_mean_score_all"), pl.col("cost").sum().alias("control_cost"))
+    llm = real.filter(pl.col("variant") == "llm").select("layer", "neuron", "method", llm_score=pl.col("score_all"))
+    gains = (real.filter(pl.col("variant") != "llm").join(llm, on=["layer", "neuron", "method"])
+             .filter(pl.col("score_all").is_not_nan() & pl.col("llm_score").is_not_nan())
+             .group_by(keys).agg((pl.col("score_all") - pl.col("llm_score")).mean().alias("gain_over_llm")))
+    out = (out.join(control_means, on=keys, how="left").join(gains, on=keys, how="left")
+           .with_columns(margin_over_control=pl.col("mean_score_all") - pl.col("control_mean_score_all"),
+                         cost_usd=pl.col("cost_usd") + pl.col("control_cost").fill_null(0.0))
+           .drop("control_cost"))
+    if detection is not None:
+        out = out.join(_detection_summary(real, detection), on=keys, how="left").with_columns(
+            cost_usd=pl.col("cost_usd") + pl.col("detection_cost").fill_null(0.0)).drop("detection_cost")
+    return out.sort(keys)
 
 
-def build_layer_summary(layout: Layout):
+def _detection_summary(real: pl.DataFrame, detection: pl.DataFrame) -> pl.DataFrame:
+    """Per (layer, variant, method): mean balanced accuracies and their correlation with score_all."""
+    joined = real.select("layer", "neuron", "variant", "method", "score_all").join(
+        detection, on=["layer", "neuron", "variant"])
+
+    def r(column: str) -> pl.Expr:
+        both = pl.col("score_all").is_not_nan() & pl.col(column).is_not_nan()
+        return pl.corr(pl.col("score_all").filter(both), pl.col(column).filter(both)).alias(f"r_{column}")
+
+    accuracies = [_finite_mean(c).alias(f"mean_{c}") for c in BALANCED_ACCURACIES]
+    return joined.group_by("layer", "variant", "method").agg(
+        *accuracies, r("detection"), r("fuzzing"), pl.col("cost").sum().alias("detection_cost"))
+
+
+def quality_report(summary: pl.DataFrame) -> pl.DataFrame:
+    """The columns of a summary a person compares first: layers x variants."""
+    return summary.select([c for c in REPORT_COLUMNS if c in summary.columns])
+
+
+def build_layer_summary(layout: Layout, detection: bool):
+    inputs = ["scores", "detection_scores"] if detection else ["scores"]
+
     @asset(
         partitions_def=layer_partitions(layout),
-        deps=[AssetDep("scores", partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))],
-        code_version="1",
+        deps=[AssetDep(name, partition_mapping=MultiToSingleDimensionPartitionMapping("layer")) for name in inputs],
+        code_version="2",  # 2: controls, gain over llm, detection and fuzzing
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
         group_name="summaries",
-        description="Scores of one layer per explanation variant, over every shard materialized so far.",
+        description="Scores of one layer per explanation variant, over every shard materialized so far: "
+        "mean score, share >= 0.8, margin over the shuffled control, gain over llm, detection and "
+        "fuzzing accuracies and their correlation with the simulation score, cost.",
     )
     def layer_summary(context: AssetExecutionContext, storage: TableStorage) -> MaterializeResult:
         layer_key = context.partition_key
@@ -174,15 +236,21 @@ def build_layer_summary(layout: Layout):
         if not present:
             raise FileNotFoundError(f"layer {layer_key} has no scores yet: materialize scores for its shards first")
         scores = pl.concat([storage.read("scores", f"{layer_key}|{s}") for s in present])
-        summary = summarize(scores)
+        judged = [s for s in present if detection and storage.exists("detection_scores", f"{layer_key}|{s}")]
+        detected = pl.concat([storage.read("detection_scores", f"{layer_key}|{s}") for s in judged]) if judged else None
+        summary = summarize(scores, detected)
         version = storage.write(summary, "layer_summary", layer_key)
-        best = scores.filter(pl.col("score_all").is_not_nan()).sort("score_all", descending=True)
+        best = (scores.filter(pl.col("score_all").is_not_nan() & ~pl.col("variant").str.ends_with(SUFFIX))
+                .sort("score_all", descending=True))
         return MaterializeResult(
             data_version=DataVersion(version),
             metadata={
                 "dagster/row_count": summary.height,
                 "shards present": f"{len(present)}/{len(shards)}",
+                "shards with detection scores": f"{len(judged)}/{len(shards)}" if detection else "off",
                 "neurons scored": scores["neuron"].n_unique(),
+                "cost (USD)": float(summary["cost_usd"].sum()),
+                "quality report": markdown_table(quality_report(summary).drop("layer")),
                 "summary": markdown_table(summary.drop("layer")),
                 "best neurons": markdown_table(best.select("neuron", "variant", "score_all", "explanation").head(10)),
             },
@@ -194,24 +262,27 @@ def build_layer_summary(layout: Layout):
 def build_model_summary(layout: Layout):
     @asset(
         deps=["layer_summary"],
-        code_version="1",
+        code_version="2",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
         group_name="summaries",
-        description="Every materialized layer's summary in one table: layers x explanation variants.",
+        description="Every materialized layer's summary in one table: layers x explanation variants "
+        "(the quality report).",
     )
     def model_summary(storage: TableStorage) -> MaterializeResult:
         keys = [layout.layer_key(i) for i in layout.layers]
         present = [k for k in keys if storage.exists("layer_summary", k)]
         if not present:
             raise FileNotFoundError("no layer_summary partition exists yet: materialize layer_summary first")
-        summary = pl.concat([storage.read("layer_summary", k) for k in present]).sort("layer", "variant", "method")
+        summary = pl.concat([storage.read("layer_summary", k) for k in present],
+                            how="diagonal_relaxed").sort("layer", "variant", "method")
         version = storage.write(summary, "model_summary")
         return MaterializeResult(
             data_version=DataVersion(version),
             metadata={"dagster/row_count": summary.height, "layers present": f"{len(present)}/{len(keys)}",
-                      "cost (USD)": float(summary["cost_usd"].sum()), "summary": markdown_table(summary)},
+                      "cost (USD)": float(summary["cost_usd"].sum()),
+                      "quality report": markdown_table(quality_report(summary)), "summary": markdown_table(summary)},
         )
 
     return model_summary

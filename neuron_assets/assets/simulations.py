@@ -19,11 +19,13 @@ from dagster import (
 from neuron_assets.assets.common import OWNERS, ModelClock, Progress, layer_and_shard, previous_rows, records_of, tokens_by_seq
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
+from neuron_assets.assets.explanations import explanation_variants
 from neuron_assets.checks import no_silent_zero_simulations
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM, failed_simulation
 from neuron_assets.resources.storage import TableStorage
+from neuron_assets.resources.study import Study
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "seq_id": pl.Int32, "split": pl.String, "expected": pl.List(pl.Float32),
@@ -51,13 +53,16 @@ def reusable_simulations(previous: pl.DataFrame | None, model: str, method: str,
     return {key: rows for key, rows in groups.items() if rows["error"].is_null().all()}
 
 
-def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
+def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], sources: list[str], control: bool):
+    """`sources`: the explanation assets whose variants are simulated; `control`: also their
+    shuffled controls."""
+
     @asset(
         partitions_def=layer_shard_partitions(layout),
-        deps=["explanations",
+        deps=[*sources,
               AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens],
-        code_version=f"1-{prompt_version}",
+        code_version=f"2-{prompt_version}",  # 2: shuffled controls and several explanation sources
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -66,12 +71,15 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict]):
         check_specs=[AssetCheckSpec(NO_SILENT_ZEROS, asset="simulations",
                                     description="a failed simulation is an error row, never zeros")],
         description="Expected activation (0-10) of each token of the valid split (5 top + 5 random "
-        "records), read all at once from the simulator's value distribution. Failed tokens are NaN "
-        "and counted; failed sequences are rows with an error.",
+        "records), read all at once from the simulator's value distribution, for every explanation "
+        "variant and its shuffled control (`<variant>_shuffled`: another neuron's explanation). Failed "
+        "tokens are NaN and counted; failed sequences are rows with an error.",
     )
-    def simulations(context: AssetExecutionContext, storage: TableStorage, simulator: LLM) -> MaterializeResult:
+    def simulations(
+        context: AssetExecutionContext, storage: TableStorage, simulator: LLM, study: Study
+    ) -> MaterializeResult:
         layer_key, _ = layer_and_shard(context)
-        explained = storage.read("explanations", context.partition_key)
+        explained = explanation_variants(storage, sources, context.partition_key, study.seed, control)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              explained["neuron"].unique().to_list())
         tokens = tokens_by_seq(storage.read("corpus_tokens"))
