@@ -30,8 +30,14 @@ def materialize_runs(defs, instance, runs, log=print, workers: int = 1) -> None:
     there. With one worker, runs go one after another in this process, which keeps the models
     loaded across runs. With more, the runs of a stage (consecutive runs of the same assets, such
     as the layer x shard runs) go `workers` at a time, each step in its own process (the
-    multiprocess executor), and the 'llm' pool limits how many LLM steps run at once.
+    multiprocess executor), and the 'llm' pool limits how many LLM steps run at once. Assets that
+    the settings leave out of the graph (e.g. revised_explanations with NEURON_ASSETS_REVISION=off)
+    are dropped from the selections.
     """
+    present = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    runs = [(selection, partition) for selection, partition in
+            ((tuple(name for name in selection if name in present), partition) for selection, partition in runs)
+            if selection]
     release_dead_runs(instance, log)
     started = time.monotonic()
     done = 0
@@ -164,12 +170,17 @@ def shard_keys(defs) -> list[str]:
     return defs.resolve_assets_def("scores").partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys()
 
 
+# per layer x shard, in graph order; those the settings leave out of the graph are skipped
+SHARD_ASSETS = ("explanations", "revised_explanations", "imported_explanations", "simulations", "scores",
+                "detection_scores")
+
+
 def demo_runs(layers: tuple[str, ...], shards: list[str]) -> list:
     # Observing the weights first lets Dagster notice when a later checkpoint changes a layer.
     runs = [(("subject_model_weights",), None), (("corpus_documents", "corpus_tokens"), None),
             (("neuron_records",), (layers[0], layers[-1]))]
-    runs += [(("explanations", "simulations", "scores"), f"{layer}|{shard}") for layer in layers for shard in shards]
-    runs += [(("layer_summary",), layer) for layer in layers]
+    runs += [(SHARD_ASSETS, f"{layer}|{shard}") for layer in layers for shard in shards]
+    runs += [(("layer_summary", "exported_neurons"), layer) for layer in layers]
     runs += [(("model_summary",), None)]
     return runs
 

@@ -11,11 +11,12 @@ from dagster import Definitions, EnvVar, definitions, map_asset_specs
 from neuron_assets.assets.activations import build_neuron_records
 from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
 from neuron_assets.assets.explanations import build_explanations
+from neuron_assets.assets.revisions import build_revised_explanations
 from neuron_assets.assets.scores import build_layer_summary, build_model_summary, build_scores
 from neuron_assets.assets.simulations import build_simulations
 from neuron_assets.assets.weights import build_subject_model_weights
 from neuron_assets.automation import automation_sensor, observe_sources_nightly, refresh_stale_partitions
-from neuron_assets.method import prompts
+from neuron_assets.method import prompts, revision
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
 from neuron_assets.resources.corpus import CorpusSource
@@ -41,13 +42,19 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     wording = inspect.getsource(prompts)
     explainer_version = prompt_version(json.dumps(explainer_fewshot, sort_keys=True), wording)
     simulator_version = prompt_version(json.dumps(simulator_fewshot, sort_keys=True), wording)
-    sources = ["explanations"]  # the explanation assets whose variants are simulated and scored
+    # The explanation assets whose variants are simulated and scored; the settings choose the optional ones.
+    optional = []
+    if settings.revision == "on":
+        revision_version = prompt_version(explainer_version, inspect.getsource(revision))
+        optional.append(build_revised_explanations(layout, revision_version, simulator_version, simulator_fewshot))
+    sources = ["explanations", *(a.key.to_user_string() for a in optional)]
     control = settings.control == "shuffled"
     assets = [
         corpus_documents,
         corpus_tokens,
         build_neuron_records(layout),
         build_explanations(layout, explainer_version, explainer_fewshot),
+        *optional,
         build_simulations(layout, simulator_version, simulator_fewshot, sources, control),
         build_scores(layout, sources, control),
         build_layer_summary(layout, detection=False),

@@ -46,7 +46,7 @@ VARIANTS = ("llm", "token_baseline")
 CODE_VERSION = "2"  # bump when the explanation logic changes; the prompt version is appended
 
 
-def _row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, cost=0.0,
+def explanation_row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, cost=0.0,
          cache_hit=False, error=None):
     explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
     return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
@@ -127,19 +127,19 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 train = split_top(kinds.get("top", []))["train"]
                 negatives = split_random(kinds.get("random", []))["calibration"]
             except ValueError as e:
-                rows += [_row(layer, neuron, v, None, explainer.label, prompt_version, None,
+                rows += [explanation_row(layer, neuron, v, None, explainer.label, prompt_version, None,
                               error=f"not enough records: {e}") for v in VARIANTS]
                 continue
             rhash = records_hash(train)
             peak = max(float(acts.max()) for _, acts in kinds["top"])
             if peak <= 0:
                 reason = f"neuron never activates: max activation {peak:.4g} <= 0 over the corpus"
-                rows += [_row(layer, neuron, v, None, explainer.label, prompt_version, rhash, error=reason)
+                rows += [explanation_row(layer, neuron, v, None, explainer.label, prompt_version, rhash, error=reason)
                          for v in VARIANTS]
                 continue
             shown = [(tokens[s], acts) for s, acts in train]
             baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
-            rows.append(_row(layer, neuron, "token_baseline", baseline, "none", prompt_version, rhash,
+            rows.append(explanation_row(layer, neuron, "token_baseline", baseline, "none", prompt_version, rhash,
                              error=None if baseline else "no token has a positive mean activation"))
             earlier = _reusable(previous, neuron, rhash, explainer.label, code_version)
             if earlier:  # same records, model and prompt: no LLM call, and an identical row
@@ -167,7 +167,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 text = clean_explanation(answer["text"]) if error is None else None
                 if error is None and not text:
                     error = "explainer returned an empty explanation"
-                rows.append(_row(layer, neuron, "llm", text or None, explainer.label, prompt_version, rhash,
+                rows.append(explanation_row(layer, neuron, "llm", text or None, explainer.label, prompt_version, rhash,
                                  answer["tokens_in"], answer["tokens_out"], answer["cost"], answer["cache_hit"], error))
             progress.advance(len(batch))
 
