@@ -11,6 +11,7 @@ from dagster import Definitions, EnvVar, definitions, map_asset_specs
 from neuron_assets.assets.activations import build_neuron_records
 from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
 from neuron_assets.assets.explanations import build_explanations
+from neuron_assets.assets.interchange import build_exported_neurons, build_imported_explanations
 from neuron_assets.assets.revisions import build_revised_explanations
 from neuron_assets.assets.scores import build_layer_summary, build_model_summary, build_scores
 from neuron_assets.assets.simulations import build_simulations
@@ -47,6 +48,8 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     if settings.revision == "on":
         revision_version = prompt_version(explainer_version, inspect.getsource(revision))
         optional.append(build_revised_explanations(layout, revision_version, simulator_version, simulator_fewshot))
+    if settings.import_from:
+        optional.append(build_imported_explanations(layout, settings.import_from))
     sources = ["explanations", *(a.key.to_user_string() for a in optional)]
     control = settings.control == "shuffled"
     assets = [
@@ -59,6 +62,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
         build_scores(layout, sources, control),
         build_layer_summary(layout, detection=False),
         build_model_summary(layout),
+        build_exported_neurons(layout),
     ]
     if code_versions:
         assets = map_asset_specs(
