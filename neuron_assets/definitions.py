@@ -10,6 +10,7 @@ from dagster import Definitions, EnvVar, definitions, map_asset_specs
 
 from neuron_assets.assets.activations import build_neuron_records
 from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
+from neuron_assets.assets.detection import build_detection_scores
 from neuron_assets.assets.explanations import build_explanations
 from neuron_assets.assets.interchange import build_exported_neurons, build_imported_explanations
 from neuron_assets.assets.revisions import build_revised_explanations
@@ -17,7 +18,7 @@ from neuron_assets.assets.scores import build_layer_summary, build_model_summary
 from neuron_assets.assets.simulations import build_simulations
 from neuron_assets.assets.weights import build_subject_model_weights
 from neuron_assets.automation import automation_sensor, observe_sources_nightly, refresh_stale_partitions
-from neuron_assets.method import prompts, revision
+from neuron_assets.method import detection, prompts, revision
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
 from neuron_assets.resources.corpus import CorpusSource
@@ -60,7 +61,9 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
         *optional,
         build_simulations(layout, simulator_version, simulator_fewshot, sources, control),
         build_scores(layout, sources, control),
-        build_layer_summary(layout, detection=False),
+        *([build_detection_scores(layout, prompt_version(inspect.getsource(detection), wording), sources)]
+          if settings.detection == "on" else []),
+        build_layer_summary(layout, detection=settings.detection == "on"),
         build_model_summary(layout),
         build_exported_neurons(layout),
     ]

@@ -152,27 +152,30 @@ class LLM(ConfigurableResource):
         return _endpoint(self.base_url, self.api_key, self.model, self.response_cache, self.requests_per_minute,
                          self.tokens_per_minute, self.max_concurrency, self.timeout_s, self.max_retries, self.prices)
 
-    def complete(self, conversations: list[list[dict]], seeds: list[int]) -> list[dict]:
+    def complete(self, conversations: list[list[dict]], seeds: list[int], temperature: float | None = None,
+                 max_tokens: int | None = None) -> list[dict]:
         """One answer per chat conversation: {text, tokens_in, tokens_out, cost, cache_hit, error}.
+        `temperature` and `max_tokens` default to the resource's (a judge answers at temperature 0).
 
         Remote requests carry their conversation's seed, so a request (and its cache key) does not
         depend on which other neurons share the batch; a local batch samples from its first seed.
         """
+        temperature = self.temperature if temperature is None else temperature
+        max_tokens = max_tokens or self.max_tokens
         if self.backend == "local":
             lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
-            answers = generate_texts(lm, tokenizer, conversations, max_new_tokens=self.max_tokens,
-                                     temperature=self.temperature, seed=seeds[0], batch_size=self.batch_size)
+            answers = generate_texts(lm, tokenizer, conversations, max_new_tokens=max_tokens,
+                                     temperature=temperature, seed=seeds[0], batch_size=self.batch_size)
             return [{**a, "cost": 0.0, "cache_hit": False, "error": None} for a in answers]
         endpoint = self.endpoint()
 
         def one(messages, seed):
             try:
-                r = endpoint.chat(messages, temperature=self.temperature, top_p=1, max_tokens=self.max_tokens,
-                                  seed=seed)
+                r = endpoint.chat(messages, temperature=temperature, top_p=1, max_tokens=max_tokens, seed=seed)
                 return {"text": r["choices"][0]["message"]["content"] or "", **_usage(r), "error": None}
             except LLMRequestError as e:
                 return {"text": "", "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "cache_hit": False,
-                        "error": f"explainer request failed: {e}"}
+                        "error": f"request failed: {e}"}
 
         with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
             return list(pool.map(one, conversations, seeds))
