@@ -14,15 +14,22 @@ from collections.abc import Callable
 
 from dagster import AssetKey, AssetRecordsFilter, Definitions
 
-# Stages in graph order; a run never spans two stages. Within a stage, a run selects the first
-# stale asset of the stage and everything after it (a stale simulation is rerun with its scores).
+# Stages in graph order; a run never spans two stages. Within a stage, a run selects the stale
+# assets of the stage and those of the stage that read them (a stale simulation is rerun with its
+# scores, a stale explanation with everything of its shard). Assets the settings leave out of the
+# graph are dropped from the runs by `cli.materialize_runs`.
 STAGES: tuple[tuple[str, ...], ...] = (
     ("corpus_documents", "corpus_tokens"),
     ("neuron_records",),
-    ("explanations", "simulations", "scores"),
-    ("layer_summary",),
+    ("explanations", "revised_explanations", "imported_explanations", "simulations", "scores", "detection_scores"),
+    ("layer_summary", "exported_neurons"),
     ("model_summary",),
 )
+READERS = {"corpus_documents": ("corpus_tokens",),
+           "explanations": ("revised_explanations", "simulations", "scores", "detection_scores"),
+           "revised_explanations": ("simulations", "scores", "detection_scores"),
+           "imported_explanations": ("simulations", "scores", "detection_scores"),
+           "simulations": ("scores",)}
 RANGE_ASSETS = {"neuron_records"}  # single-run backfill: contiguous layers are one run, one forward pass
 WEIGHTS = "subject_model_weights"
 
@@ -171,8 +178,8 @@ def _ranges(keys: list[str], order: list[str] | None) -> list[str | tuple[str, s
 def refresh_runs(stale: list[Stale], layer_order: list[str] | None = None) -> list[Run]:
     """The runs that recompute `stale`, in graph order, in the format of `cli.materialize_runs`:
     corpus first, then neuron_records (contiguous layers as one range run: one forward pass), then
-    one run per layer|shard (explanations, simulations, scores from the first stale one), then
-    layer_summary per layer, then model_summary. `layer_order` is the layer partition keys in
+    one run per layer|shard (the stale assets and those of the shard that read them), then
+    layer_summary and exported_neurons per layer, then model_summary. `layer_order` is the layer partition keys in
     order (default: consecutive integers are contiguous)."""
     by_partition: dict[tuple[int, str | None], set[str]] = {}
     for asset, partition, _ in stale:
@@ -189,8 +196,9 @@ def refresh_runs(stale: list[Stale], layer_order: list[str] | None = None) -> li
                 runs.append(((stage, "", first), (names, part)))
         else:
             for p in partitions:
-                start = min(names.index(a) for a in by_partition[(stage, p)])
-                runs.append(((stage, "", p or ""), (names[start:], p)))
+                stale_here = by_partition[(stage, p)]
+                rerun = stale_here.union(*(READERS.get(a, ()) for a in stale_here))
+                runs.append(((stage, "", p or ""), (tuple(a for a in names if a in rerun), p)))
     return [run for _, run in sorted(runs, key=lambda r: r[0])]
 
 

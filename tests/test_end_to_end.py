@@ -24,7 +24,9 @@ def test_embedded_model_one_layer_two_neurons(tmp_path, monkeypatch):
     for name in [k for k in os.environ if k.startswith("NEURON_ASSETS_")]:
         monkeypatch.delenv(name)
     defaults = Settings.from_env()  # the real defaults: embedded model and corpus
-    settings = replace(defaults, storage=str(tmp_path / "data"), max_windows=300, neurons="first:2")
+    # the extra stages (revision, controls, detection) have their own tests on tiny models
+    settings = replace(defaults, storage=str(tmp_path / "data"), max_windows=300, neurons="first:2",
+                       revision="off", control="none", detection="off")
     with instance_for_test() as instance:
         storage = run_graph(settings, instance, ("00",), shards=["0000-0191"])
     tokens = storage.read("corpus_tokens")

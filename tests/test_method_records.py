@@ -1,7 +1,24 @@
 import numpy as np
 import pytest
 
-from neuron_assets.method.records import SPLITS_RANDOM, SPLITS_TOP, RecordSampler, split_random, split_top
+from neuron_assets.method.records import (
+    HARD_NEGATIVE,
+    MAX_SEARCH_WINDOWS,
+    SPLITS_RANDOM,
+    SPLITS_TOP,
+    HardNegativeCollector,
+    RecordSampler,
+    add_records,
+    hard_negative_candidates,
+    hard_negative_collector,
+    inverted_index,
+    pick_hard_negatives,
+    search_sample,
+    split_random,
+    split_top,
+    top_arrays,
+    top_tokens,
+)
 
 KINDS = ["top", "random"] + [f"quantile_{q}" for q in range(5)]
 
@@ -209,3 +226,132 @@ def test_splits_refuse_too_few_records():
     with pytest.raises(ValueError, match="need at least 15 .* got 14"):
         split_random(list(range(14)))
     assert len(split_top(list(range(20)))["test"]) == 5
+
+
+# hard negatives
+
+
+def test_top_tokens_are_read_at_the_argmax_of_each_top_record():
+    token_ids = np.array([[7, 8, 9], [8, 7, 5], [6, 9, 4], [5, 5, 5]])
+    top_seq = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    top_acts = np.zeros((2, 4, 3), np.float32)
+    # neuron 0 peaks at positions 1, 0, 1, 2 -> tokens 8, 8, 9, 5: 8 twice, then 9 (rank 2) before 5 (rank 3)
+    for k, pos in enumerate([1, 0, 1, 2]):
+        top_acts[0, k, pos] = 4.0 - k
+    # neuron 1 never activates: no top tokens
+    top_acts[1] = -1.0
+    assert top_tokens(top_seq, top_acts, token_ids) == [[8, 9, 5], []]
+    assert top_tokens(top_seq, top_acts, token_ids, n_tokens=2) == [[8, 9], []]
+    # a tie in counts goes to the token of the higher-ranked record
+    tied = np.zeros((1, 2, 3), np.float32)
+    tied[0, 0, 2], tied[0, 1, 0] = 2.0, 1.0  # tokens 9 (rank 0) and 8 (rank 1), once each
+    assert top_tokens(np.array([[0, 1]]), tied, token_ids) == [[9, 8]]
+    assert top_tokens(np.zeros((2, 0), np.int64), np.zeros((2, 0, 3)), token_ids) == [[], []]
+
+
+def test_inverted_index_lists_each_window_once_per_token():
+    token_ids = np.array([[3, 1, 3], [1, 2, 2], [0, 3, 0]])
+    tokens, windows = inverted_index(token_ids)
+    assert list(zip(tokens.tolist(), windows.tolist())) == [(0, 2), (1, 0), (1, 1), (2, 1), (3, 0), (3, 2)]
+
+
+def test_candidates_hold_a_top_token_and_exclude_top_windows():
+    rng = np.random.default_rng(0)
+    token_ids = rng.integers(0, 50, size=(500, 8))
+    tokens = [[3, 7], [11], [], [49]]
+    exclude = [np.flatnonzero((token_ids == 3).any(axis=1))[:5], np.array([], np.int64), np.array([1, 2]), []]
+    out = hard_negative_candidates(token_ids, tokens, exclude, per_neuron=40, seed=1)
+    assert len(out) == 4 and len(out[2]) == 0
+    for cands, toks, excl in zip(out, tokens, exclude):
+        assert cands.dtype == np.int64 and len(set(cands.tolist())) == len(cands)
+        assert all(np.isin(token_ids[c], toks).any() for c in cands)
+        assert not set(cands.tolist()) & set(np.asarray(excl).tolist())
+    # few eligible windows: all of them, in a random order
+    rare = np.zeros((30, 4), np.int64)
+    rare[[4, 9, 17], 2] = 5
+    few = hard_negative_candidates(rare, [[5]], [[9]], per_neuron=40, seed=0)[0]
+    assert sorted(few.tolist()) == [4, 17]
+    # many: exactly per_neuron, drawn from all eligible windows
+    many = hard_negative_candidates(np.zeros((1000, 4), np.int64), [[0]], [[]], per_neuron=40, seed=0)[0]
+    assert len(many) == 40 and many.max() > 500 and many.tolist() != sorted(many.tolist())
+
+
+def test_candidates_are_seeded():
+    token_ids = np.random.default_rng(2).integers(0, 20, size=(3000, 8))
+    tokens, exclude = [[1, 2], [3]], [[], []]
+
+    def run(seed, **kw):
+        return [c.tolist() for c in hard_negative_candidates(token_ids, tokens, exclude, 40, seed, **kw)]
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+    assert run(0)[0] != run(0)[1]
+    # the window sample has its own seed: the layers of a run share one sample
+    assert run(0, max_windows=100, sample_seed=9) == run(0, max_windows=100, sample_seed=9)
+    assert run(0, max_windows=100, sample_seed=9) != run(0, max_windows=100, sample_seed=8)
+
+
+def test_candidates_come_from_a_capped_window_sample():
+    token_ids = np.zeros((50_000, 4), np.int64)  # every window holds token 0
+    sample = search_sample(50_000, seed=3)
+    assert len(sample) == MAX_SEARCH_WINDOWS == 20_000 and np.all(np.diff(sample) > 0)
+    assert sample.max() > 40_000  # spread over the corpus, not its first windows
+    assert np.array_equal(search_sample(500, seed=3), np.arange(500))
+    out = hard_negative_candidates(token_ids, [[0]] * 30, [[]] * 30, per_neuron=40, seed=0, sample_seed=3)
+    assert np.isin(np.concatenate(out), sample).all()
+    small = hard_negative_candidates(token_ids, [[0]] * 30, [[]] * 30, per_neuron=40, seed=0, max_windows=60)
+    assert len(np.unique(np.concatenate(small))) <= 60
+
+
+def test_pick_keeps_windows_under_a_tenth_of_the_peak_in_candidate_order():
+    window_max = np.array(
+        [[0.5, 2.0, 0.99, 1.0, -3.0, 0.0, 0.1],  # peak 10: < 1.0 passes, 1.0 does not
+         [0.0, 0.0, 0.0, np.nan, np.nan, np.nan, np.nan],  # NaN: no candidate
+         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]],  # peak <= 0: never
+        np.float32)
+    keep = pick_hard_negatives(window_max, np.array([10.0, 1.0, 0.0]), n=3)
+    assert keep.tolist() == [[True, False, True, False, True, False, False],
+                             [True, True, True, False, False, False, False],
+                             [False] * 7]
+    assert pick_hard_negatives(window_max, np.array([10.0, 1.0, 0.0]), n=10)[0].sum() == 5
+
+
+def test_collector_stores_candidate_activations_in_any_batch_order():
+    rng = np.random.default_rng(4)
+    acts = rng.normal(size=(30, 5, 2)).astype(np.float32)
+    acts[[3, 8, 20, 21], :, 0] *= 0.01  # quiet windows for neuron 0
+    candidates = [np.array([20, 3, 12, 8, 21]), np.array([7, 3])]
+    collector = HardNegativeCollector(candidates, np.array([10.0, 0.0]), seq_len=5, n_hard=2)
+    assert collector.windows().tolist() == [3, 7, 8, 12, 20, 21]
+    union = collector.windows()
+    for part in (union[4:], union[:1], union[1:4]):  # any batching, any order of batches
+        collector.update(acts[part], part)
+    records = collector.finalize()
+    assert records["kind"].tolist() == [HARD_NEGATIVE] * 2
+    assert records["neuron"].tolist() == [0, 0] and records["rank"].tolist() == [0, 1]
+    assert records["seq_id"].tolist() == [20, 3]  # the first quiet candidates, in candidate order
+    np.testing.assert_array_equal(records["activations"], acts[[20, 3], :, 0])
+
+
+def test_hard_negatives_join_the_records_after_the_sampler_kinds():
+    acts, seq_ids = make_data(n_windows=40, N=3)
+    seq_ids = np.arange(40)
+    token_ids = np.random.default_rng(0).integers(0, 4, size=(40, 6))
+    sampler = RecordSampler(n_neurons=3, seq_len=6, n_top=4, n_random=3, quantile_pool=6)
+    feed(sampler, acts, seq_ids, [40])
+    records, _ = sampler.finalize()
+    collector = hard_negative_collector(records, 3, token_ids, seed=0, sample_seed=0, n_hard=2)
+    collector.update(acts[collector.windows()], collector.windows())
+    hard = collector.finalize()
+    assert len(hard["neuron"]) >= 1
+    merged = add_records(records, hard)
+    order = KINDS + [HARD_NEGATIVE]
+    keys = [(n, order.index(k), r) for n, k, r in zip(merged["neuron"], merged["kind"], merged["rank"])]
+    assert keys == sorted(keys) and len(keys) == len(records["neuron"]) + len(hard["neuron"])
+    top_seq, top_acts = top_arrays(records, 3)
+    tokens = top_tokens(top_seq, top_acts, token_ids)
+    for n, k, s, a in zip(merged["neuron"], merged["kind"], merged["seq_id"], merged["activations"]):
+        np.testing.assert_array_equal(a, acts[s, :, n])
+        if k == HARD_NEGATIVE:
+            assert np.isin(token_ids[s], tokens[n]).any() and s not in top_seq[n]
+            assert a.max() < 0.1 * top_acts[n].max()

@@ -29,7 +29,7 @@ from neuron_assets.resources.subject_model import SubjectModel
 
 LAYERS = ("00", "01", "02")
 ASSETS = ("corpus_documents", "corpus_tokens", "neuron_records", "explanations", "simulations", "scores",
-          "layer_summary", "model_summary")
+          "layer_summary", "model_summary", "exported_neurons")
 
 
 def quiet(_):
@@ -130,7 +130,7 @@ def test_new_weights_in_one_layer_rerun_exactly_that_layer(world):
     refresh(defs, instance, log=quiet)
     after = materializations(instance)
     shards = shard_keys(defs)
-    rerun = {("neuron_records", "01"), ("layer_summary", "01"), ("model_summary", None)}
+    rerun = {("neuron_records", "01"), ("layer_summary", "01"), ("model_summary", None), ("exported_neurons", "01")}
     rerun |= {(asset, f"01|{s}") for asset in ("explanations", "simulations", "scores") for s in shards}
     assert after - before == Counter(dict.fromkeys(rerun, 1))
     now = data_versions(instance)
@@ -156,7 +156,9 @@ def test_new_simulations_code_version_reruns_simulations_and_scores(world):
         "simulations": partitions, "scores": partitions}
 
     runs = refresh(changed, instance, log=quiet)
-    assert runs == [(("simulations", "scores"), p) for p in sorted(partitions)]
+    # the new simulation rows carry the new code version: the export (which holds them) follows
+    assert runs == [(("simulations", "scores"), p) for p in sorted(partitions)] + [
+        (("exported_neurons",), layer) for layer in LAYERS]
     diff = materializations(instance) - before
     assert {k for k in diff if k[0] in ("simulations", "scores")} == {
         (a, p) for a in ("simulations", "scores") for p in partitions}
@@ -189,13 +191,17 @@ def test_missing_partitions_are_proposed_only_where_their_inputs_exist(world, tm
 def test_refresh_runs_group_by_stage():
     stale = [("model_summary", None, ""), ("layer_summary", "03", ""), ("scores", "03|a", ""),
              ("simulations", "03|a", ""), ("explanations", "04|b", ""), ("neuron_records", "05", ""),
-             ("neuron_records", "02", ""), ("neuron_records", "03", ""), ("corpus_tokens", None, "")]
+             ("neuron_records", "02", ""), ("neuron_records", "03", ""), ("corpus_tokens", None, ""),
+             ("detection_scores", "05|a", ""), ("imported_explanations", "05|b", "")]
+    shard = ("explanations", "revised_explanations", "simulations", "scores", "detection_scores")
     assert refresh_runs(stale) == [
         (("corpus_tokens",), None),
         (("neuron_records",), ("02", "03")),
         (("neuron_records",), "05"),
         (("simulations", "scores"), "03|a"),
-        (("explanations", "simulations", "scores"), "04|b"),
+        (shard, "04|b"),
+        (("detection_scores",), "05|a"),  # the judge reads explanations, not simulations
+        (("imported_explanations", "simulations", "scores", "detection_scores"), "05|b"),
         (("layer_summary",), "03"),
         (("model_summary",), None),
     ]

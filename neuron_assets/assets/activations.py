@@ -1,4 +1,4 @@
-"""neuron_records[layer]: top, random and quantile records plus stats for every MLP neuron."""
+"""neuron_records[layer]: top, random, quantile and hard-negative records plus stats for every MLP neuron."""
 
 import hashlib
 import os
@@ -21,7 +21,12 @@ from dagster import (
 from neuron_assets.assets.common import OWNERS, ModelClock, Progress, percentiles
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
-from neuron_assets.method.records import RecordSampler
+from neuron_assets.method.records import (
+    HARD_NEGATIVE,
+    RecordSampler,
+    add_records,
+    hard_negative_collector,
+)
 from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
@@ -36,8 +41,7 @@ ENOUGH_RECORDS = "every_neuron_has_enough_records"
 SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (METHOD.md)
 
 
-def _tables(sampler: RecordSampler) -> tuple[pl.DataFrame, pl.DataFrame]:
-    records, stats = sampler.finalize()
+def _tables(records: dict, stats: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
     # a 2D array becomes a fixed-width column in one copy; a list of row arrays is 10x slower
     records["activations"] = pl.Series(records["activations"]).cast(pl.List(pl.Float32))
     return pl.DataFrame(records, schema=RECORDS_SCHEMA), pl.DataFrame(stats, schema=STATS_SCHEMA)
@@ -53,13 +57,16 @@ def _short_neurons(records: pl.DataFrame, n_neurons: int) -> dict[str, int]:
     return out
 
 
-def _store_layer(storage: TableStorage, key: str, sampler: RecordSampler) -> dict:
-    """Finalize one layer's sampler, write its two tables, and return what the metadata needs."""
-    records, stats = _tables(sampler)
+def _store_layer(storage: TableStorage, key: str, records: dict, stats: dict, hard: dict, n_neurons: int) -> dict:
+    """Write one layer's two tables (sampler records + hard negatives) and return what the metadata needs."""
+    hard_per_neuron = np.bincount(hard["neuron"], minlength=n_neurons)
+    records, stats = _tables(add_records(records, hard), stats)
     versions = (storage.write(records, "neuron_records", key, "records"),
                 storage.write(stats, "neuron_records", key, "stats"))
-    return {"rows": records.height, "short": _short_neurons(records, sampler.n_neurons),
-            "max": stats["max"].to_list(), "content hash": "".join(versions)}
+    return {"rows": records.height, "short": _short_neurons(records, n_neurons),
+            "max": stats["max"].to_list(), "content hash": "".join(versions),
+            "hard": {"hard negatives: neurons with >= 1": int((hard_per_neuron > 0).sum()),
+                     "hard negatives: median per neuron": float(np.median(hard_per_neuron)) if n_neurons else 0.0}}
 
 
 def build_neuron_records(layout: Layout):
@@ -68,7 +75,7 @@ def build_neuron_records(layout: Layout):
         backfill_policy=BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights"],
-        code_version="2",
+        code_version="3",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -76,7 +83,9 @@ def build_neuron_records(layout: Layout):
         check_specs=[AssetCheckSpec(ENOUGH_RECORDS, asset="neuron_records",
                                     description="every neuron has >= 20 top and >= 15 random records")],
         description="Per MLP neuron: top records (windows with the highest max activation), random "
-        "and quantile records, and activation stats. One forward pass fills every layer in the run.",
+        "and quantile records, activation stats, and hard negatives (windows holding the neuron's top tokens "
+        "that stay under 10% of its peak). One forward pass fills every layer in the run, and one bounded "
+        "second pass over the candidate windows of all its layers finds the hard negatives.",
     )
     def neuron_records(
         context: AssetExecutionContext, subject_model: SubjectModel, storage: TableStorage, study: Study
@@ -98,11 +107,28 @@ def build_neuron_records(layout: Layout):
         with ThreadPoolExecutor(max_workers=min(len(layers), os.cpu_count() or 1)) as pool:
             for start, acts in clock.timed(subject_model.neuron_activations(token_ids, layers)):
                 seq_ids = np.arange(start, start + len(acts[layers[0]]))
-                list(pool.map(lambda layer: samplers[layer].update(acts[layer], seq_ids), layers))
+                list(pool.map(lambda layer, a=acts, s=seq_ids: samplers[layer].update(a[layer], s), layers))
                 progress.advance(len(seq_ids))
-            # finalizing and writing the layers side by side too; each frees its sampler
-            stored = list(pool.map(lambda key, layer: _store_layer(storage, key, samplers.pop(layer)), keys, layers))
-        tokens_per_s = token_ids.size / max(progress.seconds, 1e-9)
+            first_pass_s = progress.seconds
+            # finalizing the layers side by side too; each frees its sampler
+            final = dict(zip(layers, pool.map(lambda layer: samplers.pop(layer).finalize(), layers)))
+            # hard negatives: one second pass over the union of every layer's candidate windows (all drawn
+            # from one window sample of at most 20,000, so the pass is bounded whatever the corpus size)
+            hard = dict(zip(layers, pool.map(
+                lambda layer: hard_negative_collector(final[layer][0], n_neurons, token_ids,
+                                                      seed=study.seed * 1000 + layer, sample_seed=study.seed),
+                layers)))
+            union = np.unique(np.concatenate([hard[layer].windows() for layer in layers]))
+            second = Progress(context, len(union), f"second pass ({HARD_NEGATIVE}), layers {keys[0]}..{keys[-1]}, "
+                              "windows")
+            for start, acts in clock.timed(subject_model.neuron_activations(token_ids[union], layers)):
+                seq_ids = union[start : start + len(acts[layers[0]])]
+                list(pool.map(lambda layer, a=acts, s=seq_ids: hard[layer].update(a[layer], s), layers))
+                second.advance(len(seq_ids))
+            stored = list(pool.map(
+                lambda key, layer: _store_layer(storage, key, *final.pop(layer), hard.pop(layer).finalize(), n_neurons),
+                keys, layers))
+        tokens_per_s = token_ids.size / max(first_pass_s, 1e-9)
 
         short = {kind: sum(layer["short"][kind] for layer in stored) for kind in ("top", "random")}
         for key, layer in zip(keys, stored):
@@ -112,6 +138,7 @@ def build_neuron_records(layout: Layout):
                     "neurons": n_neurons,
                     "never active (max <= 0)": sum(m <= 0 for m in layer["max"]),
                     **percentiles(layer["max"], "max activation"),
+                    **layer["hard"],
                     "content hash": layer["content hash"],
                     "path": MetadataValue.path(str(storage.path("neuron_records", key, "records"))),
                 },
@@ -123,6 +150,8 @@ def build_neuron_records(layout: Layout):
         return MaterializeResult(
             data_version=DataVersion(version),
             metadata={"layers": len(layers), "windows": len(token_ids), "tokens/s": round(tokens_per_s, 1),
+                      "hard negatives: windows in second pass": len(union),
+                      "hard negatives: second pass seconds": round(second.seconds, 1),
                       "model seconds": round(clock.seconds, 1), "subject model": subject_model.label},
             check_results=[
                 AssetCheckResult(

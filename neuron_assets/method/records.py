@@ -4,6 +4,11 @@ A record is one window of `seq_len` tokens with one neuron's activations on it. 
 keep the top windows by window maximum, a uniform random sample of windows, random windows
 bucketed by activation quantile, and the moments of the activation over every token seen.
 Everything is streaming, so memory does not grow with the corpus.
+
+Hard negatives (kind hard_negative) take a second, bounded pass: windows that hold one of a
+neuron's top tokens (the tokens at the peaks of its top records) but whose max stays under 10% of
+its peak, so the explainer's 0-10 display shows them as silent. Candidates come from a seeded sample
+of at most 20,000 windows, so index and second pass stay bounded whatever the corpus size.
 """
 
 import numpy as np
@@ -217,6 +222,174 @@ class RecordSampler:
             "n_tokens": [n] * N,
             "quantile_boundaries": boundaries.tolist(),
         }
+
+
+# Hard negatives (delphi; METHOD.md section 5): windows that hold a neuron's top tokens but leave it
+# silent. Found after the first pass: candidates from an inverted index of a bounded window sample,
+# then a second forward pass over the candidates only.
+HARD_NEGATIVE = "hard_negative"
+N_HARD = 10  # hard negatives kept per neuron
+CANDIDATES_PER_HARD = 4  # candidates searched per hard negative
+HARD_FRACTION = 0.1  # the explainer shows anything under 10% of the peak as 0
+N_TOP_TOKENS = 3
+MAX_SEARCH_WINDOWS = 20_000
+
+
+def top_arrays(records: dict, n_neurons: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top records of `RecordSampler.finalize()`'s columns as seq_ids int64 [N, K] and
+    activations float32 [N, K, T], in rank order (every neuron has the same K)."""
+    top = records["kind"] == "top"
+    T = records["activations"].shape[1]
+    return records["seq_id"][top].reshape(n_neurons, -1), records["activations"][top].reshape(n_neurons, -1, T)
+
+
+def top_peaks(top_acts: np.ndarray) -> np.ndarray:
+    """Per neuron the max over its top records [N, K, T]; -inf for a neuron without records."""
+    top_acts = np.asarray(top_acts)
+    if top_acts.shape[1] == 0:
+        return np.full(len(top_acts), -np.inf)
+    return top_acts.max(axis=(1, 2)).astype(np.float64)
+
+
+def top_tokens(top_seq_ids: np.ndarray, top_acts: np.ndarray, token_ids: np.ndarray,
+               n_tokens: int = N_TOP_TOKENS) -> list[list[int]]:
+    """Per neuron, its top tokens: the token at the argmax position of each top record
+    (top_seq_ids [N, K] in rank order, top_acts [N, K, T], token_ids [W, T] indexed by seq_id), the
+    up to n_tokens most frequent first, ties to the token of the higher-ranked record. A neuron whose
+    peak (max over its top records) is <= 0 gets none."""
+    top_seq_ids = np.asarray(top_seq_ids, np.int64)
+    top_acts = np.asarray(top_acts)
+    if top_seq_ids.shape[1] == 0:
+        return [[] for _ in range(len(top_seq_ids))]
+    at_argmax = np.asarray(token_ids)[top_seq_ids, top_acts.argmax(axis=2)]  # [N, K]
+    out = []
+    for tokens, peak in zip(at_argmax, top_peaks(top_acts)):
+        if not peak > 0:
+            out.append([])
+            continue
+        unique, first, counts = np.unique(tokens, return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts))[:n_tokens]  # count desc, first rank asc
+        out.append(unique[order].tolist())
+    return out
+
+
+def search_sample(n_windows: int, max_windows: int = MAX_SEARCH_WINDOWS, seed: int = 0) -> np.ndarray:
+    """Sorted ids of the windows searched for candidates: all of them, or a seeded uniform sample
+    of max_windows. The cap bounds the inverted index (8 * max_windows * T bytes, whatever the
+    corpus size) and, the sample being shared by the layers of a run, the second pass."""
+    if n_windows <= max_windows:
+        return np.arange(n_windows, dtype=np.int64)
+    return np.sort(np.random.default_rng([seed, 2]).choice(n_windows, max_windows, replace=False))
+
+
+def inverted_index(token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(token, window) pairs of token_ids [S, T], one per distinct pair, sorted by token then window:
+    the windows holding token t are window[searchsorted(token, t, 'left'):searchsorted(token, t, 'right')]."""
+    S = len(token_ids)
+    keys = np.unique(np.asarray(token_ids, np.int64) * S + np.arange(S)[:, None])
+    return keys // max(S, 1), keys % max(S, 1)
+
+
+def hard_negative_candidates(token_ids: np.ndarray, tokens_per_neuron: list, exclude_per_neuron: list,
+                             per_neuron: int, seed: int, max_windows: int = MAX_SEARCH_WINDOWS,
+                             sample_seed: int | None = None) -> list[np.ndarray]:
+    """Per neuron, up to per_neuron window ids (int64, a seeded random order) drawn uniformly from the
+    windows of `search_sample(len(token_ids), max_windows, sample_seed)` that hold at least one of
+    its tokens and are not in its exclude list (its top records). token_ids [W, T] holds the corpus
+    windows by id. `seed` draws the candidates; `sample_seed` (default: seed) draws the window sample."""
+    sample = search_sample(len(token_ids), max_windows, seed if sample_seed is None else sample_seed)
+    index_token, index_window = inverted_index(np.asarray(token_ids)[sample])
+    index_window = sample[index_window]
+    rng = np.random.default_rng([seed, 3])
+    out = []
+    for tokens, exclude in zip(tokens_per_neuron, exclude_per_neuron, strict=True):
+        tokens = np.asarray(tokens, np.int64)
+        lo = np.searchsorted(index_token, tokens, "left")
+        hi = np.searchsorted(index_token, tokens, "right")
+        windows = np.unique(np.concatenate([index_window[a:b] for a, b in zip(lo, hi)] + [np.empty(0, np.int64)]))
+        windows = windows[~np.isin(windows, np.asarray(exclude, np.int64))]
+        if len(windows) > per_neuron:
+            out.append(rng.choice(windows, per_neuron, replace=False))
+        else:
+            out.append(rng.permutation(windows))
+    return out
+
+
+def pick_hard_negatives(window_max: np.ndarray, peaks: np.ndarray, n: int = N_HARD,
+                        fraction: float = HARD_FRACTION) -> np.ndarray:
+    """keep bool [N, C]: per neuron, in candidate order, the first n candidates whose window max
+    (window_max [N, C]; NaN = no candidate) is < fraction * peak. None for a peak <= 0."""
+    peaks = np.asarray(peaks, np.float64)[:, None]
+    with np.errstate(invalid="ignore"):
+        quiet = (np.asarray(window_max) < fraction * peaks) & (peaks > 0)
+    return quiet & (np.cumsum(quiet, axis=1) <= n)
+
+
+class HardNegativeCollector:
+    """Second pass for one layer: each neuron's activations on its candidate windows, in candidate
+    order; `finalize` picks the hard negatives. State: 4 * N * C * (T + 1) bytes, C = the most
+    candidates of a neuron (at most 4 * n_hard), whatever the number of windows."""
+
+    def __init__(self, candidates: list[np.ndarray], peaks: np.ndarray, seq_len: int, n_hard: int = N_HARD,
+                 fraction: float = HARD_FRACTION):
+        N, C = len(candidates), max((len(c) for c in candidates), default=0)
+        self.n_hard, self.fraction, self.seq_len = n_hard, fraction, seq_len
+        self.peaks = np.asarray(peaks, np.float64)
+        self.seq = np.full((N, C), -1, np.int64)
+        for n, c in enumerate(candidates):
+            self.seq[n, : len(c)] = c
+        self.acts = np.zeros((N, C, seq_len), np.float32)
+        self.window_max = np.full((N, C), np.nan, np.float32)  # NaN until seen
+        neuron, slot = np.nonzero(self.seq >= 0)
+        order = np.argsort(self.seq[neuron, slot], kind="stable")  # slots by window, for range lookups
+        self._neuron, self._slot = neuron[order], slot[order]
+        self._seq = self.seq[self._neuron, self._slot]
+
+    def windows(self) -> np.ndarray:
+        """Sorted ids of every candidate window of the layer."""
+        return np.unique(self._seq)
+
+    def update(self, acts: np.ndarray, seq_ids: np.ndarray) -> None:
+        """Add a batch of windows of the second pass: acts float32 [B, T, N], seq_ids int [B]."""
+        seq_ids = np.asarray(seq_ids, np.int64)
+        if len(seq_ids) == 0 or len(self._seq) == 0:
+            return
+        lo = np.searchsorted(self._seq, seq_ids.min(), "left")
+        hi = np.searchsorted(self._seq, seq_ids.max(), "right")
+        sorter = np.argsort(seq_ids)
+        pos = np.minimum(np.searchsorted(seq_ids, self._seq[lo:hi], sorter=sorter), len(seq_ids) - 1)
+        b = sorter[pos]
+        hit = seq_ids[b] == self._seq[lo:hi]
+        neuron, slot, b = self._neuron[lo:hi][hit], self._slot[lo:hi][hit], b[hit]
+        self.acts[neuron, slot] = np.asarray(acts, np.float32)[b, :, neuron]
+        self.window_max[neuron, slot] = self.acts[neuron, slot].max(axis=1)
+
+    def finalize(self) -> dict:
+        """Rows of kind hard_negative, in `RecordSampler.finalize()`'s column format, rank = order
+        among the kept candidates."""
+        keep = pick_hard_negatives(self.window_max, self.peaks, self.n_hard, self.fraction)
+        neuron, _, rank, seq, acts = _rows(0, keep, self.seq, self.acts)
+        return {"neuron": neuron, "kind": np.full(len(neuron), HARD_NEGATIVE), "rank": rank, "seq_id": seq,
+                "activations": acts.reshape(-1, self.seq_len)}
+
+
+def hard_negative_collector(records: dict, n_neurons: int, token_ids: np.ndarray, seed: int, sample_seed: int,
+                            n_hard: int = N_HARD, max_windows: int = MAX_SEARCH_WINDOWS) -> HardNegativeCollector:
+    """The second-pass collector of one layer, from its `RecordSampler.finalize()` records: top
+    tokens, then up to 4 * n_hard candidates per neuron (not among its top records)."""
+    top_seq, top_acts = top_arrays(records, n_neurons)
+    tokens = top_tokens(top_seq, top_acts, token_ids)
+    candidates = hard_negative_candidates(token_ids, tokens, list(top_seq), CANDIDATES_PER_HARD * n_hard, seed,
+                                          max_windows, sample_seed)
+    return HardNegativeCollector(candidates, top_peaks(top_acts), token_ids.shape[1], n_hard)
+
+
+def add_records(records: dict, extra: dict) -> dict:
+    """The rows of both, sorted by neuron; within a neuron the rows of `records` come first, so
+    extra kinds sort after the sampler's (top, random, quantile_q, then hard_negative)."""
+    merged = {k: np.concatenate([records[k], extra[k]]) for k in records}
+    order = np.argsort(merged["neuron"], kind="stable")
+    return {k: v[order] for k, v in merged.items()}
 
 
 def _reservoir_writes(rng, n_seen, size, n_neurons):
