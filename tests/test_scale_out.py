@@ -17,7 +17,7 @@ import s3fs
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, instance_for_test
 from openai_server import FakeOpenAIServer
 from pipeline import remote, run_graph, tiny_settings
-from services import free_port, postgres_server, s3_server
+from services import free_port, postgres_server
 from tiny_models import build_tiny_model
 
 from neuron_assets.cli import demo_runs, materialize_runs
@@ -41,25 +41,6 @@ def subject(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     return build_tiny_model("llama", tmp_path_factory.mktemp("served") / "llama", n_layers=1, max_positions=4096)
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A bucket on a real S3-compatible server, reached only through AWS_* variables set here."""
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    with s3_server() as endpoint:
-        requests.post(f"{endpoint}/moto-api/reset").raise_for_status()  # moto's state is per process
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "scale-out-test")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scale-out-test-secret")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # an unreachable endpoint fails in seconds
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir("study")
-        yield fs
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def tables(storage: TableStorage) -> dict:

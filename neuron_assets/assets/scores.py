@@ -204,7 +204,8 @@ def _detection_summary(real: pl.DataFrame, detection: pl.DataFrame) -> pl.DataFr
         both = pl.col("score_all").is_not_nan() & pl.col(column).is_not_nan()
         return pl.corr(pl.col("score_all").filter(both), pl.col(column).filter(both)).alias(f"r_{column}")
 
-    accuracies = [_finite_mean(c).alias(f"mean_{c}") for c in BALANCED_ACCURACIES]
+    # NaN, not null, where no neuron has an accuracy of that kind (e.g. no hard negatives anywhere)
+    accuracies = [_finite_mean(c).fill_null(float("nan")).alias(f"mean_{c}") for c in BALANCED_ACCURACIES]
     return joined.group_by("layer", "variant", "method").agg(
         *accuracies, r("detection"), r("fuzzing"), pl.col("cost").sum().alias("detection_cost"))
 
