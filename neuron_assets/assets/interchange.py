@@ -16,11 +16,22 @@ from dagster import (
 )
 from upath import UPath
 
-from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table, tokens_by_seq
+from neuron_assets.assets.common import (
+    OWNERS,
+    layer_and_shard,
+    markdown_table,
+    tokens_by_seq,
+)
 from neuron_assets.assets.explanations import SCHEMA, explanation_row
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.method.controls import SUFFIX
-from neuron_assets.method.interchange import dumps, file_paths, neuron_record, read_explanations, simulation_results
+from neuron_assets.method.interchange import (
+    dumps,
+    file_paths,
+    neuron_record,
+    read_explanations,
+    simulation_results,
+)
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
 from neuron_assets.resources.files import s3_errors, write_atomic
 from neuron_assets.resources.storage import TableStorage

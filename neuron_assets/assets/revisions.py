@@ -4,8 +4,8 @@ its first explanation predicts badly on held-out excerpts."""
 import numpy as np
 import polars as pl
 from dagster import (
-    AssetExecutionContext,
     AssetDep,
+    AssetExecutionContext,
     DataVersion,
     MaterializeResult,
     MetadataValue,
