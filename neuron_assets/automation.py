@@ -22,7 +22,9 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    MultiPartitionsDefinition,
     RunRequest,
+    SensorDefinition,
     SensorEvaluationContext,
     SkipReason,
     define_asset_job,
@@ -87,43 +89,51 @@ def observe_sources_nightly(context):
     yield RunRequest(run_key=f"corpus-{stamp}", asset_selection=[AssetKey("corpus_documents")])
 
 
-# A job's assets must share one partitions definition, so the sensor's requests go to three jobs.
-JOBS = {
-    "unpartitioned_assets": ("corpus_documents", "corpus_tokens", "model_summary"),
-    "layer_assets": ("neuron_records", "layer_summary"),
-    "layer_shard_assets": ("explanations", "simulations", "scores"),
-}
-refresh_jobs = [define_asset_job(name, selection=AssetSelection.assets(*assets)) for name, assets in JOBS.items()]
+def _job_name(partitions_def) -> str:
+    """The refresh job of an asset: a job's assets must share one partitions definition."""
+    if partitions_def is None:
+        return "unpartitioned_assets"
+    return "layer_shard_assets" if isinstance(partitions_def, MultiPartitionsDefinition) else "layer_assets"
 
 
-@sensor(
-    name="refresh_stale_partitions",
-    jobs=refresh_jobs,
-    default_status=DefaultSensorStatus.STOPPED,
-    minimum_interval_seconds=300,
-    description="Requests runs for stale partitions (neuron_assets.refresh; never-materialized ones are left alone), "
-    "earliest stage first: staleness is not transitive in Dagster, so the next stage is requested on a "
-    "later tick, once it has become stale. A request's run key names the latest materialization of each "
-    "partition it recomputes, so a partition is requested once per change, not once per tick.",
-)
-def refresh_stale_partitions(context: SensorEvaluationContext):
-    from neuron_assets.refresh import first_stage, refresh_runs, stale_partitions
+def build_refresh_sensor(assets) -> SensorDefinition:
+    """The stale-partition sensor over the materializable `assets` (AssetsDefinitions), with one
+    job per partitioning; built from the assets because the settings add or leave out some."""
+    jobs: dict[str, list[AssetKey]] = {}
+    for asset in assets:
+        jobs.setdefault(_job_name(asset.partitions_def), []).extend(asset.keys)
+    refresh_jobs = [define_asset_job(name, selection=AssetSelection.assets(*keys)) for name, keys in jobs.items()]
 
-    graph = context.repository_def.asset_graph
-    layer_order = [str(k) for k in graph.get(AssetKey("neuron_records")).partitions_def.get_partition_keys()]
-    # Stale partitions only, as `neuron-assets refresh` without --missing: never-run shards stay unrun.
-    stale = stale_partitions(context.repository_def, context.instance, include_missing=False)
-    runs = refresh_runs(first_stage(stale), layer_order)
-    if not runs:
-        return SkipReason("nothing is stale")
-    requests = []
-    for selection, partition in runs:
-        key, tags = run_target(partition)
-        job = next(name for name, assets in JOBS.items() if selection[0] in assets)
-        requests.append(RunRequest(run_key=_run_key(context.instance, graph, selection, partition), job_name=job,
-                                   asset_selection=[AssetKey(name) for name in selection], partition_key=key,
-                                   tags=tags))
-    return requests
+    @sensor(
+        name="refresh_stale_partitions",
+        jobs=refresh_jobs,
+        default_status=DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=300,
+        description="Requests runs for stale partitions (neuron_assets.refresh; never-materialized ones are left "
+        "alone), earliest stage first: staleness is not transitive in Dagster, so the next stage is requested "
+        "on a later tick, once it has become stale. A request's run key names the latest materialization of "
+        "each partition it recomputes, so a partition is requested once per change, not once per tick.",
+    )
+    def refresh_stale_partitions(context: SensorEvaluationContext):
+        from neuron_assets.refresh import first_stage, refresh_runs, stale_partitions
+
+        graph = context.repository_def.asset_graph
+        layer_order = [str(k) for k in graph.get(AssetKey("neuron_records")).partitions_def.get_partition_keys()]
+        # Stale partitions only, as `neuron-assets refresh` without --missing: never-run shards stay unrun.
+        stale = stale_partitions(context.repository_def, context.instance, include_missing=False)
+        runs = refresh_runs(first_stage(stale), layer_order)
+        if not runs:
+            return SkipReason("nothing is stale")
+        requests = []
+        for selection, partition in runs:
+            key, tags = run_target(partition)
+            job = _job_name(graph.get(AssetKey(selection[0])).partitions_def)
+            requests.append(RunRequest(run_key=_run_key(context.instance, graph, selection, partition), job_name=job,
+                                       asset_selection=[AssetKey(name) for name in selection], partition_key=key,
+                                       tags=tags))
+        return requests
+
+    return refresh_stale_partitions
 
 
 def _run_key(instance, graph, selection, partition) -> str:

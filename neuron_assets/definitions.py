@@ -17,7 +17,7 @@ from neuron_assets.assets.revisions import build_revised_explanations
 from neuron_assets.assets.scores import build_layer_summary, build_model_summary, build_scores
 from neuron_assets.assets.simulations import build_simulations
 from neuron_assets.assets.weights import build_subject_model_weights
-from neuron_assets.automation import automation_sensor, observe_sources_nightly, refresh_stale_partitions
+from neuron_assets.automation import automation_sensor, build_refresh_sensor, observe_sources_nightly
 from neuron_assets.method import detection, prompts, revision
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
@@ -74,7 +74,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     return Definitions(
         assets=[build_subject_model_weights(layout), *assets],
         executor=executor(settings.executor),
-        sensors=[automation_sensor, refresh_stale_partitions],
+        sensors=[automation_sensor, build_refresh_sensor(assets)],
         schedules=[observe_sources_nightly],
         resources={
             "subject_model": SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,

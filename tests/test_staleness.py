@@ -23,7 +23,7 @@ from tiny_models import build_tiny_model
 
 from neuron_assets.cli import demo_runs, materialize_runs, shard_keys
 from neuron_assets.definitions import build_definitions
-from neuron_assets.refresh import first_stage, observe_weights, refresh, refresh_runs, stale_partitions
+from neuron_assets.refresh import STAGES, first_stage, observe_weights, refresh, refresh_runs, stale_partitions
 from neuron_assets.resources.models import load_causal_lm
 from neuron_assets.resources.subject_model import SubjectModel
 
@@ -186,6 +186,23 @@ def test_missing_partitions_are_proposed_only_where_their_inputs_exist(world, tm
         observe_weights(defs, instance, log=quiet)
         assert stale_partitions(defs, instance, include_missing=False) == [
             ("neuron_records", "00", "materialized before subject_model_weights was first observed")]
+
+
+def test_refresh_jobs_hold_the_assets_the_settings_add(world, tmp_path):
+    settings, _, _ = world
+    defs = build_definitions(replace(settings, revision="on", detection="on", import_from=str(tmp_path)))
+    jobs = {name: {k.to_user_string() for k in defs.resolve_job_def(name).asset_layer.executable_asset_keys}
+            for name in ("unpartitioned_assets", "layer_assets", "layer_shard_assets")}
+    assert jobs == {
+        "unpartitioned_assets": {"corpus_documents", "corpus_tokens", "model_summary"},
+        "layer_assets": {"neuron_records", "layer_summary", "exported_neurons"},
+        "layer_shard_assets": {"explanations", "revised_explanations", "imported_explanations", "simulations",
+                               "scores", "detection_scores"},
+    }
+    # every run the refresh can ask for fits in one of those jobs
+    for stage in STAGES:
+        for asset in stage:
+            assert sum(asset in names for names in jobs.values()) == 1, asset
 
 
 def test_refresh_runs_group_by_stage():
