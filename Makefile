@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # The demo's slice; `make ui` uses the same settings so its runs match the demo's.
 DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-first:3}
 
-.PHONY: setup postgresql demo ui test bench clean
+.PHONY: setup postgresql chromium demo ui test bench clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,15 @@ postgresql:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q postgresql >/dev/null; }; }
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { echo "could not install PostgreSQL (apt-get install postgresql)"; exit 1; }
 
-test: setup postgresql
+# The browser tests drive Debian's headless Chromium through its chromedriver.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "could not install Chromium (apt-get install chromium chromium-driver)"; exit 1; }
+
+test: setup postgresql chromium
 	$(BIN)/pytest -q tests
 
 # Speed and memory, measured side by side (README: Performance). About 30 minutes on 2 cores.

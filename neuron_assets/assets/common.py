@@ -116,3 +116,8 @@ def markdown_table(df: pl.DataFrame, digits: int = 3) -> MetadataValue:
 
     body = "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.iter_rows())
     return MetadataValue.md(header + body)
+
+
+def viewer_page(root: str, layer: str | None = None) -> str:
+    """Where the neuron viewer writes a layer's page (or, without a layer, the index of all layers)."""
+    return f"{root.rstrip('/')}/neuron_viewer/{layer}/index.html" if layer else f"{root.rstrip('/')}/neuron_viewer/index.html"
