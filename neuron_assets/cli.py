@@ -222,8 +222,10 @@ def demo(args) -> None:
     check_s3_root(settings.storage)  # an unusable s3:// root fails here, before any run
     print("loading definitions (the first run converts the embedded GGUF model once, ~30 s)...")
     from neuron_assets.definitions import build_definitions
+    from neuron_assets.progress import with_progress_bar
 
-    defs = build_definitions(settings)
+    # Progress lines as a progress bar on a terminal (runs in this process); plain lines otherwise.
+    defs = with_progress_bar(build_definitions(settings))
     instance = open_instance()
     shards = shard_keys(defs)[: args.shards]
     started = time.monotonic()

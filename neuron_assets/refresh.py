@@ -259,8 +259,10 @@ def main_refresh(args) -> None:
     args.no_observe (do not observe the weights first)."""
     from neuron_assets.instance import open_instance
     from neuron_assets.definitions import build_definitions
+    from neuron_assets.progress import with_progress_bar
     from neuron_assets.settings import Settings
 
-    defs = build_definitions(Settings.from_env())
+    # Progress lines as a progress bar on a terminal (runs in this process); plain lines otherwise.
+    defs = with_progress_bar(build_definitions(Settings.from_env()))
     refresh(defs, open_instance(), dry_run=getattr(args, "dry_run", False),
             observe=not getattr(args, "no_observe", False), include_missing=not getattr(args, "stale_only", False))

@@ -1,0 +1,170 @@
+"""A progress bar on the console for runs executed in this process (`neuron-assets demo`, `refresh`).
+
+Long steps log `Progress` lines ("what: done/total (pct%), rate/s, ETA s", assets/common.py): they
+are the run log in the Dagster UI and stay as they are. On the console, Dagster prints a run's log
+through its `console` logger, a fresh `logging.Logger("dagster")` per run that is *not* registered
+with `logging.getLogger` (dagster._loggers.colored_console_logger): handlers added to the `dagster`
+or root Python loggers never see run logs. So the bar comes as a replacement `console` logger
+(`progress_console_logger`, same config: log_level, name) whose handler, `ProgressBarHandler`:
+
+- on a TTY, draws Progress lines as one bar rewritten in place with '\\r'
+  (`forward pass, layers 00..02 [#####-----] 51% 848/1658 windows 84/s ETA 10 s`), ends the bar
+  with a newline when done == total, and clears a half-drawn bar before any other line;
+- elsewhere (CI logs, pipes), writes every record as the plain line Dagster's console logger writes.
+
+`with_progress_bar(defs)` returns the definitions with that logger for their jobs.
+"""
+
+import logging
+import re
+import shutil
+import sys
+import threading
+
+from dagster import Definitions, Field, logger
+
+FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # dagster's console format
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
+# The message of assets.common.Progress.advance
+PROGRESS = re.compile(r"^(?P<what>.+): (?P<done>\d+)/(?P<total>\d+) \((?P<pct>\d+)%\), "
+                      r"(?P<rate>[0-9.]+|inf|nan)/s, ETA (?P<eta>[0-9]+|inf|nan) s$")
+BAR_WIDTH = 10
+
+
+def parse_progress(message: str) -> dict | None:
+    """The fields of a Progress message (what, done, total, pct, rate, eta), or None for another message."""
+    match = PROGRESS.match(message.strip())
+    if match is None:
+        return None
+    fields = match.groupdict()
+    return {"what": fields["what"], "done": int(fields["done"]), "total": int(fields["total"]),
+            "pct": int(fields["pct"]), "rate": float(fields["rate"]), "eta": fields["eta"]}
+
+
+def render_bar(progress: dict, width: int = BAR_WIDTH) -> str:
+    """`label [#####-----] 51% 848/1658 unit 84/s ETA 10 s`; the unit is the last comma-separated
+    part of Progress' `what` ('windows', 'neurons'), the label what comes before it."""
+    label, _, unit = progress["what"].rpartition(", ")
+    filled = min(width, round(width * progress["done"] / progress["total"])) if progress["total"] else width
+    rate = progress["rate"]
+    rate_text = f"{rate:.0f}" if rate >= 10 or rate != rate or rate == float("inf") else f"{rate:.1f}"
+    bar = (f"[{'#' * filled}{'-' * (width - filled)}] {progress['pct']}% {progress['done']}/{progress['total']} "
+           f"{unit} {rate_text}/s ETA {progress['eta']} s")
+    return f"{label} {bar}" if label else bar
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The message the step logged: Dagster's records carry it in dagster_meta, before it is
+    prefixed with the job, run id and step key."""
+    meta = getattr(record, "dagster_meta", None)
+    if isinstance(meta, dict) and isinstance(meta.get("orig_message"), str):
+        return meta["orig_message"]
+    return record.getMessage()
+
+
+class ProgressBarHandler(logging.Handler):
+    """Progress lines as a bar rewritten in place on a TTY; every other record as a plain line,
+    after clearing the bar. Not a TTY: every record as a plain line.
+
+    `stream` defaults to sys.stderr, looked up at each record (as Dagster's console handler does).
+    What is drawn on a stream is shared by all handlers on it, since each run makes a new one.
+    """
+
+    _drawn: dict[int, int] = {}  # id(stream) -> length of the bar drawn there, unterminated
+    _lock = threading.RLock()
+
+    def __init__(self, stream=None, level: int = logging.NOTSET, tty: bool | None = None):
+        super().__init__(level)
+        self._stream, self._tty = stream, tty
+        self._plain = logging.Formatter(FORMAT, DATE_FORMAT)
+        self._colored = None
+
+    @property
+    def stream(self):
+        return self._stream if self._stream is not None else sys.stderr
+
+    def is_tty(self, stream) -> bool:
+        if self._tty is not None:
+            return self._tty
+        isatty = getattr(stream, "isatty", None)
+        try:
+            return bool(isatty and isatty())
+        except ValueError:  # a closed stream
+            return False
+
+    def _line_formatter(self, tty: bool) -> logging.Formatter:
+        if not tty:
+            return self._plain
+        if self._colored is None:
+            try:  # Dagster's console colours (coloredlogs is a Dagster dependency)
+                import coloredlogs
+
+                self._colored = coloredlogs.ColoredFormatter(
+                    FORMAT, DATE_FORMAT, field_styles={"levelname": {"color": "blue"}, "asctime": {"color": "green"}},
+                    level_styles={"debug": {}, "error": {"color": "red"}})
+            except ImportError:
+                self._colored = self._plain
+        return self._colored
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = self.stream
+            tty = self.is_tty(stream)
+            progress = parse_progress(_message(record)) if tty else None
+            with self._lock:
+                if progress is not None:
+                    self._draw(stream, render_bar(progress), final=progress["done"] >= progress["total"])
+                else:
+                    self._clear(stream)
+                    stream.write(self._line_formatter(tty).format(record) + "\n")
+                stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def _draw(self, stream, bar: str, final: bool) -> None:
+        columns = shutil.get_terminal_size((100, 24)).columns
+        bar = bar if len(bar) < columns else bar[: columns - 2] + "…"  # a wrapped line cannot be redrawn
+        padding = max(0, self._drawn.get(id(stream), 0) - len(bar))  # what is left of a longer bar
+        stream.write("\r" + bar + " " * padding)
+        if final:
+            stream.write("\n")
+            self._drawn.pop(id(stream), None)
+        else:
+            if padding:
+                stream.write("\r" + bar)  # the cursor after the bar, not after the padding
+            self._drawn[id(stream)] = len(bar)
+
+    @classmethod
+    def _clear(cls, stream) -> None:
+        drawn = cls._drawn.pop(id(stream), 0)
+        if drawn:
+            stream.write("\r" + " " * drawn + "\r")
+
+    @classmethod
+    def clear(cls, stream=None) -> None:
+        """Erase a half-drawn bar, e.g. before printing to the same terminal by other means."""
+        stream = stream if stream is not None else sys.stderr
+        with cls._lock:
+            if cls._drawn.get(id(stream)):
+                cls._clear(stream)
+                stream.flush()
+
+
+@logger(
+    {"log_level": Field(str, is_required=False, default_value="INFO", description="The logger's threshold."),
+     "name": Field(str, is_required=False, default_value="dagster", description="The name of the logger.")},
+    description="Dagster's console logger, with Progress lines drawn as a progress bar on a TTY.",
+)
+def progress_console_logger(init_context) -> logging.Logger:
+    level = logging.getLevelName(init_context.logger_config["log_level"].upper())
+    out = logging.Logger(init_context.logger_config["name"], level=level if isinstance(level, int) else logging.INFO)
+    out.addHandler(ProgressBarHandler())
+    return out
+
+
+def with_progress_bar(defs: Definitions) -> Definitions:
+    """The definitions with `progress_console_logger` as the `console` logger of their jobs: runs
+    executed in this process (cli.materialize_runs with one worker) draw the bar. Runs in step
+    subprocesses (workers > 1) rebuild the definitions from neuron_assets.definitions and keep
+    Dagster's plain console logger."""
+    return Definitions.merge(defs, Definitions(loggers={"console": progress_console_logger}))

@@ -1,0 +1,178 @@
+"""The console progress bar: Progress log lines drawn as one bar on a TTY, plain lines elsewhere."""
+
+import io
+import logging
+import re
+import sys
+from types import SimpleNamespace
+
+import pytest
+from dagster import Definitions, asset, instance_for_test
+
+from neuron_assets.assets.common import Progress
+from neuron_assets.progress import ProgressBarHandler, parse_progress, progress_console_logger, with_progress_bar
+
+WHAT = "forward pass, layers 00..01, windows"
+BAR = re.compile(r"forward pass, layers 00\.\.01 \[(?P<bar>[#-]{10})\] (?P<pct>\d+)% (?P<done>\d+)/4 windows "
+                 r"[0-9.]+/s ETA \d+ s")
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def screen(text: str) -> list[str]:
+    """What a terminal shows after `text`: '\\r' returns to the start of the line, characters
+    overwrite, colour codes take no room."""
+    lines, line, cursor = [], [], 0
+    for ch in re.sub(r"\x1b\[[0-9;]*m", "", text):
+        if ch == "\n":
+            lines.append("".join(line).rstrip())
+            line, cursor = [], 0
+        elif ch == "\r":
+            cursor = 0
+        else:
+            if cursor < len(line):
+                line[cursor] = ch
+            else:
+                line.append(ch)
+            cursor += 1
+    if line:
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+@pytest.fixture
+def log():
+    """A real Python logger whose only handler is the one under test."""
+    logger = logging.getLogger("test_progress")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield logger
+    logger.handlers.clear()
+
+
+def steps(logger: logging.Logger, n: int, total: int = 4) -> Progress:
+    progress = Progress(SimpleNamespace(log=logger), total, WHAT, every=0.0)  # every advance logs
+    for _ in range(n):
+        progress.advance()
+    return progress
+
+
+def test_tty_draws_one_bar_in_place_and_clears_it_before_other_lines(log):
+    stream = FakeTTY()
+    log.addHandler(ProgressBarHandler(stream=stream))
+    log.info("loading")
+    progress = steps(log, 2)
+    out = stream.getvalue()
+    # the bar is redrawn with '\r', never on a new line, and the Progress text itself is not printed
+    assert out.count("\n") == 1 and out.count("\r") >= 2
+    assert "windows: 2/4" not in out
+    assert screen(out)[-1].startswith("forward pass, layers 00..01 [#####-----] 50% 2/4 windows ")
+    log.warning("a normal line while the bar is half drawn")
+    progress.advance()  # 3/4
+    progress.advance()  # 4/4: the bar is finished and stays, on its own line
+    log.info("after")
+    shown = screen(stream.getvalue())
+    assert len(shown) == 4, shown
+    assert shown[0].endswith(" - test_progress - INFO - loading")
+    # the normal line starts at column 0 of a cleared line: no remains of the bar before or after it
+    assert "WARNING" in shown[1] and shown[1].endswith("a normal line while the bar is half drawn")
+    assert "[" not in shown[1].split(" - ")[0] and "#" not in shown[1]
+    final = BAR.fullmatch(shown[2])
+    assert final and final["bar"] == "#" * 10 and final["pct"] == "100" and final["done"] == "4"
+    assert shown[3].endswith("after")
+
+
+def test_a_shorter_bar_leaves_nothing_of_a_longer_one(log):
+    stream = FakeTTY()
+    log.addHandler(ProgressBarHandler(stream=stream))
+    log.info("x: 5/10 (50%), 12345.6/s, ETA 123456 s")
+    log.info("x: 6/10 (60%), 1.0/s, ETA 4 s")
+    (line,) = screen(stream.getvalue())
+    assert line == "[######----] 60% 6/10 x 1.0/s ETA 4 s"
+
+
+def test_not_a_tty_gets_every_message_as_a_plain_line(log):
+    stream = io.StringIO()  # isatty() is False: a CI log or a pipe
+    log.addHandler(ProgressBarHandler(stream=stream))
+    log.info("loading")
+    steps(log, 4)
+    out = stream.getvalue()
+    assert "\r" not in out and "[#" not in out
+    lines = out.splitlines()
+    assert len(lines) == 5
+    assert [re.search(r"windows: (\d)/4", line)[1] for line in lines[1:]] == ["1", "2", "3", "4"]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - test_progress - INFO - ", line) for line in lines)
+
+
+def test_parse_progress_reads_progress_messages_only():
+    assert parse_progress("explaining layer 00 shard 01, neurons: 3/8 (38%), 0.4/s, ETA 12 s") == {
+        "what": "explaining layer 00 shard 01, neurons", "done": 3, "total": 8, "pct": 38, "rate": 0.4, "eta": "12"}
+    assert parse_progress("windows: 0/5 (0%), 0.0/s, ETA inf s")["eta"] == "inf"
+    assert parse_progress("neurons scored: 3/8") is None
+    assert parse_progress("loaded 8 neurons (100%)") is None
+
+
+def test_runs_in_process_draw_the_bar_and_keep_the_run_log(monkeypatch):
+    """Through Dagster: the console logger of `with_progress_bar` definitions draws the bar on a
+    TTY stderr, and the run log (the UI's) still holds every Progress line."""
+
+    @asset
+    def counted(context) -> None:
+        context.log.info("starting")
+        progress = Progress(context, 4, WHAT, every=0.0)
+        for _ in range(4):
+            progress.advance()
+
+    stderr = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    job = with_progress_bar(Definitions(assets=[counted])).resolve_implicit_global_asset_job_def()
+    with instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance,
+                                        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+        assert result.success
+        logged = [e.message for e in instance.all_logs(result.run_id) if "windows:" in (e.message or "")]
+    assert len(logged) == 4 and logged[-1].startswith(f"{WHAT}: 4/4 (100%)")
+    shown = screen(stderr.getvalue())
+    assert any(line.endswith(" - counted - starting") for line in shown)
+    bars = [line for line in shown if BAR.fullmatch(line)]
+    assert len(bars) == 1 and BAR.fullmatch(bars[0])["pct"] == "100"
+    assert not any("windows: " in line for line in shown)  # drawn as the bar, not as lines
+
+
+def tiny_env(monkeypatch, tmp_path):
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model("gpt2", tmp_path / "model", n_layers=2)
+    for name, value in {"MODEL": model, "STORAGE": tmp_path / "data", "CACHE": tmp_path / "cache",
+                        "EXPLAINER_MODEL": model, "SIMULATOR_MODEL": model}.items():
+        monkeypatch.setenv(f"NEURON_ASSETS_{name}", str(value))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+
+
+class Captured(Exception):
+    pass
+
+
+def test_demo_and_refresh_install_the_progress_bar(monkeypatch, tmp_path):
+    """`neuron-assets demo` and `refresh` hand definitions with the progress console logger to
+    their runs (the runs themselves are stopped here: a whole demo takes minutes)."""
+    import neuron_assets.cli as cli
+    import neuron_assets.refresh as refresh
+
+    tiny_env(monkeypatch, tmp_path)
+    seen = []
+
+    def capture(defs, *args, **kwargs):
+        seen.append(defs.resolve_implicit_global_asset_job_def().loggers["console"])
+        raise Captured
+
+    monkeypatch.setattr(cli, "materialize_runs", capture)
+    monkeypatch.setattr(refresh, "refresh", capture)
+    with pytest.raises(Captured):
+        cli.main(["demo", "--layers", "00"])
+    with pytest.raises(Captured):
+        cli.main(["refresh"])
+    assert seen == [progress_console_logger, progress_console_logger]
