@@ -1,5 +1,7 @@
 """scores[layer|shard] -> layer_summary[layer] -> model_summary: how well explanations predict."""
 
+import os
+
 import numpy as np
 import polars as pl
 from dagster import (
@@ -18,12 +20,21 @@ from dagster import (
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table, percentiles, records_hash, records_of
+from neuron_assets.assets.common import (
+    OWNERS,
+    layer_and_shard,
+    markdown_table,
+    percentiles,
+    records_hash,
+    records_of,
+    viewer_page,
+)
 from neuron_assets.assets.explanations import explanation_variants
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import scores_in_range
 from neuron_assets.method.controls import SUFFIX
 from neuron_assets.method.scoring import score_neurons
+from neuron_assets.plots import png_markdown, score_by_layer, score_histogram
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
@@ -215,13 +226,50 @@ def quality_report(summary: pl.DataFrame) -> pl.DataFrame:
     return summary.select([c for c in REPORT_COLUMNS if c in summary.columns])
 
 
+RANKED = 10  # neurons in the best and the worst neurons tables
+
+
+def _series(df: pl.DataFrame) -> pl.DataFrame:
+    """A `series` column for plots: the variant, with the simulation method where there are several
+    (scores of different methods are never pooled)."""
+    if df["method"].n_unique() > 1:
+        return df.with_columns(series=pl.col("variant") + " (" + pl.col("method").fill_null("?") + ")")
+    return df.with_columns(series=pl.col("variant"))
+
+
+def _ranked_neurons(scores: pl.DataFrame, columns: list[str]) -> dict:
+    """Metadata: the best and the worst neurons by score_all among the real variants (not the
+    shuffled controls), NaN scores left out; best first, then worst first."""
+    finite = scores.filter(pl.col("score_all").is_not_nan() & ~pl.col("variant").str.ends_with(SUFFIX))
+    best = finite.sort(["score_all", "layer", "neuron", "variant"], descending=[True, False, False, False])
+    worst = finite.sort(["score_all", "layer", "neuron", "variant"])
+    return {"best neurons": markdown_table(best.select(columns).head(RANKED)),
+            "worst neurons": markdown_table(worst.select(columns).head(RANKED))}
+
+
+def _score_histogram(scores: pl.DataFrame) -> MetadataValue:
+    """score_all of the real variants, one series per variant; NaN scores counted in the title."""
+    real = _series(scores.filter(~pl.col("variant").str.ends_with(SUFFIX)))
+    by_series = {name: rows["score_all"].to_list()
+                 for (name,), rows in real.sort("series").group_by("series", maintain_order=True)}
+    return MetadataValue.md(png_markdown(score_histogram(by_series), "score histogram"))
+
+
+def viewer_link(root: str, layer: str | None = None) -> MetadataValue:
+    """The neuron viewer's page of a layer (or its index): a URL under an s3:// root, else a path."""
+    page = viewer_page(root, layer)
+    return MetadataValue.url(page) if "://" in root else MetadataValue.path(os.path.abspath(page))
+
+
 def build_layer_summary(layout: Layout, detection: bool):
     inputs = ["scores", "detection_scores"] if detection else ["scores"]
 
     @asset(
         partitions_def=layer_partitions(layout),
         deps=[AssetDep(name, partition_mapping=MultiToSingleDimensionPartitionMapping("layer")) for name in inputs],
-        code_version="2",  # 2: controls, gain over llm, detection and fuzzing
+        # 2: controls, gain over llm, detection and fuzzing. 3: metadata only (score histogram,
+        # worst neurons, viewer link); the table is the same.
+        code_version="3",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
@@ -241,8 +289,6 @@ def build_layer_summary(layout: Layout, detection: bool):
         detected = pl.concat([storage.read("detection_scores", f"{layer_key}|{s}") for s in judged]) if judged else None
         summary = summarize(scores, detected)
         version = storage.write(summary, "layer_summary", layer_key)
-        best = (scores.filter(pl.col("score_all").is_not_nan() & ~pl.col("variant").str.ends_with(SUFFIX))
-                .sort("score_all", descending=True))
         return MaterializeResult(
             data_version=DataVersion(version),
             metadata={
@@ -253,7 +299,9 @@ def build_layer_summary(layout: Layout, detection: bool):
                 "cost (USD)": float(summary["cost_usd"].sum()),
                 "quality report": markdown_table(quality_report(summary).drop("layer")),
                 "summary": markdown_table(summary.drop("layer")),
-                "best neurons": markdown_table(best.select("neuron", "variant", "score_all", "explanation").head(10)),
+                **_ranked_neurons(scores, ["neuron", "variant", "score_all", "explanation"]),
+                "score histogram": _score_histogram(scores),
+                "viewer": viewer_link(storage.root, layer_key),
             },
         )
 
@@ -263,7 +311,7 @@ def build_layer_summary(layout: Layout, detection: bool):
 def build_model_summary(layout: Layout):
     @asset(
         deps=["layer_summary"],
-        code_version="2",
+        code_version="3",  # 3: metadata only (plots, best and worst neurons, viewer link); the table is the same
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
@@ -279,11 +327,22 @@ def build_model_summary(layout: Layout):
         summary = pl.concat([storage.read("layer_summary", k) for k in present],
                             how="diagonal_relaxed").sort("layer", "variant", "method")
         version = storage.write(summary, "model_summary")
+        # For the plots and tables only: the scores of the layers summarized, as their summaries read them.
+        tables = [storage.read("scores", f"{k}|{s}") for k in present for s in layout.shard_keys()
+                  if storage.exists("scores", f"{k}|{s}")]
+        scores = pl.concat(tables, how="diagonal_relaxed") if tables else pl.DataFrame(schema=SCHEMA)
+        by_layer = _series(summary)
+        by_layer = by_layer.select([c for c in ("layer", "series", "mean_score_all", "control_mean_score_all")
+                                    if c in by_layer.columns])
         return MaterializeResult(
             data_version=DataVersion(version),
             metadata={"dagster/row_count": summary.height, "layers present": f"{len(present)}/{len(keys)}",
                       "cost (USD)": float(summary["cost_usd"].sum()),
-                      "quality report": markdown_table(quality_report(summary)), "summary": markdown_table(summary)},
+                      "quality report": markdown_table(quality_report(summary)), "summary": markdown_table(summary),
+                      **_ranked_neurons(scores, ["layer", "neuron", "variant", "score_all", "explanation"]),
+                      "score histogram": _score_histogram(scores),
+                      "score by layer": MetadataValue.md(png_markdown(score_by_layer(by_layer), "score by layer")),
+                      "viewer": viewer_link(storage.root)},
         )
 
     return model_summary
