@@ -7,10 +7,15 @@ with `logging.getLogger` (dagster._loggers.colored_console_logger): handlers add
 or root Python loggers never see run logs. So the bar comes as a replacement `console` logger
 (`progress_console_logger`, same config: log_level, name) whose handler, `ProgressBarHandler`:
 
-- on a TTY, draws Progress lines as one bar rewritten in place with '\\r'
-  (`forward pass, layers 00..02 [#####-----] 51% 848/1658 windows 84/s ETA 10 s`), ends the bar
+- where stderr is a TTY when the run starts, draws Progress lines as one bar rewritten in place
+  with '\\r' (`forward pass, layers 00..02 [#####-----] 51% 848/1658 windows 84/s ETA 10 s`), ends the bar
   with a newline when done == total, and clears a half-drawn bar before any other line;
 - elsewhere (CI logs, pipes), writes every record as the plain line Dagster's console logger writes.
+
+Inside a step, Dagster's compute log capture has moved file descriptors 1 and 2 onto files that a
+`tail -F` copies to the terminal: stderr is no TTY there, so the TTY test is made when the run's
+logger is created, and the bar reaches the terminal through the tail, in order with everything
+else the step writes.
 
 `with_progress_bar(defs)` returns the definitions with that logger for their jobs.
 """
@@ -20,6 +25,7 @@ import re
 import shutil
 import sys
 import threading
+import weakref
 
 from dagster import Definitions, Field, logger
 
@@ -67,15 +73,25 @@ class ProgressBarHandler(logging.Handler):
     after clearing the bar. Not a TTY: every record as a plain line.
 
     `stream` defaults to sys.stderr, looked up at each record (as Dagster's console handler does).
+    `tty`: whether to draw bars; by default whether the stream is a TTY at each record. Inside a
+    step, Dagster's compute log capture has redirected file descriptors 1 and 2 to files that a
+    `tail -F` copies to the terminal, so there stderr is never a TTY: the logger of a run decides
+    when the run starts (`progress_console_logger`), and the bar reaches the terminal through the
+    tail. `columns`: the width to cut bars to where the terminal's cannot be read (same reason).
     What is drawn on a stream is shared by all handlers on it, since each run makes a new one.
     """
 
-    _drawn: dict[int, int] = {}  # id(stream) -> length of the bar drawn there, unterminated
+    # stream -> length of the bar drawn there, unterminated (weak: a stream that is gone has no bar,
+    # and a new stream at its address must not inherit it)
+    _drawn = weakref.WeakKeyDictionary()
+    _strong: dict = {}  # the same, for streams that cannot be weakly referenced
     _lock = threading.RLock()
 
-    def __init__(self, stream=None, level: int = logging.NOTSET, tty: bool | None = None):
+    def __init__(self, stream=None, level: int = logging.NOTSET, tty: bool | None = None,
+                 columns: int | None = None):
         super().__init__(level)
         self._stream, self._tty = stream, tty
+        self._columns = columns or shutil.get_terminal_size((100, 24)).columns
         self._plain = logging.Formatter(FORMAT, DATE_FORMAT)
         self._colored = None
 
@@ -122,21 +138,38 @@ class ProgressBarHandler(logging.Handler):
             self.handleError(record)
 
     def _draw(self, stream, bar: str, final: bool) -> None:
-        columns = shutil.get_terminal_size((100, 24)).columns
+        columns = shutil.get_terminal_size((self._columns, 24)).columns
         bar = bar if len(bar) < columns else bar[: columns - 2] + "…"  # a wrapped line cannot be redrawn
-        padding = max(0, self._drawn.get(id(stream), 0) - len(bar))  # what is left of a longer bar
+        padding = max(0, self._bar_length(stream) - len(bar))  # what is left of a longer bar
         stream.write("\r" + bar + " " * padding)
         if final:
             stream.write("\n")
-            self._drawn.pop(id(stream), None)
+            self._pop(stream)
         else:
             if padding:
                 stream.write("\r" + bar)  # the cursor after the bar, not after the padding
-            self._drawn[id(stream)] = len(bar)
+            try:
+                self._drawn[stream] = len(bar)
+            except TypeError:
+                self._strong[stream] = len(bar)
+
+    @classmethod
+    def _bar_length(cls, stream) -> int:
+        try:
+            return cls._drawn.get(stream, 0)
+        except TypeError:
+            return cls._strong.get(stream, 0)
+
+    @classmethod
+    def _pop(cls, stream) -> int:
+        try:
+            return cls._drawn.pop(stream, 0)
+        except TypeError:
+            return cls._strong.pop(stream, 0)
 
     @classmethod
     def _clear(cls, stream) -> None:
-        drawn = cls._drawn.pop(id(stream), 0)
+        drawn = cls._pop(stream)
         if drawn:
             stream.write("\r" + " " * drawn + "\r")
 
@@ -145,7 +178,7 @@ class ProgressBarHandler(logging.Handler):
         """Erase a half-drawn bar, e.g. before printing to the same terminal by other means."""
         stream = stream if stream is not None else sys.stderr
         with cls._lock:
-            if cls._drawn.get(id(stream)):
+            if cls._bar_length(stream):
                 cls._clear(stream)
                 stream.flush()
 
@@ -158,7 +191,8 @@ class ProgressBarHandler(logging.Handler):
 def progress_console_logger(init_context) -> logging.Logger:
     level = logging.getLevelName(init_context.logger_config["log_level"].upper())
     out = logging.Logger(init_context.logger_config["name"], level=level if isinstance(level, int) else logging.INFO)
-    out.addHandler(ProgressBarHandler())
+    # Now, at the start of the run, stderr is still the terminal (if any); in the steps it is not.
+    out.addHandler(ProgressBarHandler(tty=ProgressBarHandler().is_tty(sys.stderr)))
     return out
 
 

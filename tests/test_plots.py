@@ -74,7 +74,8 @@ def test_viewer_link_is_a_path_locally_and_a_url_on_s3(tmp_path):
     local = viewer_link(str(tmp_path), "03")
     assert isinstance(local, type(MetadataValue.path("x"))) and local.path == viewer_page(str(tmp_path), "03")
     remote = viewer_link("s3://bucket/study")
-    assert isinstance(remote, type(MetadataValue.url("x"))) and remote.url == "s3://bucket/study/neuron_viewer/index.html"
+    assert isinstance(remote, type(MetadataValue.url("x")))
+    assert remote.url == "s3://bucket/study/neuron_viewer/index.html"
 
 
 # --- layer_summary and model_summary on hand-written scores tables ---------------------------------
@@ -200,7 +201,8 @@ def test_model_summary_shows_plots_tables_and_viewer(summaries):
         scores = [row for shard in SCORES[layer] for row in shard]
         control = mean([s for _, v, s in scores if v == "llm_shuffled"])
         for variant in ("llm", "token_baseline"):
-            rows.append({"layer": layer, "series": variant, "mean_score_all": mean([s for _, v, s in scores if v == variant]),
+            rows.append({"layer": layer, "series": variant,
+                         "mean_score_all": mean([s for _, v, s in scores if v == variant]),
                          "control_mean_score_all": control if variant == "llm" else None})
     by_layer = image(model, "score by layer")
     assert size(by_layer) == (480, 240)

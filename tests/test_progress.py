@@ -1,13 +1,17 @@
 """The console progress bar: Progress log lines drawn as one bar on a TTY, plain lines elsewhere."""
 
 import io
+import json
 import logging
+import os
+import pty
 import re
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from dagster import Definitions, asset, instance_for_test
 
 from neuron_assets.assets.common import Progress
 from neuron_assets.progress import ProgressBarHandler, parse_progress, progress_console_logger, with_progress_bar
@@ -41,6 +45,12 @@ def screen(text: str) -> list[str]:
     if line:
         lines.append("".join(line).rstrip())
     return lines
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    """Bars are cut to the terminal's width (shutil.get_terminal_size reads COLUMNS first)."""
+    monkeypatch.setenv("COLUMNS", "200")
 
 
 @pytest.fixture
@@ -94,6 +104,15 @@ def test_a_shorter_bar_leaves_nothing_of_a_longer_one(log):
     assert line == "[######----] 60% 6/10 x 1.0/s ETA 4 s"
 
 
+def test_a_bar_wider_than_the_terminal_is_cut_to_fit(log, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a wrapped line could not be redrawn with '\\r'
+    stream = FakeTTY()
+    log.addHandler(ProgressBarHandler(stream=stream))
+    steps(log, 1)
+    (line,) = screen(stream.getvalue())
+    assert len(line) < 40 and line.startswith("forward pass, layers 00..01 [") and line.endswith("…")
+
+
 def test_not_a_tty_gets_every_message_as_a_plain_line(log):
     stream = io.StringIO()  # isatty() is False: a CI log or a pipe
     log.addHandler(ProgressBarHandler(stream=stream))
@@ -115,31 +134,72 @@ def test_parse_progress_reads_progress_messages_only():
     assert parse_progress("loaded 8 neurons (100%)") is None
 
 
-def test_runs_in_process_draw_the_bar_and_keep_the_run_log(monkeypatch):
-    """Through Dagster: the console logger of `with_progress_bar` definitions draws the bar on a
-    TTY stderr, and the run log (the UI's) still holds every Progress line."""
+RUN = f"""
+import json, sys
+from dagster import Definitions, asset, instance_for_test
+from neuron_assets.assets.common import Progress
+from neuron_assets.progress import with_progress_bar
 
-    @asset
-    def counted(context) -> None:
-        context.log.info("starting")
-        progress = Progress(context, 4, WHAT, every=0.0)
-        for _ in range(4):
-            progress.advance()
+@asset
+def counted(context) -> None:
+    context.log.info("starting")
+    progress = Progress(context, 4, {WHAT!r}, every=0.0)
+    for _ in range(4):
+        progress.advance()
+    context.log.info("finished")
 
-    stderr = FakeTTY()
-    monkeypatch.setattr(sys, "stderr", stderr)
-    job = with_progress_bar(Definitions(assets=[counted])).resolve_implicit_global_asset_job_def()
-    with instance_for_test() as instance:
-        result = job.execute_in_process(instance=instance,
-                                        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
-        assert result.success
-        logged = [e.message for e in instance.all_logs(result.run_id) if "windows:" in (e.message or "")]
+job = with_progress_bar(Definitions(assets=[counted])).resolve_implicit_global_asset_job_def()
+with instance_for_test() as instance:
+    quiet = {{"loggers": {{"console": {{"config": {{"log_level": "INFO"}}}}}}}}
+    result = job.execute_in_process(instance=instance, run_config=quiet)
+    print(json.dumps([e.message for e in instance.all_logs(result.run_id) if "windows:" in (e.message or "")]))
+"""
+
+
+def run_with_stderr_on(terminal: bool) -> tuple[str, list[str]]:
+    """RUN in a fresh process, its stderr a pseudo-terminal or a pipe: (stderr, the run log's Progress lines)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "200"}
+    if not terminal:
+        done = subprocess.run([sys.executable, "-c", RUN], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr, json.loads(done.stdout)
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-c", RUN], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every end of the slave is closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output.decode(errors="replace")
+    return output.decode(), json.loads(stdout)
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["tty", "pipe"])
+def test_runs_in_process_draw_the_bar_on_a_terminal_and_keep_the_run_log(terminal):
+    """Through Dagster, in a process of its own: in a step, Dagster's compute log capture has put
+    stderr on a file that `tail` copies to the terminal, so the console logger must decide at the
+    start of the run that stderr is a terminal, and the bar reaches it through the tail."""
+    stderr, logged = run_with_stderr_on(terminal)
+    # the run log (the UI's) holds every Progress line either way
     assert len(logged) == 4 and logged[-1].startswith(f"{WHAT}: 4/4 (100%)")
-    shown = screen(stderr.getvalue())
-    assert any(line.endswith(" - counted - starting") for line in shown)
+    shown = screen(stderr)
+    assert [line.rsplit(" - ", 1)[1] for line in shown if line.endswith(("starting", "finished"))] == \
+        ["starting", "finished"]
     bars = [line for line in shown if BAR.fullmatch(line)]
-    assert len(bars) == 1 and BAR.fullmatch(bars[0])["pct"] == "100"
-    assert not any("windows: " in line for line in shown)  # drawn as the bar, not as lines
+    plain = [line for line in shown if f"{WHAT}: " in line]
+    if terminal:
+        assert len(bars) == 1 and BAR.fullmatch(bars[0])["pct"] == "100", stderr
+        assert plain == [] and stderr.count("\r") > 4  # drawn in place, not as lines
+    else:
+        assert "\r" not in stderr and bars == []
+        assert [re.search(r"windows: (\d)/4", line)[1] for line in plain] == ["1", "2", "3", "4"]
 
 
 def tiny_env(monkeypatch, tmp_path):
