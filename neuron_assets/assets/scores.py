@@ -310,7 +310,8 @@ def build_layer_summary(layout: Layout, detection: bool):
 
 def build_model_summary(layout: Layout):
     @asset(
-        deps=["layer_summary"],
+        # scores too: the plots and neuron tables read the scores of the layers summarized
+        deps=["layer_summary", "scores"],
         code_version="3",  # 3: metadata only (plots, best and worst neurons, viewer link); the table is the same
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
@@ -327,7 +328,6 @@ def build_model_summary(layout: Layout):
         summary = pl.concat([storage.read("layer_summary", k) for k in present],
                             how="diagonal_relaxed").sort("layer", "variant", "method")
         version = storage.write(summary, "model_summary")
-        # For the plots and tables only: the scores of the layers summarized, as their summaries read them.
         tables = [storage.read("scores", f"{k}|{s}") for k in present for s in layout.shard_keys()
                   if storage.exists("scores", f"{k}|{s}")]
         scores = pl.concat(tables, how="diagonal_relaxed") if tables else pl.DataFrame(schema=SCHEMA)
