@@ -180,8 +180,8 @@ def demo_runs(layers: tuple[str, ...], shards: list[str]) -> list:
     runs = [(("subject_model_weights",), None), (("corpus_documents", "corpus_tokens"), None),
             (("neuron_records",), (layers[0], layers[-1]))]
     runs += [(SHARD_ASSETS, f"{layer}|{shard}") for layer in layers for shard in shards]
-    runs += [(("layer_summary", "exported_neurons"), layer) for layer in layers]
-    runs += [(("model_summary",), None)]
+    runs += [(("layer_summary", "exported_neurons", "neuron_viewer"), layer) for layer in layers]
+    runs += [(("model_summary", "neuron_viewer_index"), None)]
     return runs
 
 
@@ -251,6 +251,44 @@ def scores(args) -> None:
     print(score_table(Settings.from_env().storage))
 
 
+def explore(args) -> None:
+    """Run the subject model on a text and print, per token, the most active explained neurons of
+    each layer that has scores (neuron_assets/explorer.py)."""
+    from neuron_assets.explorer import format_hits, load_explained, run_text, top_explained
+    from neuron_assets.partitions import build_layout
+    from neuron_assets.resources.models import model_shape
+    from neuron_assets.resources.storage import TableStorage
+    from neuron_assets.resources.subject_model import SubjectModel
+
+    settings = Settings.from_env()
+    check_s3_root(settings.storage)
+    shape = model_shape(settings.model, settings.cache)
+    layout = build_layout(settings.layers, shape.n_layers, shape.n_neurons, settings.shards)
+    keys = [layout.layer_key(i) for i in layout.layers]
+    if args.layers:
+        try:
+            wanted = [layout.layer_key(int(k)) for k in args.layers]
+        except ValueError:
+            raise ValueError(f"--layers takes layer numbers or keys (such as {keys[0]}), got {args.layers}") from None
+        unknown = [k for k in wanted if k not in keys]
+        if unknown:
+            raise ValueError(f"layer(s) {', '.join(unknown)} are not among the layers of these settings: {', '.join(keys)}")
+        keys = wanted
+    explained = load_explained(TableStorage(root=settings.storage), keys, layout.shard_keys())
+    if explained.height == 0:
+        where = f" for layer(s) {', '.join(keys)}" if args.layers else ""
+        raise FileNotFoundError(f"no explained neurons in scores under {settings.storage}{where}: materialize "
+                                "scores first (neuron-assets demo, or neuron-assets refresh --missing)")
+    layers = sorted(explained["layer"].unique().to_list())
+    subject = SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,
+                           batch_size=settings.batch_size)
+    tokens, acts = run_text(subject, args.text, layers)
+    hits = top_explained(acts, explained, args.top)
+    print(f"{len(tokens)} tokens; explained neurons: {explained.height} in layer(s) "
+          f"{', '.join(layout.layer_key(i) for i in layers)}; top {args.top} per token and layer")
+    print(format_hits(tokens, hits, layout.layer_key))
+
+
 def refresh(args) -> None:
     from neuron_assets.refresh import main_refresh
 
@@ -273,6 +311,11 @@ def main(argv=None) -> None:
                    help="also fill missing partitions whose inputs exist (default: stale ones only)")
     p.add_argument("--no-observe", action="store_true", help="do not observe the weights first")
     p.set_defaults(run=refresh)
+    p = sub.add_parser("explore", help="per token of a text, the most active explained neurons of each layer")
+    p.add_argument("text", help="the text to run the subject model on")
+    p.add_argument("--layers", nargs="+", help="layer keys or numbers (default: every layer with scores)")
+    p.add_argument("--top", type=int, default=3, help="neurons per token and layer (default: 3)")
+    p.set_defaults(run=explore)
     add_audit_parser(sub)
     args = parser.parse_args(argv)
     # Dagster marks MultiToSingleDimensionPartitionMapping as beta at every use; the README says so once.

@@ -16,6 +16,7 @@ from neuron_assets.assets.interchange import build_exported_neurons, build_impor
 from neuron_assets.assets.revisions import build_revised_explanations
 from neuron_assets.assets.scores import build_layer_summary, build_model_summary, build_scores
 from neuron_assets.assets.simulations import build_simulations
+from neuron_assets.assets.viewer import build_neuron_viewer, build_neuron_viewer_index
 from neuron_assets.assets.weights import build_subject_model_weights
 from neuron_assets.automation import automation_sensor, build_refresh_sensor, observe_sources_nightly
 from neuron_assets.method import detection, prompts, revision
@@ -66,6 +67,8 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
         build_layer_summary(layout, detection=settings.detection == "on"),
         build_model_summary(layout),
         build_exported_neurons(layout),
+        build_neuron_viewer(layout),
+        build_neuron_viewer_index(layout),
     ]
     if code_versions:
         assets = map_asset_specs(

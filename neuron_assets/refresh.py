@@ -22,8 +22,9 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("corpus_documents", "corpus_tokens"),
     ("neuron_records",),
     ("explanations", "revised_explanations", "imported_explanations", "simulations", "scores", "detection_scores"),
-    ("layer_summary", "exported_neurons"),
+    ("layer_summary", "exported_neurons", "neuron_viewer"),
     ("model_summary",),
+    ("neuron_viewer_index",),
 )
 READERS = {"corpus_documents": ("corpus_tokens",),
            "explanations": ("revised_explanations", "simulations", "scores", "detection_scores"),

@@ -29,7 +29,7 @@ from neuron_assets.resources.subject_model import SubjectModel
 
 LAYERS = ("00", "01", "02")
 ASSETS = ("corpus_documents", "corpus_tokens", "neuron_records", "explanations", "simulations", "scores",
-          "layer_summary", "model_summary", "exported_neurons")
+          "layer_summary", "model_summary", "exported_neurons", "neuron_viewer", "neuron_viewer_index")
 
 
 def quiet(_):
@@ -130,7 +130,8 @@ def test_new_weights_in_one_layer_rerun_exactly_that_layer(world):
     refresh(defs, instance, log=quiet)
     after = materializations(instance)
     shards = shard_keys(defs)
-    rerun = {("neuron_records", "01"), ("layer_summary", "01"), ("model_summary", None), ("exported_neurons", "01")}
+    rerun = {("neuron_records", "01"), ("layer_summary", "01"), ("model_summary", None), ("exported_neurons", "01"),
+             ("neuron_viewer", "01"), ("neuron_viewer_index", None)}
     rerun |= {(asset, f"01|{s}") for asset in ("explanations", "simulations", "scores") for s in shards}
     assert after - before == Counter(dict.fromkeys(rerun, 1))
     now = data_versions(instance)
@@ -156,9 +157,10 @@ def test_new_simulations_code_version_reruns_simulations_and_scores(world):
         "simulations": partitions, "scores": partitions}
 
     runs = refresh(changed, instance, log=quiet)
-    # the new simulation rows carry the new code version: the export (which holds them) follows
+    # the new simulation rows carry the new code version: the export and the viewer (which read them) follow;
+    # the same simulated values give the same pages (same data versions), so the viewer's index does not
     assert runs == [(("simulations", "scores"), p) for p in sorted(partitions)] + [
-        (("exported_neurons",), layer) for layer in LAYERS]
+        (("exported_neurons", "neuron_viewer"), layer) for layer in LAYERS]
     diff = materializations(instance) - before
     assert {k for k in diff if k[0] in ("simulations", "scores")} == {
         (a, p) for a in ("simulations", "scores") for p in partitions}
@@ -194,8 +196,8 @@ def test_refresh_jobs_hold_the_assets_the_settings_add(world, tmp_path):
     jobs = {name: {k.to_user_string() for k in defs.resolve_job_def(name).asset_layer.executable_asset_keys}
             for name in ("unpartitioned_assets", "layer_assets", "layer_shard_assets")}
     assert jobs == {
-        "unpartitioned_assets": {"corpus_documents", "corpus_tokens", "model_summary"},
-        "layer_assets": {"neuron_records", "layer_summary", "exported_neurons"},
+        "unpartitioned_assets": {"corpus_documents", "corpus_tokens", "model_summary", "neuron_viewer_index"},
+        "layer_assets": {"neuron_records", "layer_summary", "exported_neurons", "neuron_viewer"},
         "layer_shard_assets": {"explanations", "revised_explanations", "imported_explanations", "simulations",
                                "scores", "detection_scores"},
     }
