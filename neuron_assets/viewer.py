@@ -141,7 +141,8 @@ def _record_html(tokens: Sequence[str], activations: Sequence[float], scale: flo
                  simulated: dict[str, Sequence[float] | None], caption: str) -> str:
     """One record: a column per token, the token shaded by its real activation on top and, under it,
     one row per variant shaded by the simulated activation (0-10); unshaded (grey) where that
-    variant has no simulation of this record. Values are in each span's title and data-value."""
+    variant has no simulation of this record. Values are in each span's data-value (and the real
+    activation in its title, shown on hover)."""
     labels = ["<span>real</span>"] + [f"<span>{html.escape(v)}</span>" for v in simulated]
     cols = [f"<div class=\"col labels\">{''.join(labels)}</div>"]
     for i, token in enumerate(tokens):
@@ -155,8 +156,7 @@ def _record_html(tokens: Sequence[str], activations: Sequence[float], scale: flo
                 continue
             e = float(expected[i])
             cells.append(f"<span class=\"tok sim\" data-variant=\"{html.escape(variant)}\" data-value=\"{e:.2f}\" "
-                         f"title=\"{html.escape(variant)}: {e:.2f}\" style=\"{_shade(SIM_RGB, _alpha(e, 10.0))}\">"
-                         f"{text}</span>")
+                         f"style=\"{_shade(SIM_RGB, _alpha(e, 10.0))}\">{text}</span>")
         cols.append(f"<div class=\"col\">{''.join(cells)}</div>")
     return f"<div class=\"muted\">{html.escape(caption)}</div><div class=\"record\">{''.join(cols)}</div>"
 

@@ -19,6 +19,7 @@ from selenium.webdriver.common.by import By
 from tiny_models import build_token_neuron_model
 
 from neuron_assets.assets.common import viewer_page
+from neuron_assets.assets.viewer import layer_neurons
 from neuron_assets.method.prompts import format_record
 from neuron_assets.resources.corpus import python_docs
 from neuron_assets.viewer import layer_page, script_json, visible_token
@@ -230,3 +231,16 @@ def test_index_links_layers_quality_and_token_explorer(viewer, browser):
     assert browser.current_url.endswith("/neuron_viewer/00/index.html")
     browser.find_element(By.CSS_SELECTOR, "#neurons a[href='#n2']").click()
     assert browser.current_url.endswith("#n2")
+
+
+def test_sections_are_bounded_to_the_best_neurons(viewer):
+    _, storage, _ = viewer
+    scores = storage.read("scores", SHARD)
+    tokens = dict(zip(*storage.read("corpus_tokens").select("seq_id", "tokens").to_dict(as_series=False).values()))
+    neurons = layer_neurons(scores, storage.read("simulations", SHARD), storage.read("neuron_records", "00", "records"),
+                            storage.read("neuron_records", "00", "stats"), tokens, limit=1)
+    best = scores.sort("score_all", descending=True)["neuron"][0]
+    assert [(n["neuron"], n["detail"]) for n in neurons] == [(k, k == best) for k in (0, 1, 2)]
+    page = layer_page("00", neurons)
+    assert re.findall(r'<section id="n(\d+)"', page) == [str(best)]
+    assert page.count("<tr data-i=") == 6 and re.findall(r'href="#n(\d+)"', page) == [str(best)] * 2

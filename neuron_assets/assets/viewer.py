@@ -31,9 +31,9 @@ from neuron_assets.resources.subject_model import SubjectModel
 from neuron_assets.viewer import index_page, layer_page
 
 # Neurons with a section of records on a layer page (the table lists every scored neuron): the
-# best by score_all. A section is about 10 records x seq_len tokens x (1 + variants) spans, so
-# this bounds a page at a few tens of MB for a full layer of SmolLM2 (1536 neurons).
-MAX_SECTIONS = 200
+# best by score_all. A section is 10 records x seq_len tokens x (1 + variants) spans, about 250 KB
+# at seq_len 64 with two variants, so a page stays under about 25 MB whatever the layer's size.
+MAX_SECTIONS = 100
 EXCERPTS = 3  # corpus windows in the index's token explorer view
 TOP_PER_TOKEN = 3
 SHOWN_RECORDS = 5  # top and random records per neuron: the valid split (what the scores use)
@@ -122,7 +122,7 @@ def build_neuron_viewer(layout: Layout):
         group_name="viewer",
         description="One self-contained HTML page per layer (no network request: CSS and JS inline): a "
         "sortable, filterable table of every scored neuron (variant, score_all, score_top, score_random, "
-        "explanation) and, for the best neurons by score_all (at most 200), a section with the explanations "
+        "explanation) and, for the best neurons by score_all (at most 100), a section with the explanations "
         "and scores per variant, the valid-split top and random records with each token shaded by its real "
         "activation and, under it, by each variant's simulated activation, and the activation stats. "
         "Reads only the shards whose scores exist.",
