@@ -221,6 +221,7 @@ def demo(args) -> None:
           f"neurons per shard = {settings.neurons}")
     check_s3_root(settings.storage)  # an unusable s3:// root fails here, before any run
     print("loading definitions (the first run converts the embedded GGUF model once, ~30 s)...")
+    from neuron_assets.assets.common import viewer_page
     from neuron_assets.definitions import build_definitions
     from neuron_assets.progress import with_progress_bar
 
@@ -232,7 +233,8 @@ def demo(args) -> None:
     materialize_runs(defs, instance, demo_runs(tuple(args.layers), shards), workers=settings.workers)
     print(f"\ndone in {time.monotonic() - started:.0f} s. Scores (score_all = top-and-random correlation):\n")
     print(score_table(settings.storage))
-    print(f"\nTables:        {settings.storage}/<asset>/<partition>/*.parquet")
+    print(f"\nNeuron viewer: {viewer_page(settings.storage)}")
+    print(f"Tables:        {settings.storage}/<asset>/<partition>/*.parquet")
     print(f"Dagster home:  {os.environ['DAGSTER_HOME']}")
     print("Open the UI:   make ui   then http://127.0.0.1:3000 (Assets > neuron_records, scores, ...)")
 
