@@ -72,6 +72,9 @@ def test_graph_on_s3_equals_the_local_graph(subject, served, tmp_path, s3, monke
     for asset in ("corpus_tokens", "neuron_records", "explanations", "simulations", "scores", "layer_summary"):
         assert any(f"/{asset}/" in key for key in keys), asset
     assert any("/llm_cache/" in key and key.endswith(".json") for key in keys)
+    # the neuron viewer is written to the bucket too, the same pages as on the local disk
+    for page in ("neuron_viewer/00/index.html", "neuron_viewer/index.html"):
+        assert s3.cat(f"study/run-1/{page}") == (tmp_path / "local" / "data" / page).read_bytes(), page
     assert not any(KEY in s3.cat(key).decode(errors="replace") for key in keys if key.endswith(".json"))
     assert not (tmp_path / "data").exists()  # nothing went to the local disk
     for name, table in ours.items():
