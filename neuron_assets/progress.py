@@ -148,24 +148,24 @@ class ProgressBarHandler(logging.Handler):
         else:
             if padding:
                 stream.write("\r" + bar)  # the cursor after the bar, not after the padding
-            try:
-                self._drawn[stream] = len(bar)
-            except TypeError:
-                self._strong[stream] = len(bar)
+            self._lengths(stream)[stream] = len(bar)
+
+    @classmethod
+    def _lengths(cls, stream) -> dict:
+        """The table holding this stream's bar length: the weak one where the stream allows it."""
+        try:
+            weakref.ref(stream)
+        except TypeError:
+            return cls._strong
+        return cls._drawn
 
     @classmethod
     def _bar_length(cls, stream) -> int:
-        try:
-            return cls._drawn.get(stream, 0)
-        except TypeError:
-            return cls._strong.get(stream, 0)
+        return cls._lengths(stream).get(stream, 0)
 
     @classmethod
     def _pop(cls, stream) -> int:
-        try:
-            return cls._drawn.pop(stream, 0)
-        except TypeError:
-            return cls._strong.pop(stream, 0)
+        return cls._lengths(stream).pop(stream, 0)
 
     @classmethod
     def _clear(cls, stream) -> None:
