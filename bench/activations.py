@@ -48,7 +48,7 @@ def open_graph(root: Path):
 
 def run(defs, instance, selection: tuple[str, ...], partition=None) -> tuple[float, str]:
     """(wall seconds, run id) of one in-process run, as `neuron-assets demo` launches them."""
-    from neuron_assets.cli import materialize_runs
+    from neuron_assets.runs import materialize_runs
 
     start = time.perf_counter()
     materialize_runs(defs, instance, [(selection, partition)], log=lambda _: None)

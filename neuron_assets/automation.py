@@ -5,9 +5,10 @@ observation schedule and the (opt-in) stale-partition sensor.
   before reruns when the data version of one of its inputs changed, or when the asset's code
   version changed. Partitions that were never materialized are left alone (fill them explicitly).
 - `neuron_assets_automation` (RUNNING by default): the sensor that evaluates those conditions.
-- `observe_sources_nightly` (03:00, STOPPED by default): observes subject_model_weights (a hash
-  per layer) and re-materializes corpus_documents (a content hash: unchanged text is a no-op).
-  A changed layer or corpus then reaches the automation sensor as a new data version.
+- `observe_sources_nightly` (03:00, STOPPED by default): observes every source (subject_model_weights,
+  a hash per layer, and the settings sources) and re-materializes corpus_documents (a content hash:
+  unchanged text is a no-op). A changed layer, setting or corpus then reaches the automation sensor
+  as a new data version.
 - `refresh_stale_partitions` (STOPPED by default): requests, stage by stage, what
   `neuron_assets.refresh.stale_partitions` finds stale, as `neuron-assets refresh` does.
 """
@@ -22,7 +23,6 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
     DefaultSensorStatus,
-    MultiPartitionsDefinition,
     RunRequest,
     SensorDefinition,
     SensorEvaluationContext,
@@ -32,6 +32,7 @@ from dagster import (
     sensor,
 )
 
+from neuron_assets.graph import run_group, shape_of
 from neuron_assets.partitions import run_target
 
 
@@ -74,26 +75,32 @@ automation_sensor = AutomationConditionSensorDefinition(
 )
 
 
-@schedule(
-    cron_schedule="0 3 * * *",
-    target=AssetSelection.assets("subject_model_weights", "corpus_documents"),
-    default_status=DefaultScheduleStatus.STOPPED,
-    description="Nightly: observe subject_model_weights (one hash per layer, read from the checkpoint on "
-    "disk) and re-materialize corpus_documents (its data version is a content hash, so unchanged text "
-    "changes nothing downstream). Changed layers or text then reach the automation sensor.",
-)
-def observe_sources_nightly(context):
-    stamp = context.scheduled_execution_time.strftime("%Y-%m-%d")
-    # The observation without a partition hashes every layer; corpus_documents is unpartitioned.
-    yield RunRequest(run_key=f"weights-{stamp}", asset_selection=[AssetKey("subject_model_weights")])
-    yield RunRequest(run_key=f"corpus-{stamp}", asset_selection=[AssetKey("corpus_documents")])
+def build_nightly_schedule(sources: tuple[str, ...]):
+    """Nightly: observe every source (`sources`: the weights, one hash per layer, and the settings
+    sources) and re-materialize corpus_documents (its data version is a content hash, so unchanged
+    text changes nothing downstream). Changed layers, settings or text then reach the automation sensor."""
+
+    @schedule(
+        cron_schedule="0 3 * * *",
+        name="observe_sources_nightly",
+        target=AssetSelection.assets(*sources, "corpus_documents"),
+        default_status=DefaultScheduleStatus.STOPPED,
+        description="Nightly: observe every source (the weights, one hash per layer, and the settings sources) "
+        "and re-materialize corpus_documents (a content hash: unchanged text changes nothing downstream). "
+        "Changed layers, settings or text then reach the automation sensor.",
+    )
+    def observe_sources_nightly(context):
+        stamp = context.scheduled_execution_time.strftime("%Y-%m-%d")
+        # An observation without a partition hashes every layer; corpus_documents is unpartitioned.
+        yield RunRequest(run_key=f"sources-{stamp}", asset_selection=[AssetKey(name) for name in sources])
+        yield RunRequest(run_key=f"corpus-{stamp}", asset_selection=[AssetKey("corpus_documents")])
+
+    return observe_sources_nightly
 
 
 def _job_name(partitions_def) -> str:
     """The refresh job of an asset: a job's assets must share one partitions definition."""
-    if partitions_def is None:
-        return "unpartitioned_assets"
-    return "layer_shard_assets" if isinstance(partitions_def, MultiPartitionsDefinition) else "layer_assets"
+    return f"{run_group(partitions_def)}_assets"
 
 
 def build_refresh_sensor(assets) -> SensorDefinition:
@@ -118,10 +125,9 @@ def build_refresh_sensor(assets) -> SensorDefinition:
         from neuron_assets.refresh import first_stage, refresh_runs, stale_partitions
 
         graph = context.repository_def.asset_graph
-        layer_order = [str(k) for k in graph.get(AssetKey("neuron_records")).partitions_def.get_partition_keys()]
         # Stale partitions only, as `neuron-assets refresh` without --missing: never-run shards stay unrun.
         stale = stale_partitions(context.repository_def, context.instance, include_missing=False)
-        runs = refresh_runs(first_stage(stale), layer_order)
+        runs = refresh_runs(context.repository_def, first_stage(shape_of(context.repository_def), stale))
         if not runs:
             return SkipReason("nothing is stale")
         requests = []

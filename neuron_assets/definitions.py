@@ -15,10 +15,11 @@ from neuron_assets.assets.explanations import build_explanations
 from neuron_assets.assets.interchange import build_exported_neurons, build_imported_explanations
 from neuron_assets.assets.revisions import build_revised_explanations
 from neuron_assets.assets.scores import build_layer_summary, build_model_summary, build_scores
+from neuron_assets.assets.settings_sources import build_settings_sources
 from neuron_assets.assets.simulations import build_simulations
 from neuron_assets.assets.viewer import build_neuron_viewer, build_neuron_viewer_index
 from neuron_assets.assets.weights import build_subject_model_weights
-from neuron_assets.automation import automation_sensor, build_refresh_sensor, observe_sources_nightly
+from neuron_assets.automation import automation_sensor, build_nightly_schedule, build_refresh_sensor
 from neuron_assets.method import detection, prompts, revision
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
@@ -74,11 +75,12 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
         assets = map_asset_specs(
             lambda spec: spec.replace_attributes(code_version=code_versions.get(spec.key.to_user_string(),
                                                                                 spec.code_version)), assets)
+    sources = [build_subject_model_weights(layout), *build_settings_sources(settings)]
     return Definitions(
-        assets=[build_subject_model_weights(layout), *assets],
+        assets=[*sources, *assets],
         executor=executor(settings.executor),
         sensors=[automation_sensor, build_refresh_sensor(assets)],
-        schedules=[observe_sources_nightly],
+        schedules=[build_nightly_schedule(tuple(s.key.to_user_string() for s in sources))],
         resources={
             "subject_model": SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,
                                           batch_size=settings.batch_size),

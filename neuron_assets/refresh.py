@@ -2,54 +2,23 @@
 
 Dagster computes staleness per partition, from data versions and code versions, but not
 transitively: after neuron_records[05] is rerun with a new data version, explanations[05|*]
-become stale only then. So `refresh` loops: observe the weights, find what is stale, run the
-earliest stage's runs, and look again, until nothing is stale.
+become stale only then. So `refresh` loops: observe the sources (the weights and the settings),
+find what is stale, run the earliest stage's runs, and look again, until nothing is stale. The
+stages and what a run selects come from the asset graph (neuron_assets/graph.py).
 
-`neuron-assets refresh [--dry-run]` is `main_refresh`.
+`neuron-assets refresh [--dry-run] [--submit URL]` calls `refresh` (neuron_assets/cli.py).
 """
 
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from dagster import AssetKey, AssetRecordsFilter, Definitions
+from dagster import AssetKey, AssetRecordsFilter
 
-# Stages in graph order; a run never spans two stages. Within a stage, a run selects the stale
-# assets of the stage and those of the stage that read them (a stale simulation is rerun with its
-# scores, a stale explanation with everything of its shard). Assets the settings leave out of the
-# graph are dropped from the runs by `cli.materialize_runs`.
-STAGES: tuple[tuple[str, ...], ...] = (
-    ("corpus_documents", "corpus_tokens"),
-    ("neuron_records",),
-    ("explanations", "revised_explanations", "imported_explanations", "simulations", "scores", "detection_scores"),
-    ("layer_summary", "exported_neurons", "neuron_viewer"),
-    ("model_summary",),
-    ("neuron_viewer_index",),
-)
-READERS = {"corpus_documents": ("corpus_tokens",),
-           "explanations": ("revised_explanations", "simulations", "scores", "detection_scores"),
-           "revised_explanations": ("simulations", "scores", "detection_scores"),
-           "imported_explanations": ("simulations", "scores", "detection_scores"),
-           "simulations": ("scores",)}
-RANGE_ASSETS = {"neuron_records"}  # single-run backfill: contiguous layers are one run, one forward pass
-WEIGHTS = "subject_model_weights"
+from neuron_assets.graph import Run, Shape, asset_graph, shape_of
+from neuron_assets.runs import materialize_runs
 
 Stale = tuple[str, str | None, str]  # (asset, partition or None, reason)
-Run = tuple[tuple[str, ...], str | tuple[str, str] | None]  # the run format of cli.materialize_runs
-
-
-def _stage(asset: str) -> int:
-    return next((i for i, names in enumerate(STAGES) if asset in names), len(STAGES))
-
-
-def _position(asset: str) -> int:
-    stage = _stage(asset)
-    return STAGES[stage].index(asset) if stage < len(STAGES) else 0
-
-
-def _asset_graph(defs):
-    """The asset graph of a Definitions object or of a RepositoryDefinition (a sensor's context)."""
-    return defs.resolve_asset_graph() if isinstance(defs, Definitions) else defs.asset_graph
 
 
 def _resolver(instance, asset_graph):
@@ -82,7 +51,7 @@ def stale_partitions(defs, instance, include_missing: bool = True) -> list[Stale
     """
     from dagster._core.definitions.data_version import NULL_DATA_VERSION, DataProvenance, StaleStatus
 
-    graph = _asset_graph(defs)
+    graph = asset_graph(defs)
     resolver = _resolver(instance, graph)
 
     def exists(key: AssetKey, partition: str | None) -> bool:
@@ -116,20 +85,35 @@ def stale_partitions(defs, instance, include_missing: bool = True) -> list[Stale
         missing = [p for p in sources if provenance and provenance.input_storage_ids.get(p, 0) is None]
         return f"materialized before {missing[0].to_user_string()} was first observed" if missing else None
 
-    found: list[Stale] = []
+    found: dict[tuple[str, str | None], str] = {}
     for key in graph.materializable_asset_keys:
         node = graph.get(key)
         partitions = list(node.partitions_def.get_partition_keys()) if node.is_partitioned else [None]
         for partition in partitions:
+            where = (key.to_user_string(), partition and str(partition))
             status = resolver.get_status(key, partition)
             if status == StaleStatus.STALE:
-                reason = "; ".join(dict.fromkeys(_describe(c) for c in resolver.get_stale_causes(key, partition)))
-                found.append((key.to_user_string(), partition and str(partition), reason))
+                found[where] = "; ".join(dict.fromkeys(_describe(c) for c in resolver.get_stale_causes(key, partition)))
             elif status == StaleStatus.MISSING and include_missing and inputs_exist(key, partition):
-                found.append((key.to_user_string(), partition and str(partition), "missing; its inputs exist"))
+                found[where] = "missing; its inputs exist"
             elif status == StaleStatus.FRESH and (reason := unobserved_source(key, partition)):
-                found.append((key.to_user_string(), partition and str(partition), reason))
-    return sorted(found, key=lambda s: (_stage(s[0]), s[1] or "", _position(s[0])))
+                found[where] = reason
+    # A stale partition whose parent is missing (an asset a setting just added, such as
+    # revised_explanations) cannot run without it: propose the parent too.
+    for (name, partition), reason in list(found.items()):
+        key = AssetKey.from_user_string(name)
+        for parent in graph.get(key).parent_keys:
+            if not graph.get(parent).is_materializable:
+                continue
+            mapped = ([None] if not graph.get(parent).is_partitioned else
+                      graph.get_parent_partition_keys_for_child(partition, parent, key).partitions_subset
+                      .get_partition_keys())
+            for p in mapped:
+                needed = (parent.to_user_string(), p and str(p))
+                if needed not in found and not exists(parent, p) and inputs_exist(parent, p):
+                    found[needed] = f"missing; {name}" + (f"[{partition}]" if partition else "") + " reads it"
+    shape = shape_of(defs)
+    return sorted(((a, p, r) for (a, p), r in found.items()), key=lambda s: shape.sort_key(s[0], s[1]))
 
 
 def downstream(defs, instance, stale: list[Stale]) -> list[tuple[str, str | None]]:
@@ -138,7 +122,7 @@ def downstream(defs, instance, stale: list[Stale]) -> list[tuple[str, str | None
     from dagster._core.definitions.data_version import NULL_DATA_VERSION
     from dagster._core.definitions.events import AssetKeyPartitionKey
 
-    graph = _asset_graph(defs)
+    graph = asset_graph(defs)
     resolver = _resolver(instance, graph)
     todo = [AssetKeyPartitionKey(AssetKey.from_user_string(a), p) for a, p, _ in stale]
     seen, found = set(todo), []
@@ -151,20 +135,21 @@ def downstream(defs, instance, stale: list[Stale]) -> list[tuple[str, str | None
             if resolver.get_current_data_version(child.asset_key, child.partition_key) != NULL_DATA_VERSION:
                 todo.append(child)
                 found.append((child.asset_key.to_user_string(), child.partition_key and str(child.partition_key)))
-    return sorted(found, key=lambda f: (_stage(f[0]), f[1] or "", _position(f[0])))
+    shape = shape_of(defs)
+    return sorted(found, key=lambda f: shape.sort_key(*f))
 
 
-def first_stage(stale: list[Stale]) -> list[Stale]:
+def first_stage(shape: Shape, stale: list[Stale]) -> list[Stale]:
     """The entries of the earliest stage present: what can run now without waiting for upstream."""
     if not stale:
         return []
-    earliest = min(_stage(asset) for asset, _, _ in stale)
-    return [s for s in stale if _stage(s[0]) == earliest]
+    earliest = min(shape.stage_of(asset) for asset, _, _ in stale)
+    return [s for s in stale if shape.stage_of(s[0]) == earliest]
 
 
-def _ranges(keys: list[str], order: list[str] | None) -> list[str | tuple[str, str]]:
-    """Contiguous runs of partition keys (neighbours in `order`, or consecutive integers)."""
-    position = {k: i for i, k in enumerate(order)} if order else {k: int(k) for k in keys}
+def _ranges(keys: list[str], order: list[str]) -> list[str | tuple[str, str]]:
+    """Contiguous runs of partition keys (neighbours in `order`)."""
+    position = {k: i for i, k in enumerate(order)}
     out, run = [], []
     for key in sorted(keys, key=position.__getitem__):
         if run and position[key] != position[run[-1]] + 1:
@@ -176,51 +161,50 @@ def _ranges(keys: list[str], order: list[str] | None) -> list[str | tuple[str, s
     return [r[0] if len(r) == 1 else (r[0], r[-1]) for r in out]
 
 
-def refresh_runs(stale: list[Stale], layer_order: list[str] | None = None) -> list[Run]:
-    """The runs that recompute `stale`, in graph order, in the format of `cli.materialize_runs`:
-    corpus first, then neuron_records (contiguous layers as one range run: one forward pass), then
-    one run per layer|shard (the stale assets and those of the shard that read them), then
-    layer_summary and exported_neurons per layer, then model_summary. `layer_order` is the layer partition keys in
-    order (default: consecutive integers are contiguous)."""
+def refresh_runs(defs, stale: list[Stale]) -> list[Run]:
+    """The runs that recompute `stale`, in stage order, in the format of `runs.materialize_runs`:
+    per stage and partition, one run of the stale assets and those of the stage that read them
+    (a stale explanation with the simulations and scores of its shard); contiguous layers of a
+    single-run backfill (neuron_records) as one range run: one forward pass."""
+    shape, graph = shape_of(defs), asset_graph(defs)
     by_partition: dict[tuple[int, str | None], set[str]] = {}
     for asset, partition, _ in stale:
-        by_partition.setdefault((_stage(asset), partition), set()).add(asset)
+        by_partition.setdefault((shape.stage_of(asset), partition), set()).add(asset)
     runs: list[tuple[tuple, Run]] = []
     for stage in sorted({s for s, _ in by_partition}):
-        names = STAGES[stage] if stage < len(STAGES) else None
         partitions = sorted((p for s, p in by_partition if s == stage), key=lambda p: p or "")
-        if names is None:  # an asset outside the known stages: one run per asset and partition
-            runs += [((stage, a, p or ""), ((a,), p)) for p in partitions for a in sorted(by_partition[(stage, p)])]
-        elif set(names) & RANGE_ASSETS:
-            for part in _ranges([p for p in partitions if p is not None], layer_order):
-                first = part if isinstance(part, str) else part[0]
-                runs.append(((stage, "", first), (names, part)))
-        else:
-            for p in partitions:
-                stale_here = by_partition[(stage, p)]
-                rerun = stale_here.union(*(READERS.get(a, ()) for a in stale_here))
-                runs.append(((stage, "", p or ""), (tuple(a for a in names if a in rerun), p)))
+        ranged = {a for p in partitions for a in by_partition[(stage, p)]} & shape.range_assets
+        if ranged:
+            names = tuple(a for a in shape.order if a in shape.readers(ranged))
+            order = [str(k) for k in graph.get(AssetKey.from_user_string(min(ranged))).partitions_def
+                     .get_partition_keys()]
+            for part in _ranges([p for p in partitions if p is not None], order):
+                runs.append(((stage, "", part if isinstance(part, str) else part[0]), (names, part)))
+            continue
+        for p in partitions:
+            rerun = shape.readers(by_partition[(stage, p)])
+            runs.append(((stage, "", p or ""), (tuple(a for a in shape.order if a in rerun), p)))
     return [run for _, run in sorted(runs, key=lambda r: r[0])]
 
 
-def observe_weights(defs, instance, log: Callable[[str], None] = print) -> None:
-    """Record the current hash of every layer's weights (read from the checkpoint on disk)."""
-    from neuron_assets.cli import materialize_runs
-
-    materialize_runs(defs, instance, [((WEIGHTS,), None)], log=log)
+def observe_sources(defs, instance, log: Callable[[str], None] = print) -> None:
+    """Observe every source: the hash of each layer's weights (read from the checkpoint on disk)
+    and of each settings source (the settings in force in this process)."""
+    sources = shape_of(defs).sources
+    if sources:
+        materialize_runs(defs, instance, [(sources, None)], log=log)
 
 
 def refresh(defs, instance, dry_run: bool = False, log: Callable[[str], None] = print, observe: bool = True,
-            include_missing: bool = True, max_rounds: int = 10) -> list[Run]:
-    """Observe the weights, then run the earliest stage's stale partitions and look again, until
+            include_missing: bool = True, max_rounds: int = 10, launch=materialize_runs) -> list[Run]:
+    """Observe the sources, then run the earliest stage's stale partitions and look again, until
     nothing is stale (at most `max_rounds` rounds). Returns every run launched; with `dry_run`,
     the first round's runs, launching nothing (later stages become stale only once it has run).
-    `include_missing=False` leaves missing partitions alone even where their inputs exist."""
-    from neuron_assets.cli import materialize_runs
-
+    `include_missing=False` leaves missing partitions alone where nothing stale reads them.
+    `launch(defs, instance, runs, log=...)` executes a stage's runs (default: in this process)."""
     if observe:
-        observe_weights(defs, instance, log=lambda _: None)
-    layer_order = [str(k) for k in defs.resolve_assets_def("neuron_records").partitions_def.get_partition_keys()]
+        observe_sources(defs, instance, log=lambda _: None)
+    shape = shape_of(defs)
     launched: list[Run] = []
     started = time.monotonic()
     for round_ in range(1, max_rounds + 1):
@@ -229,8 +213,8 @@ def refresh(defs, instance, dry_run: bool = False, log: Callable[[str], None] = 
             log(f"nothing is stale ({round_ - 1} round(s), {len(launched)} run(s), "
                 f"{time.monotonic() - started:.0f} s)")
             return launched
-        stage = first_stage(stale)
-        runs = refresh_runs(stage, layer_order)
+        stage = first_stage(shape, stale)
+        runs = refresh_runs(defs, stage)
         for asset, partition, reason in stage:
             log(f"stale: {asset}" + (f"[{partition}]" if partition else "") + f": {reason}")
         if dry_run:
@@ -247,23 +231,7 @@ def refresh(defs, instance, dry_run: bool = False, log: Callable[[str], None] = 
                     + ", ".join(f"{asset} {n}" for asset, n in below.items()))
             return runs
         log(f"round {round_}: {len(runs)} run(s)")
-        materialize_runs(defs, instance, runs, log=log)
+        launch(defs, instance, runs, log=log)
         launched += runs
     left = stale_partitions(defs, instance, include_missing)
     raise RuntimeError(f"still stale after {max_rounds} rounds: {left[:5]}")
-
-
-def main_refresh(args) -> None:
-    """`neuron-assets refresh [--dry-run] [--stale-only] [--no-observe]`, on the instance under DAGSTER_HOME.
-
-    Reads args.dry_run, and if present args.stale_only (leave missing partitions alone) and
-    args.no_observe (do not observe the weights first)."""
-    from neuron_assets.instance import open_instance
-    from neuron_assets.definitions import build_definitions
-    from neuron_assets.progress import with_progress_bar
-    from neuron_assets.settings import Settings
-
-    # Progress lines as a progress bar on a terminal (runs in this process); plain lines otherwise.
-    defs = with_progress_bar(build_definitions(Settings.from_env()))
-    refresh(defs, open_instance(), dry_run=getattr(args, "dry_run", False),
-            observe=not getattr(args, "no_observe", False), include_missing=not getattr(args, "stale_only", False))

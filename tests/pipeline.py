@@ -4,8 +4,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from neuron_assets.cli import demo_runs, materialize_runs, shard_keys
 from neuron_assets.definitions import build_definitions
+from neuron_assets.graph import shape_of
+from neuron_assets.runs import materialize_runs, shard_keys
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.settings import Settings
 
@@ -41,8 +42,13 @@ def remote(settings: Settings, server) -> Settings:
                    simulator_base_url=server.base_url, llm_retries=1, llm_timeout=30)
 
 
+def demo_runs(settings: Settings, layers: tuple[str, ...], shards: list[str]) -> list:
+    """The demo's runs for these settings' graph: observe the sources, then stage by stage."""
+    return shape_of(build_definitions(settings)).demo_runs(layers, shards)
+
+
 def run_graph(settings: Settings, instance, layers: tuple[str, ...], shards: list[str] | None = None) -> TableStorage:
     defs = build_definitions(settings)
     shards = shards or shard_keys(defs)
-    materialize_runs(defs, instance, demo_runs(layers, shards), log=lambda _: None)
+    materialize_runs(defs, instance, shape_of(defs).demo_runs(layers, shards), log=lambda _: None)
     return TableStorage(root=settings.storage)

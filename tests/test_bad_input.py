@@ -7,7 +7,7 @@ from dagster import AssetKey, instance_for_test
 from pipeline import tiny_settings
 from tiny_models import build_tiny_model
 
-from neuron_assets.cli import materialize_runs
+from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.resources.corpus import CorpusError, CorpusSource
 from neuron_assets.resources.models import ModelNotFoundError, resolve_model, shape_of

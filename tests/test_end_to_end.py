@@ -12,7 +12,8 @@ from dagster import AssetKey, DagsterInstance, instance_for_test
 from pipeline import run_graph, tiny_settings
 from tiny_models import build_tiny_model
 
-from neuron_assets.cli import materialize_runs, score_table
+from neuron_assets.cli import score_table
+from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.settings import Settings
 

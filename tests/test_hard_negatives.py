@@ -10,7 +10,7 @@ from dagster import AssetKey, instance_for_test
 from pipeline import tiny_settings
 from tiny_models import build_tiny_model
 
-from neuron_assets.cli import materialize_runs
+from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.resources.models import load_causal_lm, neuron_module
 from neuron_assets.resources.storage import TableStorage

@@ -7,10 +7,10 @@ import polars as pl
 import pytest
 from dagster import AssetKey, instance_for_test
 from openai_server import FakeOpenAIServer
-from pipeline import remote, tiny_settings
+from pipeline import demo_runs, remote, tiny_settings
 from tiny_models import build_tiny_model
 
-from neuron_assets.cli import demo_runs, materialize_runs
+from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.resources.storage import TableStorage
 
@@ -47,7 +47,7 @@ def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, mo
     monkeypatch.setenv("NEURON_ASSETS_SIMULATOR_API_KEY", KEY)
     with FakeOpenAIServer(served, api_key=KEY, digit_bias=6.0) as server, instance_for_test() as instance:
         settings = remote_settings(subject, tmp_path, server)
-        storage = run(settings, instance, demo_runs(("00",), [SHARD]))
+        storage = run(settings, instance, demo_runs(settings, ("00",), [SHARD]))
         explanations = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm")
         assert explanations["tokens_in"].min() > 0 and explanations["cost"].min() > 0  # gpt-4o-mini is priced
         sims = storage.read("simulations", f"00|{SHARD}")
@@ -87,7 +87,7 @@ def test_probe_picks_the_best_method_the_endpoint_supports(subject, served, tmp_
     with FakeOpenAIServer(served, completions=completions, chat_logprobs=chat_logprobs, digit_bias=6.0) as server, \
             instance_for_test() as instance:
         settings = remote_settings(subject, tmp_path, server, neurons="first:1")
-        storage = run(settings, instance, demo_runs(("00",), [SHARD]))
+        storage = run(settings, instance, demo_runs(settings, ("00",), [SHARD]))
         sims = storage.read("simulations", f"00|{SHARD}")
         assert set(sims["method"]) == {method}
         summary = storage.read("layer_summary", "00")
@@ -100,7 +100,7 @@ def test_probe_picks_the_best_method_the_endpoint_supports(subject, served, tmp_
 def test_failing_requests_become_error_rows_and_the_shard_completes(subject, served, tmp_path):
     with FakeOpenAIServer(served, digit_bias=6.0) as server, instance_for_test() as instance:
         settings = remote_settings(subject, tmp_path, server, llm_retries=0, llm_concurrency=1)
-        run(settings, instance, demo_runs(("00",), [SHARD])[:3])  # weights, corpus and records first
+        run(settings, instance, demo_runs(settings, ("00",), [SHARD])[:3])  # weights, corpus and records first
         server.script(["500"])  # the first explainer request fails, with no retry left
         storage = run(settings, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")])
         llm = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm").sort("neuron")

@@ -15,7 +15,7 @@ from tiny_models import build_tiny_model
 
 from neuron_assets.assets.common import viewer_page
 from neuron_assets.assets.scores import SCHEMA, viewer_link
-from neuron_assets.cli import materialize_runs, shard_keys
+from neuron_assets.runs import materialize_runs, shard_keys
 from neuron_assets.definitions import build_definitions
 from neuron_assets.plots import (
     finite_scores,

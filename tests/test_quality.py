@@ -14,7 +14,8 @@ from oracle_server import OracleServer
 from pipeline import remote, run_graph, tiny_settings
 from tiny_models import build_token_neuron_model
 
-from neuron_assets.cli import materialize_runs, score_table
+from neuron_assets.cli import score_table
+from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.method.interchange import read_explanations
 from neuron_assets.resources.storage import TableStorage

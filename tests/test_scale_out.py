@@ -16,11 +16,11 @@ import requests
 import s3fs
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, instance_for_test
 from openai_server import FakeOpenAIServer
-from pipeline import remote, run_graph, tiny_settings
+from pipeline import demo_runs, remote, run_graph, tiny_settings
 from services import free_port, postgres_server
 from tiny_models import build_tiny_model
 
-from neuron_assets.cli import demo_runs, materialize_runs
+from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.instance import InstanceError, open_instance
 from neuron_assets.resources.files import StorageError, check_s3_root
@@ -122,7 +122,7 @@ def _steps(instance, run_id) -> dict:
 def test_parallel_runs_on_postgresql_equal_a_serial_run(subject, tmp_path, monkeypatch):
     settings = tiny_settings(subject, tmp_path, layers="0-1", shards=1, workers=2)
     shard = "00-63"
-    runs = demo_runs(("00", "01"), [shard])
+    runs = demo_runs(settings, ("00", "01"), [shard])
     with postgres_server() as pg:
         for name, value in {**pg, **settings.environment(), "DAGSTER_HOME": str(_pool_dagster_home(tmp_path))}.items():
             monkeypatch.setenv(name, value)  # step processes read the same settings and instance
@@ -216,7 +216,7 @@ def test_killed_run_leaves_no_partial_file_and_finished_neurons_are_not_recomput
         killed = instance.get_runs()[0]
         assert killed.status == DagsterRunStatus.STARTED and killed.tags["dagster/partition"] == f"00|{SHARD}"
         messages = []
-        materialize_runs(defs, instance, demo_runs(("00",), [SHARD]), log=messages.append)
+        materialize_runs(defs, instance, demo_runs(settings, ("00",), [SHARD]), log=messages.append)
         # The dead run gave back its 'llm' pool slot; otherwise this run would wait for it forever.
         assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
         assert f"run {killed.run_id}: its process" in messages[0] and "pool slots given back" in messages[0]

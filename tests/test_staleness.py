@@ -1,57 +1,108 @@
-"""What reruns when something changes: one layer's weights, a code version, nothing at all.
+"""What reruns when something changes: one layer's weights, a code version, every setting that shapes
+results, a setting that does not, an asset added to the graph, nothing at all.
 
-One whole graph (tiny Llama, 3 layers x 2 shards, 1 neuron per shard) is materialized once for the
-module; each test changes one thing, checks what Dagster reports stale and what the automation
-sensor would request, refreshes, and counts materializations per partition before and after.
+One whole graph with every feature at its default (revision, shuffled controls, detection), the
+explainer and simulator behind a real OpenAI-compatible HTTP server on loopback (so every LLM
+request is counted, and the response cache is the real one), a tiny Llama with 2 layers x 2 shards
+and 2 neurons per shard, is materialized once for the module. Each test changes one thing, checks
+what Dagster reports stale and what the automation would request, refreshes, counts
+materializations and LLM requests, and puts things back.
 """
 
 import datetime
+import json
+import shutil
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 from dagster import (
     AssetKey,
+    DataVersion,
+    MaterializeResult,
+    asset,
     build_schedule_context,
     build_sensor_context,
     evaluate_automation_conditions,
     instance_for_test,
 )
-from pipeline import tiny_settings
+from openai_server import FakeOpenAIServer
+from pipeline import remote, tiny_settings
 from tiny_models import build_tiny_model
 
-from neuron_assets.cli import demo_runs, materialize_runs, shard_keys
 from neuron_assets.definitions import build_definitions
-from neuron_assets.refresh import STAGES, first_stage, observe_weights, refresh, refresh_runs, stale_partitions
+from neuron_assets.graph import shape_of
+from neuron_assets.refresh import first_stage, observe_sources, refresh, refresh_runs, stale_partitions
 from neuron_assets.resources.models import load_causal_lm
+from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.subject_model import SubjectModel
+from neuron_assets.runs import materialize_runs, shard_keys
+from neuron_assets.settings import SETTINGS, SOURCES
+from neuron_assets.versions import source_versions
 
-LAYERS = ("00", "01", "02")
-ASSETS = ("corpus_documents", "corpus_tokens", "neuron_records", "explanations", "simulations", "scores",
-          "layer_summary", "model_summary", "exported_neurons", "neuron_viewer", "neuron_viewer_index")
+LAYERS = ("00", "01")
+SHARD_STAGE = ("explanations", "revised_explanations", "simulations", "scores", "detection_scores")
 
 
 def quiet(_):
     pass
 
 
-def materializations(instance) -> Counter:
-    """{(asset, partition): number of materializations}."""
+@dataclass
+class World:
+    settings: object
+    defs: object
+    instance: object
+    server: FakeOpenAIServer
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("staleness")
+    model = build_tiny_model("llama", tmp / "model", n_layers=2, max_positions=4096)
+    served = build_tiny_model("llama", tmp / "served", n_layers=1, max_positions=4096)
+    with FakeOpenAIServer(served, digit_bias=6.0) as server, instance_for_test() as instance:
+        settings = remote(tiny_settings(model, tmp, neurons="first:2", max_windows=40, revision="on",
+                                        control="shuffled", detection="on"), server)
+        defs = build_definitions(settings)
+        materialize_runs(defs, instance, shape_of(defs).demo_runs(LAYERS, shard_keys(defs)), log=quiet)
+        yield World(settings, defs, instance, server, tmp)
+
+
+def materializations(world: World) -> Counter:
+    """{(asset, partition): number of materializations} over every asset that ever was in the graph."""
     counts = Counter()
-    for asset in ASSETS:
-        for record in instance.fetch_materializations(AssetKey(asset), limit=10_000).records:
-            counts[(asset, record.partition_key)] += 1
+    for key in world.instance.get_asset_keys():
+        for record in world.instance.fetch_materializations(key, limit=10_000).records:
+            counts[(key.to_user_string(), record.partition_key)] += 1
     return counts
 
 
-def data_versions(instance) -> dict:
+def data_versions(world: World) -> dict:
     """{(asset, partition): data version of its latest materialization}."""
     latest = {}
-    for asset in ASSETS:
-        for record in instance.fetch_materializations(AssetKey(asset), limit=10_000, ascending=True).records:
-            latest[(asset, record.partition_key)] = record.asset_materialization.tags["dagster/data_version"]
+    for key in world.instance.get_asset_keys():
+        for record in world.instance.fetch_materializations(key, limit=10_000, ascending=True).records:
+            latest[(key.to_user_string(), record.partition_key)] = record.asset_materialization.tags[
+                "dagster/data_version"]
     return latest
+
+
+def partitions_of(defs, names) -> set:
+    """Every (asset, partition) of the named assets."""
+    out = set()
+    for name in names:
+        partitions_def = defs.resolve_assets_def(name).partitions_def
+        out |= {(name, str(k)) for k in partitions_def.get_partition_keys()} if partitions_def else {(name, None)}
+    return out
+
+
+def stale_set(defs, instance) -> set:
+    return {(a, p) for a, p, _ in stale_partitions(defs, instance, include_missing=False)}
 
 
 def requested(result) -> dict[str, set]:
@@ -60,46 +111,37 @@ def requested(result) -> dict[str, set]:
             for r in result.results if r.true_subset.size and not r.key.to_user_string().startswith("[")}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("staleness")
-    model = build_tiny_model("llama", tmp / "model", n_layers=3, max_positions=4096)
-    settings = tiny_settings(model, tmp, neurons="first:1", max_windows=40)
-    defs = build_definitions(settings)
-    with instance_for_test() as instance:
-        observe_weights(defs, instance, log=quiet)  # before neuron_records: its provenance points at it
-        materialize_runs(defs, instance, demo_runs(LAYERS, shard_keys(defs)), log=quiet)
-        yield settings, defs, instance
-
-
 def test_nothing_changed_launches_nothing(world):
-    settings, defs, instance = world
+    defs, instance = world.defs, world.instance
     assert stale_partitions(defs, instance) == []
     start = evaluate_automation_conditions(defs=defs, instance=instance)
-    before = materializations(instance)
+    before = materializations(world)
     lines = []
     assert refresh(defs, instance, dry_run=True, log=lines.append) == []
     assert lines[-1].startswith("nothing is stale")
-    # What the nightly schedule does: observe the weights and re-materialize the unchanged corpus.
+    # What the nightly schedule does: observe every source and re-materialize the unchanged corpus.
     schedule = defs.get_repository_def().get_schedule_def("observe_sources_nightly")
     tick = schedule.evaluate_tick(build_schedule_context(
         instance=instance, scheduled_execution_time=datetime.datetime(2026, 1, 2, 3)))
-    assert [[k.to_user_string() for k in r.asset_selection] for r in tick.run_requests] == [
-        ["subject_model_weights"], ["corpus_documents"]]
-    materialize_runs(defs, instance, [(("subject_model_weights",), None), (("corpus_documents",), None)], log=quiet)
-    assert stale_partitions(defs, instance) == []  # same content hash, same weight hashes
+    sources = shape_of(defs).sources
+    assert set(sources) == {"subject_model_weights", *SOURCES} - {"import_source"}
+    assert [sorted(k.to_user_string() for k in r.asset_selection) for r in tick.run_requests] == [
+        list(sources), ["corpus_documents"]]
+    materialize_runs(defs, instance, [(sources, None), (("corpus_documents",), None)], log=quiet)
+    assert stale_partitions(defs, instance) == []  # same content hash, same weight and settings hashes
     # Dagster's eager() alone would rerun corpus_tokens here (a new materialization); ours waits for a new version.
     assert requested(evaluate_automation_conditions(defs=defs, instance=instance, cursor=start.cursor)) == {}
     assert refresh(defs, instance, log=quiet) == []
-    after = materializations(instance)
-    assert after - before == Counter({("corpus_documents", None): 1})
+    assert materializations(world) - before == Counter({("corpus_documents", None): 1})
 
 
 def test_new_weights_in_one_layer_rerun_exactly_that_layer(world):
-    settings, defs, instance = world
+    settings, defs, instance = world.settings, world.defs, world.instance
     start = evaluate_automation_conditions(defs=defs, instance=instance)
-    before, versions = materializations(instance), data_versions(instance)
-    hashes = SubjectModel(model=settings.model, cache=settings.cache, device="cpu").layer_hashes([0, 1, 2])
+    before, versions = materializations(world), data_versions(world)
+    hashes = SubjectModel(model=settings.model, cache=settings.cache, device="cpu").layer_hashes([0, 1])
+    original = world.tmp / "model-original"
+    shutil.copytree(settings.model, original)
 
     # A checkpoint in which only layer 1 differs, written over the old one at the same path.
     from transformers import AutoModelForCausalLM
@@ -113,9 +155,9 @@ def test_new_weights_in_one_layer_rerun_exactly_that_layer(world):
     # this test process still holds the old model in load_causal_lm's cache.
     load_causal_lm.cache_clear()
 
-    new = SubjectModel(model=settings.model, cache=settings.cache, device="cpu").layer_hashes([0, 1, 2])
-    assert new[0] == hashes[0] and new[2] == hashes[2] and new[1] != hashes[1]
-    observe_weights(defs, instance, log=quiet)
+    new = SubjectModel(model=settings.model, cache=settings.cache, device="cpu").layer_hashes([0, 1])
+    assert new[0] == hashes[0] and new[1] != hashes[1]
+    observe_sources(defs, instance, log=quiet)
     stale = stale_partitions(defs, instance)
     assert [(a, p) for a, p, _ in stale] == [("neuron_records", "01")]
     assert "subject_model_weights[01]" in stale[0][2]
@@ -127,26 +169,37 @@ def test_new_weights_in_one_layer_rerun_exactly_that_layer(world):
     assert [(r.job_name, r.partition_key) for r in tick.run_requests] == [("layer_assets", "01")]
     assert refresh(defs, instance, dry_run=True, log=quiet) == [(("neuron_records",), "01")]
 
+    requests = len(world.server.posts())
     refresh(defs, instance, log=quiet)
-    after = materializations(instance)
+    after = materializations(world)
     shards = shard_keys(defs)
-    rerun = {("neuron_records", "01"), ("layer_summary", "01"), ("model_summary", None), ("exported_neurons", "01"),
-             ("neuron_viewer", "01"), ("neuron_viewer_index", None)}
-    rerun |= {(asset, f"01|{s}") for asset in ("explanations", "simulations", "scores") for s in shards}
+    rerun = {("neuron_records", "01"), ("layer_summary", "01"), ("model_summary", None),
+             ("exported_neurons", "01"), ("neuron_viewer", "01"), ("neuron_viewer_index", None)}
+    rerun |= {(asset, f"01|{s}") for asset in SHARD_STAGE for s in shards}
     assert after - before == Counter(dict.fromkeys(rerun, 1))
-    now = data_versions(instance)
+    assert len(world.server.posts()) > requests  # layer 01's neurons were explained again
+    now = data_versions(world)
     for (asset, partition), version in versions.items():
         if (asset, partition) not in rerun:
             assert now[(asset, partition)] == version, (asset, partition)
     assert now[("neuron_records", "01")] != versions[("neuron_records", "01")]
     assert stale_partitions(defs, instance) == []
 
+    # The old checkpoint back: layer 01 is stale again, and its LLM work comes from the response cache.
+    shutil.rmtree(settings.model)
+    shutil.copytree(original, settings.model)
+    load_causal_lm.cache_clear()
+    requests = len(world.server.posts())
+    refresh(defs, instance, log=quiet)
+    assert len(world.server.posts()) == requests
+    assert data_versions(world)[("scores", f"01|{shards[0]}")] == versions[("scores", f"01|{shards[0]}")]
+
 
 def test_new_simulations_code_version_reruns_simulations_and_scores(world):
-    settings, defs, instance = world
-    start = evaluate_automation_conditions(defs=defs, instance=instance)
-    before = materializations(instance)
-    version = defs.resolve_assets_def("simulations").specs_by_key[AssetKey("simulations")].code_version
+    settings, instance = world.settings, world.instance
+    start = evaluate_automation_conditions(defs=world.defs, instance=instance)
+    before = materializations(world)
+    version = world.defs.resolve_assets_def("simulations").specs_by_key[AssetKey("simulations")].code_version
     changed = build_definitions(settings, code_versions={"simulations": f"{version}-changed"})
 
     stale = stale_partitions(changed, instance)
@@ -161,38 +214,213 @@ def test_new_simulations_code_version_reruns_simulations_and_scores(world):
     # the same simulated values give the same pages (same data versions), so the viewer's index does not
     assert runs == [(("simulations", "scores"), p) for p in sorted(partitions)] + [
         (("exported_neurons", "neuron_viewer"), layer) for layer in LAYERS]
-    diff = materializations(instance) - before
+    diff = materializations(world) - before
     assert {k for k in diff if k[0] in ("simulations", "scores")} == {
         (a, p) for a in ("simulations", "scores") for p in partitions}
     assert not [k for k in diff if k[0] in ("corpus_tokens", "neuron_records", "explanations")]
     assert stale_partitions(changed, instance) == []
+    refresh(world.defs, instance, log=quiet)  # the module's code versions back
+
+
+def _other_corpus(world: World) -> str:
+    path = world.tmp / "other_corpus.jsonl"
+    from neuron_assets.resources.corpus import python_docs
+
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for _, text in python_docs()[40:80]))
+    return str(path)
+
+
+def _two_column_corpus(world: World) -> str:
+    """The corpus with a second field holding other text: NEURON_ASSETS_TEXT_COLUMN picks it."""
+    from neuron_assets.resources.corpus import python_docs
+
+    path = world.tmp / "two_columns.jsonl"
+    texts = [t for _, t in python_docs()[:40]]
+    others = [t for _, t in python_docs()[40:80]]
+    path.write_text("".join(json.dumps({"text": a, "body": b}) + "\n" for a, b in zip(texts, others)))
+    return str(path)
+
+
+def _other_subject(world: World) -> str:
+    return str(build_tiny_model("llama", world.tmp / "model-seed-1", n_layers=2, max_positions=4096, seed=1))
+
+
+def _exported_root(world: World) -> str:
+    """A copy of our own export (the published layout), imported as a variant."""
+    storage = Path(world.settings.storage)
+    target = world.tmp / "import"
+    if not target.exists():
+        shutil.copytree(storage / "exported_neurons", target)
+    return str(target)
+
+
+# Every setting that shapes results: the assets its change makes stale (every partition of each),
+# and whether the refresh asks the LLM anything new ("none": reuse and the response cache serve it).
+# `corpus_source` etc. are the settings sources each change reaches (its stale cause).
+CHANGES = [
+    ("corpus", _other_corpus, {"corpus_documents"}, "some", "corpus_source"),
+    ("corpus", _two_column_corpus, {"corpus_documents"}, "some", "corpus_source"),
+    ("seq_len", 12, {"corpus_tokens"}, "some", "tokenization"),
+    ("max_windows", 36, {"corpus_tokens"}, "some", "tokenization"),
+    ("model", _other_subject, {"corpus_tokens", "neuron_records"}, "some", "tokenization"),
+    ("top_records", 21, {"neuron_records", *SHARD_STAGE}, "some", "sampling"),
+    ("random_records", 16, {"neuron_records", *SHARD_STAGE}, "some", "sampling"),
+    ("seed", 1, {"neuron_records", *SHARD_STAGE}, "some", "sampling"),
+    ("neurons", "first:3", {"explanations"}, "some", "neuron_selection"),
+    ("explainer_model", "gpt-4o", {"explanations", "revised_explanations"}, "some", "explainer"),
+    ("explainer_backend", "local", {"explanations", "revised_explanations"}, "some", "explainer"),
+    ("simulator_model", "gpt-4o", {"simulations", "revised_explanations", "detection_scores"}, "some", "simulator"),
+    ("simulation_method", "all_at_once", {"simulations", "revised_explanations", "detection_scores"}, "none",
+     "simulator"),
+    ("control", "none", {"simulations", "scores"}, "none", "controls"),
+    ("revision", "off", {"simulations", "scores", "detection_scores"}, "none", "revised_explanations"),
+    ("detection", "off", {"layer_summary"}, "none", "detection_scores"),
+    ("import_from", _exported_root, {"imported_explanations", "simulations", "scores", "detection_scores"}, "some",
+     "imported_explanations"),
+]
+
+
+@pytest.mark.parametrize("field,value,stale,llm,cause", CHANGES,
+                         ids=[f"{c[0]}={getattr(c[1], '__name__', c[1])}" for c in CHANGES])
+def test_a_setting_that_shapes_results_makes_exactly_its_readers_stale(world, field, value, stale, llm, cause):
+    instance, server = world.instance, world.server
+    changed = replace(world.settings, **{field: value(world) if callable(value) else value})
+    if field == "explainer_backend":
+        changed = replace(changed, explainer_model=changed.model)
+    defs = build_definitions(changed)
+    before = materializations(world)
+    observe_sources(defs, instance, log=quiet)
+    first = stale_partitions(defs, instance, include_missing=False)
+    assert {(a, p) for a, p, _ in first} == partitions_of(defs, stale)
+    assert any(cause in reason for _, _, reason in first), first
+
+    requests = len(server.posts())
+    refresh(defs, instance, log=quiet, include_missing=False)
+    made = len(server.posts()) - requests
+    assert made > 0 if llm == "some" else made == 0, f"{made} LLM requests"
+    rerun = set(materializations(world) - before)
+    assert partitions_of(defs, stale) <= rerun
+    upstream = {a for a in shape_of(defs).order if shape_of(defs).stage_of(a) < min(
+        shape_of(defs).stage_of(s) for s in stale)}
+    assert not {(a, p) for a, p in rerun if a in upstream}, "an asset upstream of the change was recomputed"
+    assert stale_partitions(defs, instance, include_missing=False) == []
+
+    # Back to the module's settings: stale again, and recomputed from reuse and the response cache.
+    back = materializations(world)
+    observe_sources(world.defs, instance, log=quiet)
+    assert stale_set(world.defs, instance)
+    requests = len(server.posts())
+    refresh(world.defs, instance, log=quiet, include_missing=False)
+    assert len(server.posts()) == requests, "reverting a setting asked the LLM again"
+    assert set(materializations(world) - back)
+    assert stale_partitions(world.defs, instance, include_missing=False) == []
+
+
+def test_first_3_explains_one_new_neuron_per_shard_and_a_control_toggle_simulates_only_the_controls(world):
+    instance = world.instance
+    storage = TableStorage(root=world.settings.storage)
+    defs = build_definitions(replace(world.settings, neurons="first:3"))
+    refresh(defs, instance, log=quiet)
+    for partition in (f"{layer}|{s}" for layer in LAYERS for s in shard_keys(defs)):
+        event = instance.fetch_materializations(AssetKey("explanations"), limit=1_000).records
+        meta = next(r for r in event if r.partition_key == partition).asset_materialization.metadata
+        assert (meta["reused (unchanged inputs)"].value, meta["LLM cache misses"].value) == (2, 1), partition
+    refresh(world.defs, instance, log=quiet)
+
+    refresh(build_definitions(replace(world.settings, control="none")), instance, log=quiet)
+    refresh(world.defs, instance, log=quiet)
+    partition = f"00|{shard_keys(defs)[0]}"
+    sims = storage.read("simulations", partition)
+    controls = sims.filter(pl.col("variant").str.ends_with("_shuffled") & pl.col("seq_id").is_not_null()).height
+    meta = next(r for r in instance.fetch_materializations(AssetKey("simulations"), limit=1_000).records
+                if r.partition_key == partition).asset_materialization.metadata
+    assert controls > 0 and meta["sequences simulated now"].value == controls
+    assert meta["LLM cache hits"].value == controls  # asked before, so the cache answered
+
+
+IRRELEVANT = [("workers", 2), ("llm_rpm", 600), ("llm_tpm", 100_000), ("llm_concurrency", 2), ("llm_timeout", 30),
+              ("llm_retries", 2), ("batch_size", 8), ("device", "auto"), ("executor", "k8s"),
+              ("cache", "{tmp}/other-cache"), ("prices", "{tmp}/prices.json"),
+              ("explainer_base_url", "{base_url}/"), ("simulator_base_url", "{base_url}/")]
+
+
+def test_settings_that_change_no_result_change_no_version(world, monkeypatch):
+    shutil.copy(world.settings.prices, world.tmp / "prices.json")
+    versions = source_versions(world.settings)
+    for field, value in IRRELEVANT:
+        if isinstance(value, str):
+            value = value.format(tmp=world.tmp, base_url=world.server.base_url.rstrip("/"))
+        changed = replace(world.settings, **{field: value})
+        assert source_versions(changed) == versions, field
+        defs = build_definitions(changed)
+        observe_sources(defs, world.instance, log=quiet)
+        assert stale_partitions(defs, world.instance) == [], field
+    monkeypatch.setenv("NEURON_ASSETS_EXPLAINER_API_KEY", "sk-another-key")
+    assert source_versions(world.settings) == versions
+    # The declaration says which settings enter which version; every one of them is exercised above.
+    entering = {s.env.removeprefix("NEURON_ASSETS_").lower() for s in SETTINGS if s.enters}
+    tested = {c[0] for c in CHANGES} | {"explainer_base_url", "simulator_base_url", "simulator_backend", "layers",
+                                        "shards", "text_column"}
+    assert entering <= tested, entering - tested
+
+
+def test_an_asset_added_to_the_definitions_is_refreshed_unedited(world):
+    """A new layer x shard asset reading scores: refresh fills it in the shard stage, and reruns it
+    with scores when they change; the demo's runs include it."""
+    from neuron_assets.graph import LAYER_SHARD
+
+    partitions_def = world.defs.resolve_assets_def("scores").partitions_def
+
+    @asset(partitions_def=partitions_def, deps=["scores"], code_version="1")
+    def score_digest(context) -> MaterializeResult:
+        scores = TableStorage(root=world.settings.storage).read("scores", context.partition_key)
+        return MaterializeResult(data_version=DataVersion(str(scores["score_all"].sum())))
+
+    base = build_definitions(world.settings)
+    from dagster import Definitions
+
+    defs = Definitions.merge(base, Definitions(assets=[score_digest]))
+    shape = shape_of(defs)
+    assert shape.group["score_digest"] == LAYER_SHARD and shape.stage_of("score_digest") == shape.stage_of("scores")
+    assert "score_digest" in shape.readers({"simulations"})
+    assert any("score_digest" in selection for selection, _ in shape.demo_runs(LAYERS, shard_keys(defs)))
+    runs = refresh(defs, world.instance, log=quiet)
+    assert {p for selection, p in runs if selection == ("score_digest",)} == {
+        f"{layer}|{s}" for layer in LAYERS for s in shard_keys(defs)}
+    assert stale_partitions(defs, world.instance) == []
+    changed = build_definitions(world.settings, code_versions={"scores": "changed"})
+    changed = Definitions.merge(changed, Definitions(assets=[score_digest]))
+    runs = refresh(changed, world.instance, log=quiet)
+    assert runs[0][0] == ("scores", "score_digest")  # rerun with the scores it reads, in one run
+    refresh(defs, world.instance, log=quiet)
 
 
 def test_missing_partitions_are_proposed_only_where_their_inputs_exist(world, tmp_path):
-    settings, _, _ = world
-    defs = build_definitions(replace(settings, storage=str(tmp_path / "data")))
+    defs = build_definitions(replace(world.settings, storage=str(tmp_path / "data")))
+    shape = shape_of(defs)
     with instance_for_test() as instance:
         assert stale_partitions(defs, instance) == [("corpus_documents", None, "missing; its inputs exist")]
         materialize_runs(defs, instance, [(("corpus_documents", "corpus_tokens"), None)], log=quiet)
         stale = stale_partitions(defs, instance)
         assert [(a, p) for a, p, _ in stale] == [("neuron_records", k) for k in LAYERS]
-        assert refresh_runs(first_stage(stale)) == [(("neuron_records",), ("00", "02"))]
+        assert refresh_runs(defs, first_stage(shape, stale)) == [(("neuron_records",), ("00", "01"))]
         materialize_runs(defs, instance, [(("neuron_records",), "00")], log=quiet)
-        # explanations of layer 00 can run; nothing of layers 01-02, nothing that needs explanations
-        assert [(a, p) for a, p, _ in stale_partitions(defs, instance)] == [
-            ("neuron_records", "01"), ("neuron_records", "02")] + [
+        # explanations of layer 00 can run; nothing of layer 01, nothing that needs explanations
+        assert [(a, p) for a, p, _ in stale_partitions(defs, instance)] == [("neuron_records", "01")] + [
             ("explanations", f"00|{s}") for s in shard_keys(defs)]
         assert stale_partitions(defs, instance, include_missing=False) == []
-        # neuron_records[00] ran before the weights were ever observed: Dagster records no pointer to
-        # an observation and would never see a change; refresh treats it as stale once observed.
-        observe_weights(defs, instance, log=quiet)
-        assert stale_partitions(defs, instance, include_missing=False) == [
-            ("neuron_records", "00", "materialized before subject_model_weights was first observed")]
+        # These ran before the sources were ever observed: Dagster records no pointer to an
+        # observation and would never see a change; refresh treats them as stale once observed.
+        observe_sources(defs, instance, log=quiet)
+        stale = stale_partitions(defs, instance, include_missing=False)
+        assert [(a, p) for a, p, _ in stale] == [("corpus_documents", None), ("corpus_tokens", None),
+                                                 ("neuron_records", "00")]
+        assert all(reason.startswith("materialized before ") for _, _, reason in stale)
+        assert "subject_model_weights" in stale[2][2] and "corpus_source" in stale[0][2]
 
 
-def test_refresh_jobs_hold_the_assets_the_settings_add(world, tmp_path):
-    settings, _, _ = world
-    defs = build_definitions(replace(settings, revision="on", detection="on", import_from=str(tmp_path)))
+def test_refresh_jobs_hold_the_assets_the_settings_add(world):
+    defs = build_definitions(replace(world.settings, import_from=_exported_root(world)))
     jobs = {name: {k.to_user_string() for k in defs.resolve_job_def(name).asset_layer.executable_asset_keys}
             for name in ("unpartitioned_assets", "layer_assets", "layer_shard_assets")}
     assert jobs == {
@@ -201,32 +429,38 @@ def test_refresh_jobs_hold_the_assets_the_settings_add(world, tmp_path):
         "layer_shard_assets": {"explanations", "revised_explanations", "imported_explanations", "simulations",
                                "scores", "detection_scores"},
     }
-    # every run the refresh can ask for fits in one of those jobs
-    for stage in STAGES:
-        for asset in stage:
-            assert sum(asset in names for names in jobs.values()) == 1, asset
+    # every stage's assets fit in one of those jobs
+    for stage in shape_of(defs).stages:
+        for name in stage:
+            assert sum(name in names for names in jobs.values()) == 1, name
 
 
-def test_refresh_runs_group_by_stage():
-    stale = [("model_summary", None, ""), ("layer_summary", "03", ""), ("scores", "03|a", ""),
-             ("simulations", "03|a", ""), ("explanations", "04|b", ""), ("neuron_records", "05", ""),
-             ("neuron_records", "02", ""), ("neuron_records", "03", ""), ("corpus_tokens", None, ""),
-             ("detection_scores", "05|a", ""), ("imported_explanations", "05|b", "")]
-    shard = ("explanations", "revised_explanations", "simulations", "scores", "detection_scores")
-    assert refresh_runs(stale) == [
+def test_refresh_runs_group_by_stage(world):
+    defs = build_definitions(replace(world.settings, import_from=_exported_root(world)))
+    shape = shape_of(defs)
+    assert shape.stages == [("corpus_documents", "corpus_tokens"), ("neuron_records",),
+                            ("explanations", "imported_explanations", "revised_explanations", "detection_scores",
+                             "simulations", "scores"),
+                            ("exported_neurons", "layer_summary", "neuron_viewer"),
+                            ("model_summary", "neuron_viewer_index")]
+    stale = [("model_summary", None, ""), ("layer_summary", "01", ""), ("scores", "01|a", ""),
+             ("simulations", "01|a", ""), ("explanations", "00|b", ""), ("neuron_records", "01", ""),
+             ("neuron_records", "00", ""), ("corpus_tokens", None, ""),
+             ("detection_scores", "01|c", ""), ("imported_explanations", "01|b", "")]
+    shard = ("explanations", "revised_explanations", "detection_scores", "simulations", "scores")
+    assert refresh_runs(defs, stale) == [
         (("corpus_tokens",), None),
-        (("neuron_records",), ("02", "03")),
-        (("neuron_records",), "05"),
-        (("simulations", "scores"), "03|a"),
-        (shard, "04|b"),
-        (("detection_scores",), "05|a"),  # the judge reads explanations, not simulations
-        (("imported_explanations", "simulations", "scores", "detection_scores"), "05|b"),
-        (("layer_summary",), "03"),
+        (("neuron_records",), ("00", "01")),
+        (shard, "00|b"),
+        (("simulations", "scores"), "01|a"),
+        (("imported_explanations", "detection_scores", "simulations", "scores"), "01|b"),
+        (("detection_scores",), "01|c"),  # the judge reads explanations, not simulations
+        (("layer_summary",), "01"),
         (("model_summary",), None),
     ]
-    # Layers 0, 5, 10 as the only layer partitions: neighbours in that order are one range.
-    assert refresh_runs([("neuron_records", k, "") for k in ("00", "05")], ["00", "05", "10"]) == [
-        (("neuron_records",), ("00", "05"))]
+    # Non-neighbouring layers are separate range runs (one forward pass each).
+    three = build_definitions(replace(world.settings, layers="0,1"))
+    assert refresh_runs(three, [("neuron_records", "01", "")]) == [(("neuron_records",), "01")]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
@@ -244,3 +478,23 @@ def test_layer_hashes_follow_each_architectures_names(arch, tmp_path):
     model.save_pretrained(path)
     changed = subject.layer_hashes([0, 1])
     assert changed[0] != hashes[0] and changed[1] == hashes[1]
+
+
+def test_settings_that_cannot_be_versioned_fail_before_any_run(world, tmp_path, monkeypatch):
+    from neuron_assets.versions import source_version
+
+    with pytest.raises(ValueError, match=r"NEURON_ASSETS_IMPORT_FROM='.*nowhere'.*cannot be versioned"):
+        source_versions(replace(world.settings, import_from=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match=r"NEURON_ASSETS_SIMULATOR_BASE_URL='localhost:8000'.*cannot be identified"):
+        source_version(replace(world.settings, simulator_base_url="localhost:8000"), "simulator")
+    with pytest.raises(ValueError, match=r"NEURON_ASSETS_CORPUS='.*missing.jsonl'"):
+        source_version(replace(world.settings, corpus=str(tmp_path / "missing.jsonl")), "corpus_source")
+    # The command line says it in one line, before it opens the instance or runs anything.
+    from neuron_assets.cli import main
+
+    for name, value in {**world.settings.environment(), "NEURON_ASSETS_IMPORT_FROM": str(tmp_path / "nowhere"),
+                        "DAGSTER_HOME": str(tmp_path / "no-instance")}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match="neuron-assets: NEURON_ASSETS_IMPORT_FROM=.*cannot be versioned"):
+        main(["refresh", "--dry-run"])
+    assert not (tmp_path / "no-instance").exists()

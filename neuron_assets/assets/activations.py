@@ -74,7 +74,7 @@ def build_neuron_records(layout: Layout):
         partitions_def=layer_partitions(layout),
         backfill_policy=BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
-        deps=[corpus_tokens, "subject_model_weights"],
+        deps=[corpus_tokens, "subject_model_weights", "sampling"],
         code_version="3",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},

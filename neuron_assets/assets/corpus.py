@@ -15,6 +15,7 @@ TOKENS_SCHEMA = {"seq_id": pl.Int32, "doc_id": pl.String, "token_ids": pl.List(p
 
 
 @asset(
+    deps=["corpus_source"],
     code_version="1",
     kinds={"python", "parquet"},
     owners=OWNERS,
@@ -40,7 +41,7 @@ def corpus_documents(corpus: CorpusSource, storage: TableStorage) -> Materialize
 
 
 @asset(
-    deps=[corpus_documents],
+    deps=[corpus_documents, "tokenization"],
     code_version="1",
     automation_condition=ON_CHANGE,
     kinds={"python", "parquet"},

@@ -63,7 +63,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
         partitions_def=layer_shard_partitions(layout),
         deps=[*sources,
               AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
-              corpus_tokens],
+              corpus_tokens, "simulator", "sampling"],
         code_version=f"1-{prompt_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},

@@ -37,22 +37,24 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.versions import digest
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "text": pl.String, "explainer_model": pl.String, "prompt_version": pl.String,
           "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost": pl.Float64,
-          "cache_hit": pl.Boolean, "code_version": pl.String, "error": pl.String}
+          "cache_hit": pl.Boolean, "code_version": pl.String, "inputs_version": pl.String, "error": pl.String}
 VARIANTS = ("llm", "token_baseline")
-CODE_VERSION = "2"  # bump when the explanation logic changes; the prompt version is appended
+# bump when the explanation logic changes; the prompt version is appended. 3: inputs_version
+CODE_VERSION = "3"
 
 
 def explanation_row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, cost=0.0,
-         cache_hit=False, error=None):
+         cache_hit=False, error=None, inputs_version=None):
     explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
     return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
             "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
             "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "cache_hit": cache_hit,
-            "error": error}
+            "inputs_version": inputs_version, "error": error}
 
 
 def explanation_variants(storage: TableStorage, sources: list[str], partition_key: str, seed: int,
@@ -83,13 +85,14 @@ def explanation_variants(storage: TableStorage, sources: list[str], partition_ke
     return pl.concat([own, *controls], how="diagonal_relaxed").sort("neuron", "variant")
 
 
-def _reusable(previous: pl.DataFrame | None, neuron: int, rhash: str, model: str, code_version: str) -> dict | None:
-    """The neuron's earlier llm explanation, if it came from the same records, model, prompt and code."""
-    if previous is None or "code_version" not in previous.columns:
+def _reusable(previous: pl.DataFrame | None, neuron: int, rhash: str, inputs: str, code_version: str) -> dict | None:
+    """The neuron's earlier llm explanation, if it came from the same records, explainer version,
+    seed, prompt and code."""
+    if previous is None or "inputs_version" not in previous.columns:
         return None
     match = previous.filter(
         (pl.col("neuron") == neuron) & (pl.col("variant") == "llm") & pl.col("error").is_null()
-        & (pl.col("records_hash") == rhash) & (pl.col("explainer_model") == model)
+        & (pl.col("records_hash") == rhash) & (pl.col("inputs_version") == inputs)
         & (pl.col("code_version") == code_version)
     )
     return match.row(0, named=True) if match.height else None
@@ -99,7 +102,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
     @asset(
         partitions_def=layer_shard_partitions(layout),
         deps=[AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
-              corpus_tokens],
+              corpus_tokens, "explainer", "sampling", "neuron_selection"],
         code_version=f"{CODE_VERSION}-{prompt_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
@@ -120,6 +123,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         tokens = tokens_by_seq(storage.read("corpus_tokens"))
         previous = previous_rows(storage, "explanations", context.partition_key)
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        inputs = digest([explainer.version("explainer"), study.seed])
         rows, pending, reused, hits = [], [], 0, 0
         for neuron in neurons:
             kinds = records[neuron]
@@ -141,7 +145,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
             baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
             rows.append(explanation_row(layer, neuron, "token_baseline", baseline, "none", prompt_version, rhash,
                              error=None if baseline else "no token has a positive mean activation"))
-            earlier = _reusable(previous, neuron, rhash, explainer.label, code_version)
+            earlier = _reusable(previous, neuron, rhash, inputs, code_version)
             if earlier:  # same records, model and prompt: no LLM call, and an identical row
                 rows.append(earlier)
                 reused += 1
@@ -171,7 +175,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                                  answer["tokens_in"], answer["tokens_out"], answer["cost"], answer["cache_hit"], error))
             progress.advance(len(batch))
 
-        rows = [{**row, "code_version": code_version} for row in rows]
+        rows = [{**row, "code_version": code_version, "inputs_version": inputs} for row in rows]
         df = pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())

@@ -44,6 +44,7 @@ EXPORT_ORDER = ("llm", "revised", "token_baseline", "imported")  # the first is 
 def build_imported_explanations(layout: Layout, root: str):
     @asset(
         partitions_def=layer_shard_partitions(layout),
+        deps=["import_source", "neuron_selection"],
         code_version="1",
         kinds={"json", "parquet"},
         owners=OWNERS,

@@ -34,9 +34,10 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.versions import digest
 
 REVISED_SCHEMA = {**SCHEMA, "revised_from": pl.String, "misses": pl.Int32, "false_alarms": pl.Int32}
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: inputs_version (explainer and simulator versions, seed) decides reuse
 
 
 def held_out(kinds: dict) -> list[tuple[int, np.ndarray]]:
@@ -50,7 +51,7 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
         partitions_def=layer_shard_partitions(layout),
         deps=["explanations",
               AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
-              corpus_tokens],
+              corpus_tokens, "explainer", "simulator", "sampling"],
         code_version=f"{CODE_VERSION}-{explainer_version}-{simulator_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
@@ -73,13 +74,14 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
         previous = previous_rows(storage, "revised_explanations", context.partition_key)
         label = f"{explainer.label} (revision; simulator {simulator.label})"
+        inputs = digest([explainer.version("explainer"), simulator.version("simulator"), study.seed])
         rows, pending, reused, kept, engine = [], [], 0, 0, None
         progress = Progress(context, first.height, f"revising {context.partition_key}, explanations")
         clock = ModelClock()
 
         def row(e, text, rhash, error=None, misses=0, false_alarms=0, **usage):
             out = explanation_row(layer, e["neuron"], "revised", text, label, explainer_version, rhash,
-                                  error=error, **usage)
+                                  error=error, inputs_version=inputs, **usage)
             return {**out, "revised_from": e["explanation_id"], "misses": misses, "false_alarms": false_alarms,
                     "code_version": code_version}
 
@@ -91,7 +93,7 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
             kinds = records[e["neuron"]]
             calibration = held_out(kinds)
             rhash = records_hash(calibration)
-            earlier = _reusable(previous, e, rhash, label, code_version)
+            earlier = _reusable(previous, e, rhash, inputs, code_version)
             if earlier:  # same first explanation, excerpts, models and code: no LLM call
                 rows.append(earlier)
                 reused += 1
@@ -167,11 +169,12 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
     return revised_explanations
 
 
-def _reusable(previous: pl.DataFrame | None, first: dict, rhash: str, label: str, code_version: str) -> dict | None:
-    """The neuron's earlier revision, if it came from the same first explanation, excerpts, models and code."""
-    if previous is None:
+def _reusable(previous: pl.DataFrame | None, first: dict, rhash: str, inputs: str, code_version: str) -> dict | None:
+    """The neuron's earlier revision, if it came from the same first explanation, excerpts, LLM
+    versions, seed and code."""
+    if previous is None or "inputs_version" not in previous.columns:
         return None
     match = previous.filter((pl.col("neuron") == first["neuron"]) & pl.col("error").is_null()
                             & (pl.col("revised_from") == first["explanation_id"]) & (pl.col("records_hash") == rhash)
-                            & (pl.col("explainer_model") == label) & (pl.col("code_version") == code_version))
+                            & (pl.col("inputs_version") == inputs) & (pl.col("code_version") == code_version))
     return match.row(0, named=True) if match.height else None

@@ -106,7 +106,8 @@ def build_scores(layout: Layout, sources: list[str], control: bool):
     @asset(
         partitions_def=layer_shard_partitions(layout),
         deps=["simulations", *sources,
-              AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))],
+              AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
+              "sampling", "controls"],
         # 2: scored in one vectorised call; where a group has failed tokens or sequences, sums run
         # in another order, so scores can differ from version 1's in the last bits (< 1e-14).
         # 3: controls (donor_neuron) and several explanation sources.

@@ -29,7 +29,8 @@ from neuron_assets.resources.study import Study
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "seq_id": pl.Int32, "split": pl.String, "expected": pl.List(pl.Float32),
-          "n_failed_tokens": pl.Int32, "simulator_model": pl.String, "method": pl.String, "tokens_in": pl.Int64,
+          "n_failed_tokens": pl.Int32, "simulator_model": pl.String, "simulator_version": pl.String,
+          "method": pl.String, "tokens_in": pl.Int64,
           "tokens_out": pl.Int64, "cost": pl.Float64, "cache_hit": pl.Boolean,
           "code_version": pl.String, "error": pl.String}
 NO_SILENT_ZEROS = "no_silent_zero_simulations"
@@ -42,13 +43,13 @@ def valid_split(kinds: dict) -> list[tuple[str, int, np.ndarray]]:
     return [("top", s, a) for s, a in top] + [("random", s, a) for s, a in random]
 
 
-def reusable_simulations(previous: pl.DataFrame | None, model: str, method: str, code_version: str) -> dict:
-    """{(neuron, variant): rows} of earlier simulations that succeeded with the same simulator,
-    method and code; a neuron's rows are reused when its explanation and sequences are unchanged."""
-    if previous is None or "code_version" not in previous.columns:
+def reusable_simulations(previous: pl.DataFrame | None, simulator_version: str, code_version: str) -> dict:
+    """{(neuron, variant): rows} of earlier simulations that succeeded with the same simulator
+    version (backend, model, endpoint, method setting) and code; a neuron's rows are reused when its
+    explanation and sequences are unchanged."""
+    if previous is None or "simulator_version" not in previous.columns:
         return {}
-    ok = previous.filter((pl.col("simulator_model") == model) & (pl.col("code_version") == code_version)
-                         & ((pl.lit(method) == "auto") | (pl.col("method") == method)))
+    ok = previous.filter((pl.col("simulator_version") == simulator_version) & (pl.col("code_version") == code_version))
     groups = ok.partition_by("neuron", "variant", as_dict=True)
     return {key: rows for key, rows in groups.items() if rows["error"].is_null().all()}
 
@@ -61,8 +62,9 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
         partitions_def=layer_shard_partitions(layout),
         deps=[*sources,
               AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
-              corpus_tokens],
-        code_version=f"2-{prompt_version}",  # 2: shuffled controls and several explanation sources
+              corpus_tokens, "simulator", "sampling", "controls"],
+        # 2: shuffled controls and several explanation sources. 3: simulator_version decides reuse.
+        code_version=f"3-{prompt_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -84,8 +86,9 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
                              explained["neuron"].unique().to_list())
         tokens = tokens_by_seq(storage.read("corpus_tokens"))
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        simulator_version = simulator.version("simulator")
         earlier = reusable_simulations(previous_rows(storage, "simulations", context.partition_key),
-                                       simulator.label, simulator.simulation_method, code_version)
+                                       simulator_version, code_version)
         engine, engine_error, rows, reused, calls, hits = None, None, [], 0, 0, 0
 
         def row(e, method, seq_id=None, split=None, result=None, error=None):
@@ -94,7 +97,7 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
             return {"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
                     "explanation_id": e["explanation_id"], "seq_id": seq_id, "split": split,
                     "expected": None if expected is None else expected.tolist(), "n_failed_tokens": result["n_failed"],
-                    "simulator_model": simulator.label, "method": method, "tokens_in": result["tokens_in"],
+                    "simulator_model": simulator.label, "simulator_version": simulator_version, "method": method, "tokens_in": result["tokens_in"],
                     "tokens_out": result["tokens_out"], "cost": result["cost"], "cache_hit": result["cache_hit"],
                     "code_version": code_version, "error": result["error"]}
 

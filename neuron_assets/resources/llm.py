@@ -22,6 +22,7 @@ from neuron_assets.method.simulation import expected_values
 from neuron_assets.resources.local_llm import LocalSimulator, generate_texts
 from neuron_assets.resources.models import describe_model, load_causal_lm
 from neuron_assets.resources.openai_client import LLMRequestError, OpenAIEndpoint, load_prices
+from neuron_assets.versions import llm_version
 
 BACKENDS = ("local", "openai")
 PRICES = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
@@ -140,6 +141,12 @@ class LLM(ConfigurableResource):
         if self.backend == "local":
             return describe_model(self.model)
         return f"{self.model} @ {self.base_url or 'api.openai.com'}"
+
+    def version(self, role: str) -> str:
+        """The version of this LLM as the `explainer` or `simulator` settings source computes it:
+        rows made by the same version (and inputs) are reused instead of asked again."""
+        method = self.simulation_method if role == "simulator" else None
+        return llm_version(self.backend, self.model, self.base_url, method, role)
 
     @property
     def continues_assistant_turn(self) -> bool:
