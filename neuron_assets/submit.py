@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from dagster import AssetKey, DagsterEventType, DagsterRunStatus
 
+from neuron_assets.graph import Run
 from neuron_assets.partitions import run_target
 
 ASSET_JOB = "__ASSET_JOB"  # the name of the implicit job of all assets (Definitions' asset job, 1.13)
@@ -46,7 +47,6 @@ mutation NeuronAssetsLaunchRun($executionParams: ExecutionParams!) {
     ... on Error { message } } }
 """
 
-Run = tuple[tuple[str, ...], str | tuple[str, str] | None]
 
 
 def graphql(url: str, query: str, variables: dict | None = None, timeout: float = 60) -> dict:

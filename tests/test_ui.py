@@ -2,13 +2,17 @@
 materialized into an on-disk instance, then `dagster dev` serves that instance and the definitions
 built from the same settings (as NEURON_ASSETS_* variables). The asset graph, its partitions and the
 materializations are read over GraphQL, and the global lineage page is opened in headless Chromium
-and screenshotted (also to $NEURON_ASSETS_SCREENSHOTS/asset_graph.png when that is set)."""
+and screenshotted (also to $NEURON_ASSETS_SCREENSHOTS/asset_graph.png when that is set).
+
+After the run, one setting is changed (NEURON_ASSETS_SEED) and the sources observed, as `refresh`
+does: the UI then shows what that change made stale, and names the settings source as the cause."""
 
 import io
 import os
 import shutil
 import time
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from selenium.webdriver.common.by import By
 from tiny_models import build_tiny_model
 
 from neuron_assets.definitions import build_definitions
+from neuron_assets.refresh import observe_sources
 
 LAYER, SHARD, OTHER_SHARD = "00", "00-31", "32-63"
 SCORES_KEY = f"{LAYER}|{SHARD}"  # multi-partition keys: dimensions in name order, layer|shard
@@ -33,12 +38,14 @@ def ui(tmp_path_factory):
     model = build_tiny_model("gpt2", tmp / "model", n_layers=1)  # 64 neurons: shards 00-31 and 32-63
     settings = tiny_settings(model, tmp)
     home = make_home(tmp / "home")
+    changed = replace(settings, seed=1)
     with DagsterInstance.from_config(str(home)) as instance:
         run_graph(settings, instance, (LAYER,), shards=[SHARD])
         assert instance.get_latest_materialization_event(AssetKey("scores")) is not None
-    with dagster_dev(home, settings.environment(), tmp / "logs") as url:
+        observe_sources(build_definitions(changed), instance, log=lambda _: None)
+    with dagster_dev(home, changed.environment(), tmp / "logs") as url:
         wait_for_code_location(url)
-        yield url, settings, tmp
+        yield url, changed, tmp
 
 
 ASSET_NODES = """
@@ -96,6 +103,34 @@ def test_materialization_status_over_graphql(ui):
     assert done is not None and done["partition"] == SCORES_KEY and done["runId"]
     assert float(done["timestamp"]) / 1000 <= time.time()
     assert missing is None  # the other shard was never run
+
+
+STALE = """
+query ($partition: String) { assetNodes(assetKeys: [{path: ["explanations"]}, {path: ["neuron_records"]},
+    {path: ["corpus_tokens"]}]) {
+  assetKey { path } staleStatus(partition: $partition)
+  staleCauses(partition: $partition) { key { path } category reason dependency { path } } } }
+"""
+
+
+def test_a_changed_setting_is_a_stale_cause_in_the_ui(ui):
+    url, _, _ = ui
+    graph = nodes(url)
+    assert "sampling" in deps(graph["neuron_records"]) and "explainer" in deps(graph["explanations"])
+    assert graph["sampling"]["groupName"] == "settings"
+    by_asset = {}
+    for partition, names in ((SCORES_KEY, ("explanations",)), (LAYER, ("neuron_records",))):
+        for node in graphql(url, STALE, {"partition": partition})["assetNodes"]:
+            if "/".join(node["assetKey"]["path"]) in names:
+                by_asset["/".join(node["assetKey"]["path"])] = node
+    for name in ("explanations", "neuron_records"):
+        node = by_asset[name]
+        assert node["staleStatus"] == "STALE", node
+        assert {("/".join(c["dependency"]["path"]), c["category"]) for c in node["staleCauses"]} == {
+            ("sampling", "DATA")}, node["staleCauses"]
+    tokens = next(n for n in graphql(url, STALE, {"partition": None})["assetNodes"]
+                  if n["assetKey"]["path"] == ["corpus_tokens"])
+    assert tokens["staleStatus"] == "FRESH" and tokens["staleCauses"] == []  # the seed is not read there
 
 
 GRAPH_BOX = """const boxes = [...document.querySelectorAll('svg foreignObject')].map(e => e.getBoundingClientRect())
