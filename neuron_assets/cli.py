@@ -11,7 +11,7 @@ from neuron_assets.graph import shape_of
 from neuron_assets.instance import InstanceError, open_instance
 from neuron_assets.resources.files import StorageError, check_s3_root
 from neuron_assets.runs import materialize_runs, shard_keys
-from neuron_assets.settings import SECRETS, SETTINGS, Settings
+from neuron_assets.settings import SECRETS, SETTINGS, Settings, effect, markdown_table
 from neuron_assets.versions import source_versions
 
 DEMO_LAYERS = ("00", "01", "02")
@@ -71,13 +71,17 @@ def demo(args) -> None:
 
 
 def show_settings(args) -> None:
+    if args.markdown:
+        print(markdown_table())
+        return
     current = Settings.from_env()
     for setting in SETTINGS:
         value = os.environ.get(setting.env) or setting.default
         if setting.env.endswith(SECRETS):  # never print a secret
             value = "(set)" if value else "(unset)"
-        print(f"{setting.env}={value}\n    {setting.help}")
+        print(f"{setting.env}={value}\n    {setting.help}\n    a change: {effect(setting)}")
     print(f"\nresolved storage root: {current.storage}")
+    print("settings source versions: " + ", ".join(f"{k} {v}" for k, v in source_versions(current).items()))
 
 
 def scores(args) -> None:
@@ -153,7 +157,9 @@ def main(argv=None) -> None:
     p.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS), help="layer keys (default: 00 01 02)")
     p.add_argument("--shards", type=int, default=1, help="shards per layer, from the first (default: 1)")
     p.set_defaults(run=demo)
-    sub.add_parser("settings", help="the environment variables in force").set_defaults(run=show_settings)
+    p = sub.add_parser("settings", help="the environment variables in force, and what a change of each makes stale")
+    p.add_argument("--markdown", action="store_true", help="the settings table of the README, from the declaration")
+    p.set_defaults(run=show_settings)
     sub.add_parser("scores", help="the per-layer score table of model_summary").set_defaults(run=scores)
     p = sub.add_parser("refresh", help="observe the weights, then materialize only the stale partitions")
     p.add_argument("--dry-run", action="store_true", help="list what would run, launch nothing")

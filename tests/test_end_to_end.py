@@ -83,5 +83,7 @@ def test_settings_command_lists_every_variable():
     for setting in SETTINGS:
         assert setting.env in done.stdout
     readme = (REPO / "README.md").read_text()
-    missing = [s.env for s in SETTINGS if s.env not in readme]
-    assert not missing, f"README does not document {missing}"
+    table = subprocess.run([str(BIN / "neuron-assets"), "settings", "--markdown"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert table.count("\n") == len(SETTINGS) + 1 and table in readme, "README's settings table is out of date: " \
+        "paste `neuron-assets settings --markdown`"
