@@ -58,10 +58,12 @@ def _code_changed() -> AutomationCondition:
 
 # eager(), with "a dependency updated" narrowed to "a dependency's data version changed": Dagster's
 # own any_deps_updated() fires on every new materialization, so the nightly re-materialization of an
-# unchanged corpus would rerun every layer. code_version_changed() alone selects every partition,
-# materialized or not, hence the guards in _code_changed().
+# unchanged corpus would rerun every layer; and only for partitions that exist: eager() would also
+# fill every never-run shard of a layer whose records changed. code_version_changed() alone selects
+# every partition, materialized or not, hence the guards in _code_changed().
 ON_CHANGE = (
-    AutomationCondition.eager().replace("any_deps_updated", _dep_data_changed()) | _code_changed()
+    (AutomationCondition.eager().replace("any_deps_updated", _dep_data_changed()) & ~AutomationCondition.missing())
+    | _code_changed()
 ).with_label("on_change")
 
 

@@ -78,7 +78,7 @@ def test_asset_graph_over_graphql(ui):
     assert "simulations" in deps(graph["scores"])
     assert "explanations" in deps(graph["simulations"])
     assert "corpus_documents" in deps(graph["corpus_tokens"])
-    assert deps(graph["corpus_documents"]) == set()
+    assert deps(graph["corpus_documents"]) == {"corpus_source"}  # the settings source of the corpus
     # revision, controls and detection are off in these settings: their assets are not in the graph
     assert "revised_explanations" not in graph and "detection_scores" not in graph
 
@@ -106,11 +106,15 @@ def test_materialization_status_over_graphql(ui):
 
 
 STALE = """
-query ($partition: String) { assetNodes(assetKeys: [{path: ["explanations"]}, {path: ["neuron_records"]},
-    {path: ["corpus_tokens"]}]) {
-  assetKey { path } staleStatus(partition: $partition)
+query ($key: [String!]!, $partition: String) { assetNodes(assetKeys: [{path: $key}]) {
+  staleStatus(partition: $partition)
   staleCauses(partition: $partition) { key { path } category reason dependency { path } } } }
 """
+
+
+def stale(url, asset: str, partition: str | None) -> dict:
+    node, = graphql(url, STALE, {"key": [asset], "partition": partition})["assetNodes"]
+    return node
 
 
 def test_a_changed_setting_is_a_stale_cause_in_the_ui(ui):
@@ -118,18 +122,13 @@ def test_a_changed_setting_is_a_stale_cause_in_the_ui(ui):
     graph = nodes(url)
     assert "sampling" in deps(graph["neuron_records"]) and "explainer" in deps(graph["explanations"])
     assert graph["sampling"]["groupName"] == "settings"
-    by_asset = {}
-    for partition, names in ((SCORES_KEY, ("explanations",)), (LAYER, ("neuron_records",))):
-        for node in graphql(url, STALE, {"partition": partition})["assetNodes"]:
-            if "/".join(node["assetKey"]["path"]) in names:
-                by_asset["/".join(node["assetKey"]["path"])] = node
-    for name in ("explanations", "neuron_records"):
-        node = by_asset[name]
+    for asset, partition in (("explanations", SCORES_KEY), ("neuron_records", LAYER)):
+        node = stale(url, asset, partition)
         assert node["staleStatus"] == "STALE", node
-        assert {("/".join(c["dependency"]["path"]), c["category"]) for c in node["staleCauses"]} == {
-            ("sampling", "DATA")}, node["staleCauses"]
-    tokens = next(n for n in graphql(url, STALE, {"partition": None})["assetNodes"]
-                  if n["assetKey"]["path"] == ["corpus_tokens"])
+        causes = {("/".join((c["dependency"] or c["key"])["path"]), c["category"], c["reason"])
+                  for c in node["staleCauses"]}
+        assert causes == {("sampling", "DATA", "has a new data version")}, causes  # the source itself changed
+    tokens = stale(url, "corpus_tokens", None)
     assert tokens["staleStatus"] == "FRESH" and tokens["staleCauses"] == []  # the seed is not read there
 
 
