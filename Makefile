@@ -51,7 +51,7 @@ chromium:
 test: setup postgresql chromium
 	$(BIN)/pytest -q tests
 
-# Speed and memory, measured side by side (README: Performance). About 30 minutes on 2 cores.
+# Speed and memory, measured side by side (docs/performance.md). About 30 minutes on 2 cores.
 bench: setup
 	$(BIN)/python bench/activations.py
 	$(BIN)/python bench/simulation.py

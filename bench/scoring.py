@@ -1,4 +1,4 @@
-"""Scoring speed (METHOD.md section 5): vectorised over neurons vs a per-neuron Python loop, side by side in one run.
+"""Scoring speed (docs/method.md, Scores): vectorised over neurons vs a per-neuron Python loop, side by side in one run.
 
 On seeded synthetic data shaped as the assets score it: N neurons (explanations) x 10 sequences
 (5 top + 5 random) x 64 tokens, real activations (float32, half of them 0, as after an MLP's

@@ -1,4 +1,4 @@
-"""Simulation speed of the local simulator (METHOD.md section 4), three ways, side by side in one run.
+"""Simulation speed of the local simulator (docs/method.md, Simulation), three ways, side by side in one run.
 
 On the embedded SmolLM2-135M, the real few-shot simulator prefix and real 64-token windows of the
 embedded corpus (the Python docs), all under the same explanations:

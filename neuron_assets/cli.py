@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     p.set_defaults(run=explore)
     add_audit_parser(sub)
     args = parser.parse_args(argv)
-    # Dagster marks MultiToSingleDimensionPartitionMapping as beta at every use; the README says so once.
+    # Dagster marks MultiToSingleDimensionPartitionMapping as beta at every use; docs/operations.md says so once.
     from dagster import BetaWarning
 
     warnings.filterwarnings("ignore", category=BetaWarning)

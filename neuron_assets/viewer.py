@@ -18,6 +18,8 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 
+from neuron_assets.method.controls import is_control
+
 # Shading: real activations in orange, simulated ones in blue, alpha = value / scale (0..1).
 REAL_RGB = "255,140,0"
 SIM_RGB = "40,110,255"
@@ -218,7 +220,7 @@ def layer_page(layer: str, neurons: list[dict], title: str = "Neuron viewer", no
     rows = []
     for neuron in neurons:
         for v in neuron.get("variants", []):
-            if v["variant"].endswith("_shuffled"):
+            if is_control(v["variant"]):
                 continue
             rows.append({"layer": layer, "neuron": neuron["neuron"], "variant": v["variant"],
                          "detail": neuron.get("detail", True),

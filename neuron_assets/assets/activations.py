@@ -38,7 +38,7 @@ STATS_SCHEMA = {"neuron": pl.Int32, "mean": pl.Float64, "variance": pl.Float64, 
                 "kurtosis": pl.Float64, "max": pl.Float64, "n_tokens": pl.Int64,
                 "quantile_boundaries": pl.List(pl.Float64)}
 ENOUGH_RECORDS = "every_neuron_has_enough_records"
-SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (METHOD.md)
+SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (docs/method.md)
 
 
 def _tables(records: dict, stats: dict) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -8,7 +8,11 @@ import numpy as np
 import polars as pl
 from dagster import MetadataValue
 
+from neuron_assets.method.controls import SUFFIX
+
 OWNERS = ["team:interpretability"]
+# rows of a shuffled control (variant `<variant>_shuffled`), as a polars filter
+CONTROL_ROWS = pl.col("variant").str.ends_with(SUFFIX)
 LAYER = "layer"
 
 

@@ -1,4 +1,4 @@
-"""The published per-neuron JSON files (METHOD.md 7): exported_neurons[layer] writes them,
+"""The published per-neuron JSON files (docs/method.md, Interchange): exported_neurons[layer] writes them,
 imported_explanations[layer|shard] reads explanations in that layout and scores them beside ours."""
 
 import hashlib
@@ -17,6 +17,7 @@ from dagster import (
 from upath import UPath
 
 from neuron_assets.assets.common import (
+    CONTROL_ROWS,
     OWNERS,
     layer_and_shard,
     markdown_table,
@@ -24,7 +25,6 @@ from neuron_assets.assets.common import (
 )
 from neuron_assets.assets.explanations import SCHEMA, explanation_row
 from neuron_assets.automation import ON_CHANGE
-from neuron_assets.method.controls import SUFFIX
 from neuron_assets.method.interchange import (
     dumps,
     file_paths,
@@ -141,9 +141,9 @@ def build_exported_neurons(layout: Layout):
         present = [f"{layer_key}|{s}" for s in layout.shard_keys() if storage.exists("scores", f"{layer_key}|{s}")]
         if not present:
             raise FileNotFoundError(f"layer {layer_key} has no scores yet: materialize scores for its shards first")
-        scores = pl.concat([storage.read("scores", p) for p in present]).filter(~pl.col("variant").str.ends_with(SUFFIX))
+        scores = pl.concat([storage.read("scores", p) for p in present]).filter(~CONTROL_ROWS)
         sims = pl.concat([storage.read("simulations", p) for p in present]).filter(
-            ~pl.col("variant").str.ends_with(SUFFIX))
+            ~CONTROL_ROWS)
         neurons = sorted(scores["neuron"].unique().to_list())
         records = storage.read("neuron_records", layer_key, "records").filter(pl.col("neuron").is_in(neurons))
         stats = {r["neuron"]: r for r in storage.read("neuron_records", layer_key, "stats").filter(

@@ -21,6 +21,7 @@ from dagster import (
 )
 
 from neuron_assets.assets.common import (
+    CONTROL_ROWS,
     OWNERS,
     layer_and_shard,
     markdown_table,
@@ -34,8 +35,8 @@ from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import scores_in_range
 from neuron_assets.method.controls import SUFFIX
 from neuron_assets.method.scoring import score_neurons
-from neuron_assets.plots import png_markdown, score_by_layer, score_histogram
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
+from neuron_assets.plots import png_markdown, score_by_layer, score_histogram
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 
@@ -176,7 +177,7 @@ def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None) -> pl
       balanced accuracy over all negatives;
     - cost_usd: explainer + simulator for the variant, its control and its detection scores.
     """
-    control = pl.col("variant").str.ends_with(SUFFIX)
+    control = CONTROL_ROWS
     keys = ["layer", "variant", "method"]
     real, controls = scores.filter(~control), scores.filter(control)
     finite = pl.col("score_all").filter(pl.col("score_all").is_not_nan())
@@ -241,7 +242,7 @@ def _series(df: pl.DataFrame) -> pl.DataFrame:
 def _ranked_neurons(scores: pl.DataFrame, columns: list[str]) -> dict:
     """Metadata: the best and the worst neurons by score_all among the real variants (not the
     shuffled controls), NaN scores left out; best first, then worst first."""
-    finite = scores.filter(pl.col("score_all").is_not_nan() & ~pl.col("variant").str.ends_with(SUFFIX))
+    finite = scores.filter(pl.col("score_all").is_not_nan() & ~CONTROL_ROWS)
     best = finite.sort(["score_all", "layer", "neuron", "variant"], descending=[True, False, False, False])
     worst = finite.sort(["score_all", "layer", "neuron", "variant"])
     return {"best neurons": markdown_table(best.select(columns).head(RANKED)),
@@ -250,7 +251,7 @@ def _ranked_neurons(scores: pl.DataFrame, columns: list[str]) -> dict:
 
 def _score_histogram(scores: pl.DataFrame) -> MetadataValue:
     """score_all of the real variants, one series per variant; NaN scores counted in the title."""
-    real = _series(scores.filter(~pl.col("variant").str.ends_with(SUFFIX)))
+    real = _series(scores.filter(~CONTROL_ROWS))
     by_series = {name: rows["score_all"].to_list()
                  for (name,), rows in real.sort("series").group_by("series", maintain_order=True)}
     return MetadataValue.md(png_markdown(score_histogram(by_series), "score histogram"))

@@ -37,7 +37,7 @@ NO_SILENT_ZEROS = "no_silent_zero_simulations"
 
 
 def valid_split(kinds: dict) -> list[tuple[str, int, np.ndarray]]:
-    """The scored sequences: 5 valid top records, then 5 valid random records (METHOD.md)."""
+    """The scored sequences: 5 valid top records, then 5 valid random records (docs/method.md)."""
     top = split_top(kinds.get("top", []))["valid"]
     random = split_random(kinds.get("random", []))["valid"]
     return [("top", s, a) for s, a in top] + [("random", s, a) for s, a in random]

@@ -18,11 +18,11 @@ from dagster import (
 )
 from upath import UPath
 
-from neuron_assets.assets.common import OWNERS, records_of, viewer_page
+from neuron_assets.assets.common import CONTROL_ROWS, OWNERS, records_of, viewer_page
 from neuron_assets.assets.scores import quality_report, viewer_link
 from neuron_assets.automation import _code_changed, _dep_data_changed
 from neuron_assets.explorer import load_explained, run_windows, top_explained
-from neuron_assets.method.controls import SUFFIX
+from neuron_assets.method.controls import SUFFIX, is_control
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.files import is_local, s3_errors, write_atomic
@@ -51,7 +51,7 @@ ON_SCORES_CHANGE = (
 
 def _variant_key(variant: str) -> tuple:
     real = variant.removesuffix(SUFFIX)
-    return (variant.endswith(SUFFIX), real != "llm", real)
+    return (is_control(variant), real != "llm", real)
 
 
 def _write_page(path: str, page: str) -> str:
@@ -75,7 +75,7 @@ def _valid(kinds: dict, kind: str) -> list:
 
 def _section_neurons(scores: pl.DataFrame, limit: int) -> list[int]:
     """The neurons with a section: all of them, or the `limit` best by their best real score_all."""
-    best = (scores.filter(~pl.col("variant").str.ends_with(SUFFIX))
+    best = (scores.filter(~CONTROL_ROWS)
             .group_by("neuron").agg(pl.col("score_all").fill_nan(None).max().alias("best"))
             .sort(["best", "neuron"], descending=[True, False], nulls_last=True))
     return sorted(best["neuron"].head(limit).to_list())
@@ -91,7 +91,7 @@ def layer_neurons(scores: pl.DataFrame, sims: pl.DataFrame, records: pl.DataFram
     simulated: dict[int, dict[tuple[str, int], list]] = {}
     for neuron, variant, seq_id, expected in sims.filter(
             pl.col("neuron").is_in(list(detailed)) & pl.col("expected").is_not_null()
-            & ~pl.col("variant").str.ends_with(SUFFIX)).select("neuron", "variant", "seq_id", "expected").iter_rows():
+            & ~CONTROL_ROWS).select("neuron", "variant", "seq_id", "expected").iter_rows():
         simulated.setdefault(neuron, {})[(variant, seq_id)] = expected
     out = []
     for (neuron,), rows in scores.sort("neuron").group_by("neuron", maintain_order=True):

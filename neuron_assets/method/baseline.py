@@ -1,4 +1,4 @@
-"""Token baseline explainer: an explanation built without an LLM (METHOD.md 3).
+"""Token baseline explainer: an explanation built without an LLM (docs/method.md, Explanation).
 
 It names the tokens with the highest mean activation; a real explanation should beat it.
 """

@@ -1,4 +1,4 @@
-"""Detection and fuzzing scorers (EleutherAI "delphi", 2024; METHOD.md section 5).
+"""Detection and fuzzing scorers (EleutherAI "delphi", 2024; docs/method.md, Scores).
 
 An LLM judge reads one explanation and a batch of whole excerpts (token windows) and answers with a
 JSON list of 0/1, one per excerpt:

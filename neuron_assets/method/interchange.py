@@ -1,4 +1,4 @@
-"""The per-neuron JSON files of OpenAI's published neuron explanations (METHOD.md 7).
+"""The per-neuron JSON files of OpenAI's published neuron explanations (docs/method.md, Interchange).
 
 Two files per neuron, under the same relative paths as the published data:
 - `collated-activations/{layer}/{neuron}.json`: one NeuronRecord (records and statistics);
@@ -114,7 +114,7 @@ def simulation_results(layer: int, neuron: int, scored: list[dict]) -> dict:
     scored: one item per explanation, {"explanation": str, "sequences": [{"tokens": [str],
     "expected": array [T] (simulated, 0-10; NaN = failed token), "true": array [T]}], "scores":
     {"score_all", "rsquared", "abs_dev_explained"}}. The explanation-level scores are the given
-    pooled ones (METHOD.md 5); each sequence's scores are computed here on that sequence alone.
+    pooled ones (docs/method.md, Scores); each sequence's scores are computed here on that sequence alone.
     The explanation is written stripped, with one leading space (see `_continuation`)."""
     explanations = []
     for item in scored:

@@ -1,4 +1,4 @@
-"""Explainer and simulator prompts (METHOD.md sections 3 and 4).
+"""Explainer and simulator prompts (docs/method.md, Explanation and Simulation).
 
 A record is shown as `<start>`, one `token<TAB>value` line per token, `<end>`, with values on a
 0-10 scale. The explainer gets OpenAI-style chat messages; the simulator gets one plain-text

@@ -224,7 +224,7 @@ class RecordSampler:
         }
 
 
-# Hard negatives (delphi; METHOD.md section 5): windows that hold a neuron's top tokens but leave it
+# Hard negatives (delphi; docs/method.md, Scores): windows that hold a neuron's top tokens but leave it
 # silent. Found after the first pass: candidates from an inverted index of a bounded window sample,
 # then a second forward pass over the candidates only.
 HARD_NEGATIVE = "hard_negative"

@@ -1,4 +1,4 @@
-"""Simulation through a remote OpenAI-compatible API (METHOD.md section 4).
+"""Simulation through a remote OpenAI-compatible API (docs/method.md, Simulation).
 
 Three ways to get a prediction per token from a server, in order of preference (`METHODS`):
 

@@ -1,4 +1,4 @@
-"""Revising an explanation after showing the explainer where it failed (METHOD.md 1: revision
+"""Revising an explanation after showing the explainer where it failed (docs/method.md, Explanation: revision
 after counterexamples raised the paper's scores).
 
 The first explanation is simulated on held-out excerpts (the calibration split, never seen by

@@ -1,4 +1,4 @@
-"""Scores of simulated against real activations (METHOD.md 5).
+"""Scores of simulated against real activations (docs/method.md, Scores).
 
 Every score pools all tokens of all scored sequences and computes once; it is not a mean of
 per-sequence scores. Token positions where the simulation is NaN (a failed expected value) are

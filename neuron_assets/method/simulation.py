@@ -1,4 +1,4 @@
-"""Expected activations from the simulator's distribution over the values 0-10 (METHOD.md 4).
+"""Expected activations from the simulator's distribution over the values 0-10 (docs/method.md, Simulation).
 
 At the position after each `token<TAB>`, the simulator's next-token probabilities over the
 value tokens are kept, renormalised over those tokens only, and turned into an expected value.

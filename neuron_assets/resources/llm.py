@@ -57,7 +57,7 @@ def _local_simulator(model: str, cache: str, device: str, prefix: str, batch_siz
 
 
 class LocalSimulation:
-    """All at once, from the logits of a model in this process (METHOD.md section 4)."""
+    """All at once, from the logits of a model in this process (docs/method.md, Simulation)."""
 
     method = "all_at_once"
 

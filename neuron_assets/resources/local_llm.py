@@ -1,8 +1,8 @@
 """The in-process explainer and simulator: a Hugging Face causal LM already loaded by the caller.
 
-- `chat_text` / `generate_texts`: chat generation for the explainer (METHOD.md section 3), with
+- `chat_text` / `generate_texts`: chat generation for the explainer (docs/method.md, Explanation), with
   the prompts' shared few-shot prefix computed once, stopping at the end of the answer's first line.
-- `LocalSimulator`: the paper's "all at once" simulator (METHOD.md section 4). Instead of parsing
+- `LocalSimulator`: the paper's "all at once" simulator (docs/method.md, Simulation). Instead of parsing
   echoed prompt logprobs from an API, it reads the next-token distribution over the value tokens
   "0".."10" straight from the logits at every read position (the TAB after each token).
 
@@ -20,9 +20,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from neuron_assets.method.simulation import value_distribution
-
-VALUES = list(range(11))
+from neuron_assets.method.simulation import VALUES, value_distribution
 
 # Architectures whose attention ignores (or mishandles) a custom 4D attention mask in
 # transformers 5.24; chain mode then uses the slower one-forward-per-position path.
@@ -469,7 +467,7 @@ class LocalSimulator:
 
     @torch.inference_mode()
     def simulate_token_by_token(self, sequences: list[list[str]]) -> list[np.ndarray]:
-        """The same [T, 11] arrays as `simulate`, computed by METHOD.md's "token by token" method:
+        """The same [T, 11] arrays as `simulate`, computed by docs/method.md's "token by token" method:
         one forward call (batch of 1) per token on top of the cached prefix, feeding the segments
         up to and including token t and reading the next-token distribution at the last position.
         In chain mode the same call appends a "1" and also reads p("0") after it.

@@ -12,7 +12,7 @@
   Retry-After, on 429, 5xx, timeouts, connection errors and unparseable bodies; other 4xx fail at
   once; persistent failure raises `LLMRequestError` naming status, endpoint and model;
 - token and cost accounting from an editable price table (resources/prices.json);
-- `probe()`: which simulation method the endpoint supports (METHOD.md section 4).
+- `probe()`: which simulation method the endpoint supports (docs/method.md, Simulation).
 
 No Dagster import: the Dagster resource wraps this class.
 """
