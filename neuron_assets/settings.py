@@ -5,7 +5,8 @@ the tests and a user's study. `SETTINGS` lists them for the README and `neuron-a
 """
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 EMBEDDED_MODEL = "embedded"
@@ -42,6 +43,40 @@ class Setting:
     default: str
     help: str
     enters: str = NO_RESULT  # a SOURCES name, GRAPH, PARTITIONS or NO_RESULT
+    low: int | None = None  # a whole number, at least `low` (and at most `high`)
+    high: int | None = None
+    choices: tuple[str, ...] = ()  # one of these words
+    path: str = ""  # "storage" (made absolute unless s3://), "shipped" (relative to the repository), "user" (~)
+
+    @property
+    def field(self) -> str:
+        """The `Settings` field it fills (NEURON_ASSETS_SEQ_LEN -> seq_len)."""
+        return self.env.removeprefix("NEURON_ASSETS_").lower()
+
+    def parse(self, raw: str):
+        """The value of this setting from its raw text (the default when empty); a ValueError names
+        the variable, the value and what to write instead."""
+        raw = raw.strip() or self.default
+        if self.choices:
+            if raw not in self.choices:
+                raise ValueError(f"{self.env}={raw!r}: use {' or '.join(repr(c) for c in self.choices)}")
+            return raw
+        if self.low is not None:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValueError(f"{self.env}={raw!r} is not a whole number") from None
+            if value < self.low or (self.high is not None and value > self.high):
+                bound = f"between {self.low} and {self.high}" if self.high is not None else f"at least {self.low}"
+                raise ValueError(f"{self.env}={value} must be {bound}")
+            return value
+        if self.path == "storage":
+            return raw if "://" in raw else str(Path(raw).expanduser().resolve())
+        if self.path == "shipped":
+            return str(_repo_path(raw))
+        if self.path == "user":
+            return str(Path(raw).expanduser())
+        return raw
 
 
 SETTINGS = (
@@ -53,58 +88,58 @@ SETTINGS = (
             "corpus: 'python-docs' (the standard library's English documentation) or a local or "
             "s3:// .txt, .jsonl or .parquet file (or a directory of them)", enters="corpus_source"),
     Setting("NEURON_ASSETS_TEXT_COLUMN", "text", "text column/field of .jsonl and .parquet corpora", enters="corpus_source"),
-    Setting("NEURON_ASSETS_MAX_WINDOWS", "0", "use only the first N token windows (0 = all)", enters="tokenization"),
-    Setting("NEURON_ASSETS_SEQ_LEN", "64", "tokens per window", enters="tokenization"),
+    Setting("NEURON_ASSETS_MAX_WINDOWS", "0", "use only the first N token windows (0 = all)", enters="tokenization", low=0),
+    Setting("NEURON_ASSETS_SEQ_LEN", "64", "tokens per window", enters="tokenization", low=2),
     Setting("NEURON_ASSETS_LAYERS", "all", "layer partitions: 'all', '0-2' or '0,5,10'", enters=PARTITIONS),
-    Setting("NEURON_ASSETS_SHARDS", "8", "neuron shards per layer (under 100)", enters=PARTITIONS),
+    Setting("NEURON_ASSETS_SHARDS", "8", "neuron shards per layer (under 100)", enters=PARTITIONS, low=1, high=99),
     Setting("NEURON_ASSETS_NEURONS", "all",
             "neurons explained and scored per shard: 'all', 'first:N', or 'list:3,17,1200' (layer indices)", enters="neuron_selection"),
-    Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)", enters="sampling"),
-    Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)", enters="sampling"),
-    Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling", enters="sampling"),
-    Setting("NEURON_ASSETS_BATCH_SIZE", "16", "windows per forward pass of the subject model"),
+    Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)", enters="sampling", low=20),
+    Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)", enters="sampling", low=15),
+    Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling", enters="sampling", low=0),
+    Setting("NEURON_ASSETS_BATCH_SIZE", "16", "windows per forward pass of the subject model", low=1),
     Setting("NEURON_ASSETS_DEVICE", "auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0'"),
     Setting("NEURON_ASSETS_EXPLAINER_BACKEND", "local",
-            "explainer backend: 'local' (transformers in this process) or 'openai' (any OpenAI-compatible endpoint)", enters="explainer"),
+            "explainer backend: 'local' (transformers in this process) or 'openai' (any OpenAI-compatible endpoint)", enters="explainer", choices=("local", "openai")),
     Setting("NEURON_ASSETS_EXPLAINER_MODEL", EMBEDDED_MODEL,
             "explainer model: for 'local' like NEURON_ASSETS_MODEL; for 'openai' the served model name", enters="explainer"),
     Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)", enters="explainer"),
     Setting("NEURON_ASSETS_EXPLAINER_API_KEY", "", "explainer API key (secret: read from the environment at run time, "
             "never stored; OPENAI_API_KEY is used when unset)"),
-    Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'", enters="simulator"),
+    Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'", enters="simulator", choices=("local", "openai")),
     Setting("NEURON_ASSETS_SIMULATOR_MODEL", EMBEDDED_MODEL, "simulator model (as for the explainer)", enters="simulator"),
     Setting("NEURON_ASSETS_SIMULATOR_BASE_URL", "", "simulator endpoint (empty: OpenAI)", enters="simulator"),
     Setting("NEURON_ASSETS_SIMULATOR_API_KEY", "", "simulator API key (secret, like the explainer's)"),
     Setting("NEURON_ASSETS_SIMULATION_METHOD", "auto",
-            "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'", enters="simulator"),
+            "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'", enters="simulator", choices=("auto", "all_at_once", "chat_logprobs", "json")),
     Setting("NEURON_ASSETS_REVISION", "on",
             "'on': a 'revised' variant per neuron, written after showing the explainer held-out excerpts "
-            "where its first explanation predicted badly; 'off' skips it", enters=GRAPH),
+            "where its first explanation predicted badly; 'off' skips it", enters=GRAPH, choices=("on", "off")),
     Setting("NEURON_ASSETS_CONTROL", "shuffled",
             "'shuffled': every variant also scored on explanations of other neurons of the shard (its "
-            "control; doubles simulation cost); 'none' skips controls", enters="controls"),
+            "control; doubles simulation cost); 'none' skips controls", enters="controls", choices=("shuffled", "none")),
     Setting("NEURON_ASSETS_DETECTION", "on",
             "'on': detection and fuzzing scores (the simulator LLM judges whole excerpts, with random and "
-            "hard negatives); 'off' skips them", enters=GRAPH),
+            "hard negatives); 'off' skips them", enters=GRAPH, choices=("on", "off")),
     Setting("NEURON_ASSETS_IMPORT_FROM", "",
             "a local or s3:// folder of explanations in the published layout (explanations/<layer>/<neuron>.jsonl) "
             "scored beside ours as the 'imported' variant (empty: none)", enters="import_source"),
-    Setting("NEURON_ASSETS_LLM_RPM", "0", "requests per minute per endpoint (0 = no limit)"),
-    Setting("NEURON_ASSETS_LLM_TPM", "0", "tokens per minute per endpoint (0 = no limit)"),
-    Setting("NEURON_ASSETS_LLM_CONCURRENCY", "4", "requests in flight per endpoint"),
-    Setting("NEURON_ASSETS_LLM_TIMEOUT", "60", "seconds before a request times out (then it is retried)"),
-    Setting("NEURON_ASSETS_LLM_RETRIES", "5", "retries on 429, 5xx and timeouts (exponential backoff with jitter)"),
-    Setting("NEURON_ASSETS_PRICES", "resources/prices.json", "price table, USD per million tokens per model"),
+    Setting("NEURON_ASSETS_LLM_RPM", "0", "requests per minute per endpoint (0 = no limit)", low=0),
+    Setting("NEURON_ASSETS_LLM_TPM", "0", "tokens per minute per endpoint (0 = no limit)", low=0),
+    Setting("NEURON_ASSETS_LLM_CONCURRENCY", "4", "requests in flight per endpoint", low=1),
+    Setting("NEURON_ASSETS_LLM_TIMEOUT", "60", "seconds before a request times out (then it is retried)", low=1),
+    Setting("NEURON_ASSETS_LLM_RETRIES", "5", "retries on 429, 5xx and timeouts (exponential backoff with jitter)", low=0),
+    Setting("NEURON_ASSETS_PRICES", "resources/prices.json", "price table, USD per million tokens per model", path="shipped"),
     Setting("NEURON_ASSETS_STORAGE", "data",
-            "storage root of every Parquet table and of the LLM response cache (<root>/llm_cache)"),
+            "storage root of every Parquet table and of the LLM response cache (<root>/llm_cache)", path="storage"),
     Setting("NEURON_ASSETS_CACHE", "~/.cache/neuron_assets",
-            "where converted model weights are cached (the GGUF model is converted once)"),
+            "where converted model weights are cached (the GGUF model is converted once)", path="user"),
     Setting("NEURON_ASSETS_WORKERS", "1",
             "runs at once within a stage of `neuron-assets demo` (e.g. the layer x shard runs); above 1, "
-            "each step runs in its own process (multiprocess executor) and the 'llm' pool limits LLM steps"),
+            "each step runs in its own process (multiprocess executor) and the 'llm' pool limits LLM steps", low=1),
     Setting("NEURON_ASSETS_EXECUTOR", "multiprocess",
             "executor of runs launched from the UI or a daemon: 'multiprocess' (one process per step, "
-            "on this machine) or 'k8s' (one Kubernetes pod per step; resources/k8s/executor.yaml)"),
+            "on this machine) or 'k8s' (one Kubernetes pod per step; resources/k8s/executor.yaml)", choices=("multiprocess", "k8s")),
     Setting("AWS_ENDPOINT_URL", "", "S3-compatible server of s3:// paths, e.g. http://minio:9000 "
             "(unset: AWS itself); read by botocore"),
     Setting("AWS_ACCESS_KEY_ID", "", "S3 access key id (or any source of botocore's credential chain)"),
@@ -146,23 +181,6 @@ def _repo_path(path: str) -> Path:
     return p if p.is_absolute() else Path(__file__).resolve().parents[1] / p
 
 
-def _env(name: str) -> str:
-    setting = next(s for s in SETTINGS if s.env == name)
-    return os.environ.get(name, "").strip() or setting.default
-
-
-def _int(name: str, low: int, high: int | None = None) -> int:
-    raw = _env(name)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a whole number") from None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name}={value} must be {bound}")
-    return value
-
-
 @dataclass(frozen=True)
 class Settings:
     model: str
@@ -193,74 +211,34 @@ class Settings:
     prices: str
     storage: str
     cache: str
-    workers: int = 1
-    executor: str = "multiprocess"
-    revision: str = "on"
-    control: str = "shuffled"
-    detection: str = "on"
-    import_from: str = ""
+    workers: int
+    executor: str
+    revision: str
+    control: str
+    detection: str
+    import_from: str
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        storage = _env("NEURON_ASSETS_STORAGE")
-        if "://" not in storage:
-            storage = str(Path(storage).expanduser().resolve())
-        for role in ("EXPLAINER", "SIMULATOR"):
-            backend = _env(f"NEURON_ASSETS_{role}_BACKEND")
-            if backend not in ("local", "openai"):
-                raise ValueError(f"NEURON_ASSETS_{role}_BACKEND={backend!r}: use 'local' or 'openai'")
-        executor = _env("NEURON_ASSETS_EXECUTOR")
-        if executor not in ("multiprocess", "k8s"):
-            raise ValueError(f"NEURON_ASSETS_EXECUTOR={executor!r}: use 'multiprocess' or 'k8s'")
-        for name, allowed in (("REVISION", ("on", "off")), ("CONTROL", ("shuffled", "none")),
-                              ("DETECTION", ("on", "off"))):
-            if _env(f"NEURON_ASSETS_{name}") not in allowed:
-                raise ValueError(f"NEURON_ASSETS_{name}={_env(f'NEURON_ASSETS_{name}')!r}: use "
-                                 f"{' or '.join(repr(a) for a in allowed)}")
-        method = _env("NEURON_ASSETS_SIMULATION_METHOD")
-        if method not in ("auto", "all_at_once", "chat_logprobs", "json"):
-            raise ValueError(f"NEURON_ASSETS_SIMULATION_METHOD={method!r}: use auto, all_at_once, chat_logprobs or json")
-        return cls(
-            model=_env("NEURON_ASSETS_MODEL"),
-            corpus=_env("NEURON_ASSETS_CORPUS"),
-            text_column=_env("NEURON_ASSETS_TEXT_COLUMN"),
-            max_windows=_int("NEURON_ASSETS_MAX_WINDOWS", 0),
-            seq_len=_int("NEURON_ASSETS_SEQ_LEN", 2),
-            layers=_env("NEURON_ASSETS_LAYERS"),
-            shards=_int("NEURON_ASSETS_SHARDS", 1, 99),
-            neurons=_env("NEURON_ASSETS_NEURONS"),
-            top_records=_int("NEURON_ASSETS_TOP_RECORDS", 20),
-            random_records=_int("NEURON_ASSETS_RANDOM_RECORDS", 15),
-            seed=_int("NEURON_ASSETS_SEED", 0),
-            batch_size=_int("NEURON_ASSETS_BATCH_SIZE", 1),
-            device=_env("NEURON_ASSETS_DEVICE"),
-            explainer_backend=_env("NEURON_ASSETS_EXPLAINER_BACKEND"),
-            explainer_model=_env("NEURON_ASSETS_EXPLAINER_MODEL"),
-            explainer_base_url=_env("NEURON_ASSETS_EXPLAINER_BASE_URL"),
-            simulator_backend=_env("NEURON_ASSETS_SIMULATOR_BACKEND"),
-            simulator_model=_env("NEURON_ASSETS_SIMULATOR_MODEL"),
-            simulator_base_url=_env("NEURON_ASSETS_SIMULATOR_BASE_URL"),
-            simulation_method=method,
-            llm_rpm=_int("NEURON_ASSETS_LLM_RPM", 0),
-            llm_tpm=_int("NEURON_ASSETS_LLM_TPM", 0),
-            llm_concurrency=_int("NEURON_ASSETS_LLM_CONCURRENCY", 1),
-            llm_timeout=_int("NEURON_ASSETS_LLM_TIMEOUT", 1),
-            llm_retries=_int("NEURON_ASSETS_LLM_RETRIES", 0),
-            prices=str(_repo_path(_env("NEURON_ASSETS_PRICES"))),
-            storage=storage,
-            cache=str(Path(_env("NEURON_ASSETS_CACHE")).expanduser()),
-            workers=_int("NEURON_ASSETS_WORKERS", 1),
-            executor=executor,
-            revision=_env("NEURON_ASSETS_REVISION"),
-            control=_env("NEURON_ASSETS_CONTROL"),
-            detection=_env("NEURON_ASSETS_DETECTION"),
-            import_from=_env("NEURON_ASSETS_IMPORT_FROM"),
-        )
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """The settings from the environment (or `environ`), each parsed by its declaration in
+        `SETTINGS`; every bad value is reported at once, one line each."""
+        environ = os.environ if environ is None else environ
+        by_field = {s.field: s for s in SETTINGS}
+        values, problems = {}, []
+        for f in fields(cls):
+            setting = by_field[f.name]
+            try:
+                values[f.name] = setting.parse(environ.get(setting.env, ""))
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return cls(**values)
 
     def environment(self) -> dict[str, str]:
         """These settings as the environment variables that give them back through `from_env`
         (what a child process, such as a multiprocess step, reads)."""
-        names = {s.env.removeprefix("NEURON_ASSETS_").lower(): s.env for s in SETTINGS}
+        names = {s.field: s.env for s in SETTINGS}
         return {names[field]: str(value) for field, value in vars(self).items()}
 
 

@@ -8,7 +8,7 @@ from neuron_assets.definitions import build_definitions
 from neuron_assets.graph import shape_of
 from neuron_assets.runs import materialize_runs, shard_keys
 from neuron_assets.resources.storage import TableStorage
-from neuron_assets.settings import Settings
+from neuron_assets.settings import SETTINGS, Settings
 
 
 def write_corpus(path: Path, n_docs: int = 40) -> Path:
@@ -21,18 +21,18 @@ def write_corpus(path: Path, n_docs: int = 40) -> Path:
 
 
 def tiny_settings(model: Path, tmp: Path, **overrides) -> Settings:
-    base = Settings(
-        model=str(model), corpus=str(write_corpus(tmp / "corpus.jsonl")), text_column="text", max_windows=120,
-        seq_len=16, layers="all", shards=2, neurons="first:2", top_records=20, random_records=15, seed=0,
-        batch_size=16, device="cpu", explainer_backend="local", explainer_model=str(model), explainer_base_url="",
-        simulator_backend="local", simulator_model=str(model), simulator_base_url="", simulation_method="auto",
-        llm_rpm=0, llm_tpm=0, llm_concurrency=4, llm_timeout=60, llm_retries=5,
-        prices=str(Path(__file__).resolve().parents[1] / "resources" / "prices.json"),
-        storage=str(tmp / "data"), cache=str(tmp / "cache"),
+    """Settings for a tiny model on a small corpus, parsed from the declaration like the
+    environment's; `overrides` by field name (seq_len=16)."""
+    values = dict(
+        model=model, corpus=write_corpus(tmp / "corpus.jsonl"), max_windows=120, seq_len=16, shards=2,
+        neurons="first:2", top_records=20, random_records=15, device="cpu", explainer_model=model,
+        simulator_model=model, storage=tmp / "data", cache=tmp / "cache",
         # the extra stages are tested on their own (test_quality.py); off here to keep plumbing tests fast
         revision="off", control="none", detection="off",
     )
-    return replace(base, **overrides)
+    values.update(overrides)
+    env = {s.env: str(values[s.field]) for s in SETTINGS if s.field in values}
+    return Settings.from_env(env)
 
 
 def remote(settings: Settings, server) -> Settings:

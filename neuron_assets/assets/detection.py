@@ -41,6 +41,7 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.seeds import unit_seed
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "detection": pl.Float64, "detection_random": pl.Float64, "detection_hard": pl.Float64,
@@ -101,7 +102,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
             positives = splits["valid"] + splits["test"]
             peak = max(float(a.max()) for _, a in kinds["top"])
             negatives = (kinds.get("random", [])[:NEGATIVES], kinds.get("hard_negative", [])[:NEGATIVES])
-            seed = study.seed * 1_000_003 + e["layer"] * 10_007 + e["neuron"]
+            seed = unit_seed(study.seed, e["layer"], e["neuron"])
             scored, usage, errors = {}, Counter(), []
             for scorer, examples in (
                 ("detection", detection_examples(positives, *negatives, peak)),

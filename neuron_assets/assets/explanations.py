@@ -37,6 +37,7 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.seeds import unit_seed
 from neuron_assets.versions import digest
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
@@ -157,7 +158,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         clock = ModelClock()
         for start in range(0, len(pending), explainer.batch_size):
             batch = pending[start : start + explainer.batch_size]
-            seeds = [study.seed * 1_000_003 + layer * 10_007 + neuron for neuron, _, _ in batch]
+            seeds = [unit_seed(study.seed, layer, neuron) for neuron, _, _ in batch]
             try:
                 with clock.running():
                     answers = explainer.complete([messages for _, _, messages in batch], seeds)

@@ -34,6 +34,7 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.seeds import REVISE, unit_seed
 from neuron_assets.versions import digest
 
 REVISED_SCHEMA = {**SCHEMA, "revised_from": pl.String, "misses": pl.Int32, "false_alarms": pl.Int32}
@@ -128,7 +129,7 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
 
         for start in range(0, len(pending), explainer.batch_size):
             batch = pending[start : start + explainer.batch_size]
-            seeds = [study.seed * 1_000_003 + layer * 10_007 + e["neuron"] + 1 for e, *_ in batch]
+            seeds = [unit_seed(study.seed, layer, e["neuron"], REVISE) for e, *_ in batch]
             try:
                 with clock.running():
                     answers = explainer.complete([messages for _, _, messages, *_ in batch], seeds)
