@@ -61,10 +61,14 @@ def _code_changed() -> AutomationCondition:
 # unchanged corpus would rerun every layer; and only for partitions that exist: eager() would also
 # fill every never-run shard of a layer whose records changed. code_version_changed() alone selects
 # every partition, materialized or not, hence the guards in _code_changed().
-ON_CHANGE = (
-    (AutomationCondition.eager().replace("any_deps_updated", _dep_data_changed()) & ~AutomationCondition.missing())
-    | _code_changed()
-).with_label("on_change")
+def on_change(ignoring: AssetSelection | None = None, label: str = "on_change") -> AutomationCondition:
+    """ON_CHANGE, not reacting to new data versions of the `ignoring` dependencies."""
+    changed = _dep_data_changed() if ignoring is None else _dep_data_changed().ignore(ignoring)
+    eager = AutomationCondition.eager().replace("any_deps_updated", changed) & ~AutomationCondition.missing()
+    return (eager | _code_changed()).with_label(label)
+
+
+ON_CHANGE = on_change()
 
 
 automation_sensor = AutomationConditionSensorDefinition(

@@ -22,8 +22,7 @@ def dagster_home(create: bool = True) -> Path:
 
 
 def open_instance(create: bool = True):
-    from dagster import DagsterInstance
-    from dagster._core.errors import DagsterInvalidConfigError
+    from dagster import DagsterInstance, DagsterInvalidConfigError
 
     config = dagster_home(create) / "dagster.yaml"
     try:

@@ -31,10 +31,15 @@ from dagster import Definitions, Field, logger
 
 FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # dagster's console format
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
-# The message of assets.common.Progress.advance
+# A progress line: written by `progress_line` (assets.common.Progress), read back by `parse_progress`.
 PROGRESS = re.compile(r"^(?P<what>.+): (?P<done>\d+)/(?P<total>\d+) \((?P<pct>\d+)%\), "
                       r"(?P<rate>[0-9.]+|inf|nan)/s, ETA (?P<eta>[0-9]+|inf|nan) s$")
 BAR_WIDTH = 10
+
+
+def progress_line(what: str, done: int, total: int, rate: float, eta: float) -> str:
+    """`what: done/total (pct%), rate/s, ETA eta s`, the line `parse_progress` reads."""
+    return f"{what}: {done}/{total} ({100 * done / max(total, 1):.0f}%), {rate:.1f}/s, ETA {eta:.0f} s"
 
 
 def parse_progress(message: str) -> dict | None:

@@ -22,6 +22,7 @@ Stale = tuple[str, str | None, str]  # (asset, partition or None, reason)
 
 
 def _resolver(instance, asset_graph):
+    # internal: the per-partition stale status the UI shows has no public API (1.13)
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._core.definitions.temporal_context import TemporalContext
@@ -49,6 +50,7 @@ def stale_partitions(defs, instance, include_missing: bool = True) -> list[Stale
     without neuron_records, or shards of layers that were never run. Only one step of staleness
     is visible at a time (Dagster's staleness is not transitive); see `refresh`.
     """
+    # internal: the stale status values and "never materialized" marker of that resolver
     from dagster._core.definitions.data_version import NULL_DATA_VERSION, DataProvenance, StaleStatus
 
     graph = asset_graph(defs)
@@ -119,6 +121,7 @@ def stale_partitions(defs, instance, include_missing: bool = True) -> list[Stale
 def downstream(defs, instance, stale: list[Stale]) -> list[tuple[str, str | None]]:
     """The materialized partitions downstream of `stale`, in stage order: what may become stale once
     `stale` is recomputed (if its data versions change): a dry run's upper bound."""
+    # internal: the resolver's marker and the (asset, partition) key of the asset graph's child walk
     from dagster._core.definitions.data_version import NULL_DATA_VERSION
     from dagster._core.definitions.events import AssetKeyPartitionKey
 

@@ -131,6 +131,7 @@ def partition_tags(defs, selection, partition) -> dict[str, str]:
 def _run_in_subprocesses(instance_ref, job_name: str, selection, tags: dict) -> str | None:
     """One run, each step in its own process; its failure as a message (None when it succeeded)."""
     from dagster import AssetKey, BetaWarning, DagsterInstance, execute_job
+    # internal: no public API rebuilds a job of a repository built by a function, in a new process
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
     warnings.filterwarnings("ignore", category=BetaWarning)

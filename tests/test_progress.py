@@ -14,7 +14,13 @@ from types import SimpleNamespace
 import pytest
 
 from neuron_assets.assets.common import Progress
-from neuron_assets.progress import ProgressBarHandler, parse_progress, progress_console_logger, with_progress_bar
+from neuron_assets.progress import (
+    ProgressBarHandler,
+    parse_progress,
+    progress_console_logger,
+    progress_line,
+    with_progress_bar,
+)
 
 WHAT = "forward pass, layers 00..01, windows"
 BAR = re.compile(r"forward pass, layers 00\.\.01 \[(?P<bar>[#-]{10})\] (?P<pct>\d+)% (?P<done>\d+)/4 windows "
@@ -132,6 +138,9 @@ def test_parse_progress_reads_progress_messages_only():
     assert parse_progress("windows: 0/5 (0%), 0.0/s, ETA inf s")["eta"] == "inf"
     assert parse_progress("neurons scored: 3/8") is None
     assert parse_progress("loaded 8 neurons (100%)") is None
+    # the writer's line reads back whole (one format, written and read in progress.py)
+    assert parse_progress(progress_line("simulating 00|0000-0191, explanations", 5, 12, 0.25, float("inf"))) == {
+        "what": "simulating 00|0000-0191, explanations", "done": 5, "total": 12, "pct": 42, "rate": 0.2, "eta": "inf"}
 
 
 RUN = f"""

@@ -9,6 +9,7 @@ import polars as pl
 from dagster import MetadataValue
 
 from neuron_assets.method.controls import SUFFIX
+from neuron_assets.progress import progress_line
 
 OWNERS = ["team:interpretability"]
 # rows of a shuffled control (variant `<variant>_shuffled`), as a polars filter
@@ -62,10 +63,7 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.context.log.info(
-                f"{self.what}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
-                f"{rate:.1f}/s, ETA {eta:.0f} s"
-            )
+            self.context.log.info(progress_line(self.what, self.done, self.total, rate, eta))
 
     @property
     def seconds(self) -> float:

@@ -10,7 +10,6 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AssetSelection,
-    AutomationCondition,
     DataVersion,
     MaterializeResult,
     MultiToSingleDimensionPartitionMapping,
@@ -20,7 +19,7 @@ from upath import UPath
 
 from neuron_assets.assets.common import CONTROL_ROWS, OWNERS, records_of, viewer_page
 from neuron_assets.assets.scores import quality_report, viewer_link
-from neuron_assets.automation import _code_changed, _dep_data_changed
+from neuron_assets.automation import on_change
 from neuron_assets.explorer import load_explained, run_windows, top_explained
 from neuron_assets.method.controls import SUFFIX, is_control
 from neuron_assets.method.records import split_random, split_top
@@ -43,10 +42,7 @@ SHOWN_RECORDS = 5  # top and random records per neuron: the valid split (what th
 # these pages through scores, which rerun after them; reacting to them directly would write pages of
 # new records beside old simulations first, then again once the scores follow.
 _UPSTREAM_OF_SCORES = AssetSelection.assets("neuron_records", "corpus_tokens")
-ON_SCORES_CHANGE = (
-    AutomationCondition.eager().replace("any_deps_updated", _dep_data_changed().ignore(_UPSTREAM_OF_SCORES))
-    | _code_changed()
-).with_label("on_change_after_scores")
+ON_SCORES_CHANGE = on_change(ignoring=_UPSTREAM_OF_SCORES, label="on_change_after_scores")
 
 
 def _variant_key(variant: str) -> tuple:
