@@ -21,7 +21,6 @@ else the step writes.
 """
 
 import logging
-import re
 import shutil
 import sys
 import threading
@@ -29,27 +28,11 @@ import weakref
 
 from dagster import Definitions, Field, logger
 
+from neuron_assets.stages.timing import parse_progress
+
 FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # dagster's console format
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
-# A progress line: written by `progress_line` (assets.common.Progress), read back by `parse_progress`.
-PROGRESS = re.compile(r"^(?P<what>.+): (?P<done>\d+)/(?P<total>\d+) \((?P<pct>\d+)%\), "
-                      r"(?P<rate>[0-9.]+|inf|nan)/s, ETA (?P<eta>[0-9]+|inf|nan) s$")
 BAR_WIDTH = 10
-
-
-def progress_line(what: str, done: int, total: int, rate: float, eta: float) -> str:
-    """`what: done/total (pct%), rate/s, ETA eta s`, the line `parse_progress` reads."""
-    return f"{what}: {done}/{total} ({100 * done / max(total, 1):.0f}%), {rate:.1f}/s, ETA {eta:.0f} s"
-
-
-def parse_progress(message: str) -> dict | None:
-    """The fields of a Progress message (what, done, total, pct, rate, eta), or None for another message."""
-    match = PROGRESS.match(message.strip())
-    if match is None:
-        return None
-    fields = match.groupdict()
-    return {"what": fields["what"], "done": int(fields["done"]), "total": int(fields["total"]),
-            "pct": int(fields["pct"]), "rate": float(fields["rate"]), "eta": fields["eta"]}
 
 
 def render_bar(progress: dict, width: int = BAR_WIDTH) -> str:

@@ -9,18 +9,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from neuron_assets.assets.common import Progress
-from neuron_assets.progress import (
-    ProgressBarHandler,
-    parse_progress,
-    progress_console_logger,
-    progress_line,
-    with_progress_bar,
-)
+from neuron_assets.progress import ProgressBarHandler, progress_console_logger
+from neuron_assets.stages.timing import Progress, parse_progress, progress_line
 
 WHAT = "forward pass, layers 00..01, windows"
 BAR = re.compile(r"forward pass, layers 00\.\.01 \[(?P<bar>[#-]{10})\] (?P<pct>\d+)% (?P<done>\d+)/4 windows "
@@ -70,7 +63,7 @@ def log():
 
 
 def steps(logger: logging.Logger, n: int, total: int = 4) -> Progress:
-    progress = Progress(SimpleNamespace(log=logger), total, WHAT, every=0.0)  # every advance logs
+    progress = Progress(logger.info, total, WHAT, every=0.0)  # every advance logs
     for _ in range(n):
         progress.advance()
     return progress
@@ -138,7 +131,7 @@ def test_parse_progress_reads_progress_messages_only():
     assert parse_progress("windows: 0/5 (0%), 0.0/s, ETA inf s")["eta"] == "inf"
     assert parse_progress("neurons scored: 3/8") is None
     assert parse_progress("loaded 8 neurons (100%)") is None
-    # the writer's line reads back whole (one format, written and read in progress.py)
+    # the writer's line reads back whole (one format, written and read in stages/timing.py)
     assert parse_progress(progress_line("simulating 00|0000-0191, explanations", 5, 12, 0.25, float("inf"))) == {
         "what": "simulating 00|0000-0191, explanations", "done": 5, "total": 12, "pct": 42, "rate": 0.2, "eta": "inf"}
 
@@ -146,13 +139,13 @@ def test_parse_progress_reads_progress_messages_only():
 RUN = f"""
 import json, sys
 from dagster import Definitions, asset, instance_for_test
-from neuron_assets.assets.common import Progress
+from neuron_assets.stages.timing import Progress
 from neuron_assets.progress import with_progress_bar
 
 @asset
 def counted(context) -> None:
     context.log.info("starting")
-    progress = Progress(context, 4, {WHAT!r}, every=0.0)
+    progress = Progress(context.log.info, 4, {WHAT!r}, every=0.0)
     for _ in range(4):
         progress.advance()
     context.log.info("finished")
@@ -258,9 +251,10 @@ class Captured(Exception):
 def test_refresh_installs_the_progress_bar(monkeypatch, tmp_path):
     """`neuron-assets refresh` hands definitions with the progress console logger to its runs
     (stopped there: what it then runs is test_staleness' business)."""
+    from tiny_models import build_tiny_model
+
     import neuron_assets.cli as cli
     import neuron_assets.refresh as refresh
-    from tiny_models import build_tiny_model
 
     model = build_tiny_model("gpt2", tmp_path / "model", n_layers=2)
     for name, value in {"MODEL": model, "STORAGE": tmp_path / "data", "CACHE": tmp_path / "cache",

@@ -18,7 +18,7 @@ from dagster import (
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, ModelClock, Progress, percentiles
+from neuron_assets.assets.common import OWNERS, percentiles
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.method.records import (
@@ -31,6 +31,7 @@ from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
+from neuron_assets.stages.timing import ModelClock, Progress
 
 RECORDS_SCHEMA = {"neuron": pl.Int32, "kind": pl.String, "rank": pl.Int32, "seq_id": pl.Int32,
                   "activations": pl.List(pl.Float32)}
@@ -101,7 +102,7 @@ def build_neuron_records(layout: Layout):
                                  quantile_pool=max(50, study.random_records), seed=study.seed * 1000 + layer)
             for layer in layers
         }
-        progress = Progress(context, len(token_ids), f"forward pass, layers {keys[0]}..{keys[-1]}, windows")
+        progress = Progress(context.log.info, len(token_ids), f"forward pass, layers {keys[0]}..{keys[-1]}, windows")
         clock = ModelClock()
         # numpy releases the GIL inside its loops, so the layers' samplers run side by side
         with ThreadPoolExecutor(max_workers=min(len(layers), os.cpu_count() or 1)) as pool:
@@ -119,7 +120,7 @@ def build_neuron_records(layout: Layout):
                                                       seed=study.seed * 1000 + layer, sample_seed=study.seed),
                 layers)))
             union = np.unique(np.concatenate([hard[layer].windows() for layer in layers]))
-            second = Progress(context, len(union), f"second pass ({HARD_NEGATIVE}), layers {keys[0]}..{keys[-1]}, "
+            second = Progress(context.log.info, len(union), f"second pass ({HARD_NEGATIVE}), layers {keys[0]}..{keys[-1]}, "
                               "windows")
             for start, acts in clock.timed(subject_model.neuron_activations(token_ids[union], layers)):
                 seq_ids = union[start : start + len(acts[layers[0]])]

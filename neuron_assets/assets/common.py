@@ -1,15 +1,12 @@
 """Small helpers shared by the asset modules: partition keys, record lookup, progress, metadata."""
 
 import hashlib
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import polars as pl
 from dagster import MetadataValue
 
 from neuron_assets.method.controls import SUFFIX
-from neuron_assets.progress import progress_line
 
 OWNERS = ["team:interpretability"]
 # rows of a shuffled control (variant `<variant>_shuffled`), as a polars filter
@@ -46,54 +43,6 @@ def previous_rows(storage, asset: str, partition: str) -> pl.DataFrame | None:
 
 def tokens_by_seq(corpus_tokens: pl.DataFrame) -> dict[int, list[str]]:
     return dict(zip(corpus_tokens["seq_id"].to_list(), corpus_tokens["tokens"].to_list()))
-
-
-class Progress:
-    """Logs 'what: done/total, rate, ETA' at most every `every` seconds (and at the end)."""
-
-    def __init__(self, context, total: int, what: str, every: float = 10.0):
-        self.context, self.total, self.what, self.every = context, total, what, every
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.context.log.info(progress_line(self.what, self.done, self.total, rate, eta))
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
-
-
-class ModelClock:
-    """Seconds spent inside the models (forward passes, generation, simulation): what is left of
-    a step's time is orchestration and I/O, reported beside it in the metadata."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    @contextmanager
-    def running(self):
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.seconds += time.monotonic() - start
-
-    def timed(self, batches):
-        """Yield from `batches`, counting the time spent producing each item."""
-        batches = iter(batches)
-        while True:
-            with self.running():
-                item = next(batches, None)
-            if item is None:
-                return
-            yield item
 
 
 def percentiles(values, name: str) -> dict:

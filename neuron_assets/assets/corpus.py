@@ -1,7 +1,13 @@
 """corpus_documents -> corpus_tokens: the text and its fixed-length token windows."""
 
 import polars as pl
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from neuron_assets.assets.common import OWNERS
 from neuron_assets.automation import ON_CHANGE

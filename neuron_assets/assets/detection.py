@@ -17,8 +17,6 @@ from dagster import (
 
 from neuron_assets.assets.common import (
     OWNERS,
-    ModelClock,
-    Progress,
     layer_and_shard,
     markdown_table,
     percentiles,
@@ -42,6 +40,7 @@ from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.seeds import unit_seed
+from neuron_assets.stages.timing import ModelClock, Progress
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "detection": pl.Float64, "detection_random": pl.Float64, "detection_hard": pl.Float64,
@@ -86,7 +85,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
         records = records_of(storage.read("neuron_records", layer_key, "records"), explained["neuron"].unique().to_list())
         tokens = tokens_by_seq(storage.read("corpus_tokens"))
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
-        progress = Progress(context, explained.height, f"judging {context.partition_key}, explanations")
+        progress = Progress(context.log.info, explained.height, f"judging {context.partition_key}, explanations")
         clock = ModelClock()
         rows = []
         for e in explained.iter_rows(named=True):

@@ -18,8 +18,6 @@ from dagster import (
 
 from neuron_assets.assets.common import (
     OWNERS,
-    ModelClock,
-    Progress,
     layer_and_shard,
     markdown_table,
     previous_rows,
@@ -38,6 +36,7 @@ from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.seeds import unit_seed
+from neuron_assets.stages.timing import ModelClock, Progress
 from neuron_assets.versions import digest
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
@@ -154,7 +153,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 pending.append((neuron, rhash, explainer_messages(shown, fewshot,
                                                                   prefill=explainer.continues_assistant_turn)))
 
-        progress = Progress(context, len(pending), f"explaining layer {layer_key} shard {shard_key}, neurons")
+        progress = Progress(context.log.info, len(pending), f"explaining layer {layer_key} shard {shard_key}, neurons")
         clock = ModelClock()
         for start in range(0, len(pending), explainer.batch_size):
             batch = pending[start : start + explainer.batch_size]

@@ -15,8 +15,6 @@ from dagster import (
 
 from neuron_assets.assets.common import (
     OWNERS,
-    ModelClock,
-    Progress,
     layer_and_shard,
     markdown_table,
     previous_rows,
@@ -35,6 +33,7 @@ from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.seeds import REVISE, unit_seed
+from neuron_assets.stages.timing import ModelClock, Progress
 from neuron_assets.versions import digest
 
 REVISED_SCHEMA = {**SCHEMA, "revised_from": pl.String, "misses": pl.Int32, "false_alarms": pl.Int32}
@@ -77,7 +76,7 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
         label = f"{explainer.label} (revision; simulator {simulator.label})"
         inputs = digest([explainer.version("explainer"), simulator.version("simulator"), study.seed])
         rows, pending, reused, kept, engine = [], [], 0, 0, None
-        progress = Progress(context, first.height, f"revising {context.partition_key}, explanations")
+        progress = Progress(context.log.info, first.height, f"revising {context.partition_key}, explanations")
         clock = ModelClock()
 
         def row(e, text, rhash, error=None, misses=0, false_alarms=0, **usage):

@@ -16,16 +16,23 @@ from dagster import (
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, ModelClock, Progress, layer_and_shard, previous_rows, records_of, tokens_by_seq
+from neuron_assets.assets.common import (
+    OWNERS,
+    layer_and_shard,
+    previous_rows,
+    records_of,
+    tokens_by_seq,
+)
 from neuron_assets.assets.corpus import corpus_tokens
-from neuron_assets.automation import ON_CHANGE
 from neuron_assets.assets.explanations import explanation_variants
+from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import no_silent_zero_simulations
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM, failed_simulation
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.timing import ModelClock, Progress
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "seq_id": pl.Int32, "split": pl.String, "expected": pl.List(pl.Float32),
@@ -101,7 +108,7 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
                     "tokens_out": result["tokens_out"], "cost": result["cost"], "cache_hit": result["cache_hit"],
                     "code_version": code_version, "error": result["error"]}
 
-        progress = Progress(context, explained.height, f"simulating {context.partition_key}, explanations")
+        progress = Progress(context.log.info, explained.height, f"simulating {context.partition_key}, explanations")
         clock = ModelClock()
         for e in explained.iter_rows(named=True):
             progress.advance()
