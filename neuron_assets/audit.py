@@ -38,10 +38,10 @@ import numpy as np
 import polars as pl
 from dagster import AssetKey, AssetRecordsFilter
 
-from neuron_assets.assets.common import records_hash, records_of
 from neuron_assets.method.controls import controlled, is_control
 from neuron_assets.method.records import split_top
 from neuron_assets.resources.storage import TableStorage
+from neuron_assets.stages.records import records_hash, records_of
 
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"

@@ -1,6 +1,5 @@
 """Small helpers shared by the asset modules: partition keys, record lookup, progress, metadata."""
 
-import hashlib
 
 import numpy as np
 import polars as pl
@@ -19,30 +18,9 @@ def layer_and_shard(context) -> tuple[str, str]:
     return keys["layer"], keys["shard"]
 
 
-def records_of(records: pl.DataFrame, neurons: list[int]) -> dict[int, dict[str, list[tuple[int, np.ndarray]]]]:
-    """{neuron: {kind: [(seq_id, activations), ...] in rank order}} for the given neurons."""
-    out: dict[int, dict[str, list]] = {n: {} for n in neurons}
-    rows = records.filter(pl.col("neuron").is_in(neurons)).sort("neuron", "kind", "rank")
-    for neuron, kind, seq_id, acts in rows.select("neuron", "kind", "seq_id", "activations").iter_rows():
-        out[neuron].setdefault(kind, []).append((seq_id, np.asarray(acts, dtype=np.float32)))
-    return out
-
-
-def records_hash(records: list[tuple[int, np.ndarray]]) -> str:
-    digest = hashlib.sha256()
-    for seq_id, acts in records:
-        digest.update(str(seq_id).encode())
-        digest.update(np.ascontiguousarray(acts, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def previous_rows(storage, asset: str, partition: str) -> pl.DataFrame | None:
     """This partition's table from its last materialization, for reusing unchanged neurons."""
     return storage.read(asset, partition) if storage.exists(asset, partition) else None
-
-
-def tokens_by_seq(corpus_tokens: pl.DataFrame) -> dict[int, list[str]]:
-    return dict(zip(corpus_tokens["seq_id"].to_list(), corpus_tokens["tokens"].to_list()))
 
 
 def percentiles(values, name: str) -> dict:

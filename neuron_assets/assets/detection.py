@@ -20,8 +20,6 @@ from neuron_assets.assets.common import (
     layer_and_shard,
     markdown_table,
     percentiles,
-    records_of,
-    tokens_by_seq,
 )
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.assets.explanations import explanation_variants
@@ -39,6 +37,7 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.records import records_of, tokens_by_seq
 from neuron_assets.stages.seeds import unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress
 

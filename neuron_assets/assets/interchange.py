@@ -21,9 +21,7 @@ from neuron_assets.assets.common import (
     OWNERS,
     layer_and_shard,
     markdown_table,
-    tokens_by_seq,
 )
-from neuron_assets.assets.explanations import SCHEMA, explanation_row
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.method.interchange import (
     dumps,
@@ -36,6 +34,8 @@ from neuron_assets.partitions import Layout, layer_partitions, layer_shard_parti
 from neuron_assets.resources.files import s3_errors, write_atomic
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.explain import SCHEMA, explanation_row
+from neuron_assets.stages.records import tokens_by_seq
 
 IMPORT_SETTING = "NEURON_ASSETS_IMPORT_FROM"
 EXPORT_ORDER = ("llm", "revised", "token_baseline", "imported")  # the first is what an importer takes

@@ -18,12 +18,8 @@ from neuron_assets.assets.common import (
     layer_and_shard,
     markdown_table,
     previous_rows,
-    records_hash,
-    records_of,
-    tokens_by_seq,
 )
 from neuron_assets.assets.corpus import corpus_tokens
-from neuron_assets.assets.explanations import SCHEMA, explanation_row
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.method.prompts import clean_explanation
 from neuron_assets.method.records import split_random, split_top
@@ -32,6 +28,8 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.explain import SCHEMA, explanation_row
+from neuron_assets.stages.records import records_hash, records_of, tokens_by_seq
 from neuron_assets.stages.seeds import REVISE, unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress
 from neuron_assets.versions import digest

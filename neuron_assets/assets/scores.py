@@ -26,8 +26,6 @@ from neuron_assets.assets.common import (
     layer_and_shard,
     markdown_table,
     percentiles,
-    records_hash,
-    records_of,
     viewer_page,
 )
 from neuron_assets.assets.explanations import explanation_variants
@@ -39,6 +37,7 @@ from neuron_assets.partitions import Layout, layer_partitions, layer_shard_parti
 from neuron_assets.plots import png_markdown, score_by_layer, score_histogram
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.records import records_hash, records_of
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
           "score_all": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64,

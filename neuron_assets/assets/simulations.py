@@ -20,8 +20,6 @@ from neuron_assets.assets.common import (
     OWNERS,
     layer_and_shard,
     previous_rows,
-    records_of,
-    tokens_by_seq,
 )
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.assets.explanations import explanation_variants
@@ -32,6 +30,7 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM, failed_simulation
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
+from neuron_assets.stages.records import records_of, tokens_by_seq
 from neuron_assets.stages.timing import ModelClock, Progress
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,

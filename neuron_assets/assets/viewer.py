@@ -17,7 +17,7 @@ from dagster import (
 )
 from upath import UPath
 
-from neuron_assets.assets.common import CONTROL_ROWS, OWNERS, records_of, viewer_page
+from neuron_assets.assets.common import CONTROL_ROWS, OWNERS, viewer_page
 from neuron_assets.assets.scores import quality_report, viewer_link
 from neuron_assets.automation import on_change
 from neuron_assets.explorer import load_explained, run_windows, top_explained
@@ -27,6 +27,7 @@ from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.files import is_local, s3_errors, write_atomic
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.subject_model import SubjectModel
+from neuron_assets.stages.records import records_of
 from neuron_assets.viewer import index_page, layer_page
 
 # Neurons with a section of records on a layer page (the table lists every scored neuron): the

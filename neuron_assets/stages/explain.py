@@ -1,0 +1,117 @@
+"""The explain stage: per unit of a shard, the `llm` explanation (the explainer sees the train top
+records) and the `token_baseline` one (no LLM), as rows of the explanations table. A unit whose
+inputs did not change since the previous rows is not asked again; a unit that cannot be explained,
+or whose batch failed, is a row with an error, never a failed shard."""
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from neuron_assets.method.baseline import token_baseline
+from neuron_assets.method.prompts import clean_explanation, explainer_messages
+from neuron_assets.method.records import split_random, split_top
+from neuron_assets.stages.records import records_hash
+from neuron_assets.stages.seeds import unit_seed
+from neuron_assets.stages.timing import ModelClock, Progress
+from neuron_assets.versions import digest
+
+SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
+          "text": pl.String, "explainer_model": pl.String, "prompt_version": pl.String,
+          "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost": pl.Float64,
+          "cache_hit": pl.Boolean, "code_version": pl.String, "inputs_version": pl.String, "error": pl.String}
+VARIANTS = ("llm", "token_baseline")
+
+
+def explanation_row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, cost=0.0,
+         cache_hit=False, error=None, inputs_version=None):
+    explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
+    return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
+            "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
+            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "cache_hit": cache_hit,
+            "inputs_version": inputs_version, "error": error}
+
+
+def reusable_explanation(previous: pl.DataFrame | None, neuron: int, rhash: str, inputs: str, code_version: str) -> dict | None:
+    """The neuron's earlier llm explanation, if it came from the same records, explainer version,
+    seed, prompt and code."""
+    if previous is None or "inputs_version" not in previous.columns:
+        return None
+    match = previous.filter(
+        (pl.col("neuron") == neuron) & (pl.col("variant") == "llm") & pl.col("error").is_null()
+        & (pl.col("records_hash") == rhash) & (pl.col("inputs_version") == inputs)
+        & (pl.col("code_version") == code_version)
+    )
+    return match.row(0, named=True) if match.height else None
+
+
+@dataclass
+class Explained:
+    rows: list[dict]  # rows of SCHEMA, code_version and inputs_version filled in
+    reused: int  # llm explanations taken from the previous rows
+    asked: int  # llm explanations asked of the explainer (from its response cache or not)
+    cache_hits: int
+    seconds: float
+    model_seconds: float
+
+
+def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int, list[str]],
+                  previous: pl.DataFrame | None, explainer, fewshot: list[dict], prompt_version: str, seed: int,
+                  code_version: str, log: Callable[[str], None] = print, what: str = "explaining, neurons") -> Explained:
+    """Explain `units` of `layer` from their `records` ({unit: {kind: [(seq_id, activations)]}}) and
+    the corpus `tokens`; `explainer` is an LLM (resources/llm.py) and `previous` the table's rows
+    from its last run (reused where records, explainer version, seed, prompt and code are the same)."""
+    inputs = digest([explainer.version("explainer"), seed])
+    rows, pending, reused, hits = [], [], 0, 0
+    for unit in units:
+        kinds = records[unit]
+        try:
+            train = split_top(kinds.get("top", []))["train"]
+            negatives = split_random(kinds.get("random", []))["calibration"]
+        except ValueError as e:
+            rows += [explanation_row(layer, unit, v, None, explainer.label, prompt_version, None,
+                                     error=f"not enough records: {e}") for v in VARIANTS]
+            continue
+        rhash = records_hash(train)
+        peak = max(float(acts.max()) for _, acts in kinds["top"])
+        if peak <= 0:
+            reason = f"neuron never activates: max activation {peak:.4g} <= 0 over the corpus"
+            rows += [explanation_row(layer, unit, v, None, explainer.label, prompt_version, rhash, error=reason)
+                     for v in VARIANTS]
+            continue
+        shown = [(tokens[s], acts) for s, acts in train]
+        baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
+        rows.append(explanation_row(layer, unit, "token_baseline", baseline, "none", prompt_version, rhash,
+                                    error=None if baseline else "no token has a positive mean activation"))
+        earlier = reusable_explanation(previous, unit, rhash, inputs, code_version)
+        if earlier:  # same records, explainer, seed and prompt: no LLM call, and an identical row
+            rows.append(earlier)
+            reused += 1
+        else:
+            pending.append((unit, rhash, explainer_messages(shown, fewshot, prefill=explainer.continues_assistant_turn)))
+
+    progress = Progress(log, len(pending), what)
+    clock = ModelClock()
+    for start in range(0, len(pending), explainer.batch_size):
+        batch = pending[start : start + explainer.batch_size]
+        seeds = [unit_seed(seed, layer, unit) for unit, _, _ in batch]
+        try:
+            with clock.running():
+                answers = explainer.complete([messages for _, _, messages in batch], seeds)
+        except Exception as e:  # one failed batch becomes error rows, never a failed shard
+            failed = {"text": "", "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "cache_hit": False,
+                      "error": f"explainer failed: {type(e).__name__}: {e}"}
+            answers = [failed] * len(batch)
+        hits += sum(answer["cache_hit"] for answer in answers)
+        for (unit, rhash, _), answer in zip(batch, answers):
+            error = answer["error"]
+            text = clean_explanation(answer["text"]) if error is None else None
+            if error is None and not text:
+                error = "explainer returned an empty explanation"
+            rows.append(explanation_row(layer, unit, "llm", text or None, explainer.label, prompt_version, rhash,
+                                        answer["tokens_in"], answer["tokens_out"], answer["cost"],
+                                        answer["cache_hit"], error))
+        progress.advance(len(batch))
+    rows = [{**row, "code_version": code_version, "inputs_version": inputs} for row in rows]
+    return Explained(rows, reused, len(pending), hits, progress.seconds, clock.seconds)
