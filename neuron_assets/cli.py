@@ -81,7 +81,11 @@ def show_settings(args) -> None:
             value = "(set)" if value else "(unset)"
         print(f"{setting.env}={value}\n    {setting.help}\n    a change: {effect(setting)}")
     print(f"\nresolved storage root: {current.storage}")
-    print("settings source versions: " + ", ".join(f"{k} {v}" for k, v in source_versions(current).items()))
+    try:  # the settings are shown even where one cannot be versioned; that error follows them
+        versions = source_versions(current)
+    except ValueError as e:
+        sys.exit(f"neuron-assets: {e}")
+    print("settings source versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
 
 def scores(args) -> None:
