@@ -38,6 +38,7 @@ import numpy as np
 import polars as pl
 from dagster import AssetKey, AssetRecordsFilter
 
+from neuron_assets.graph import parent_partitions
 from neuron_assets.method.controls import controlled, is_control
 from neuron_assets.method.records import split_top
 from neuron_assets.resources.storage import TableStorage
@@ -144,15 +145,6 @@ def label(asset: str, partition: str | None) -> str:
     return f"{asset}[{partition}]" if partition else asset
 
 
-def _parent_partitions(graph, child: AssetKey, partition: str | None, parent: AssetKey) -> list[str | None]:
-    """The partitions of `parent` that `child[partition]` reads, by the dependency's partition
-    mapping (layer x shard -> layer through MultiToSingleDimensionPartitionMapping)."""
-    if graph.get(parent).partitions_def is None:
-        return [None]
-    mapped = graph.get_parent_partition_keys_for_child(partition, parent, child)
-    return sorted(str(key) for key in mapped.partitions_subset.get_partition_keys())
-
-
 def walk(graph, asset: str, partition: str | None):
     """(nodes, edges) of every ancestor partition of `asset[partition]` in an AssetGraph: nodes are
     (asset, partition) pairs, the start first, then by their longest distance from it (each after
@@ -163,7 +155,7 @@ def walk(graph, asset: str, partition: str | None):
         node = todo.pop(0)
         key = AssetKey(node[0])
         for parent in sorted(graph.get(key).parent_keys - {key}, key=lambda k: k.to_user_string()):
-            for part in _parent_partitions(graph, key, node[1], parent):
+            for part in parent_partitions(graph, key, node[1], parent):
                 up = (parent.to_user_string(), part)
                 edges.append((node, up))
                 if up not in found:

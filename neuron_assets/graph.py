@@ -30,6 +30,15 @@ def run_group(partitions_def) -> str:
     return LAYER_SHARD if isinstance(partitions_def, MultiPartitionsDefinition) else LAYER
 
 
+def parent_partitions(graph, child, partition: str | None, parent) -> list[str | None]:
+    """The partitions of `parent` that `child[partition]` reads (AssetKeys of an AssetGraph), by the
+    dependency's partition mapping (layer x shard -> layer through the layer dimension)."""
+    if graph.get(parent).partitions_def is None:
+        return [None]
+    mapped = graph.get_parent_partition_keys_for_child(partition, parent, child)
+    return sorted(str(key) for key in mapped.partitions_subset.get_partition_keys())
+
+
 def asset_graph(defs):
     """The asset graph of a Definitions object or of a RepositoryDefinition (a sensor's context)."""
     return defs.resolve_asset_graph() if isinstance(defs, Definitions) else defs.asset_graph

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from dagster import AssetKey, AssetRecordsFilter
 
-from neuron_assets.graph import Run, Shape, asset_graph, shape_of
+from neuron_assets.graph import Run, Shape, asset_graph, parent_partitions, shape_of
 from neuron_assets.runs import materialize_runs
 
 Stale = tuple[str, str | None, str]  # (asset, partition or None, reason)
@@ -63,12 +63,7 @@ def stale_partitions(defs, instance, include_missing: bool = True) -> list[Stale
         for parent in graph.get(key).parent_keys:
             if graph.get(parent).is_external:
                 continue  # a source (the weights) is assumed present, as Dagster does
-            if not graph.get(parent).is_partitioned:
-                if not exists(parent, None):
-                    return False
-                continue
-            mapped = graph.get_parent_partition_keys_for_child(partition, parent, key).partitions_subset
-            if not any(exists(parent, p) for p in mapped.get_partition_keys()):
+            if not any(exists(parent, p) for p in parent_partitions(graph, key, partition, parent)):
                 return False
         return True
 
@@ -107,11 +102,8 @@ def stale_partitions(defs, instance, include_missing: bool = True) -> list[Stale
         for parent in graph.get(key).parent_keys:
             if not graph.get(parent).is_materializable:
                 continue
-            mapped = ([None] if not graph.get(parent).is_partitioned else
-                      graph.get_parent_partition_keys_for_child(partition, parent, key).partitions_subset
-                      .get_partition_keys())
-            for p in mapped:
-                needed = (parent.to_user_string(), p and str(p))
+            for p in parent_partitions(graph, key, partition, parent):
+                needed = (parent.to_user_string(), p)
                 if needed not in found and not exists(parent, p) and inputs_exist(parent, p):
                     found[needed] = f"missing; {name}" + (f"[{partition}]" if partition else "") + " reads it"
     shape = shape_of(defs)

@@ -31,14 +31,21 @@ def _files(root: UPath) -> list[UPath]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def file_identity(path: str, setting: str) -> list:
-    """[name, size, mtime or ETag] of every file at or under `path` (local or s3://). A missing path
-    is a ValueError naming the setting: it cannot be versioned, so nothing should run on it."""
+def _existing(path: str, setting: str) -> UPath:
+    """`path` as a UPath; a missing path is a ValueError naming the setting: it cannot be versioned,
+    so nothing should run on it."""
     root = UPath(path).expanduser()
     with s3_errors(str(root), "read"):
         if not root.exists():
             raise ValueError(f"{setting}={path!r}: no such file or folder, so it cannot be versioned; "
                              "fix the path or unset it")
+    return root
+
+
+def file_identity(path: str, setting: str) -> list:
+    """[name, size, mtime or ETag] of every file at or under `path` (local or s3://)."""
+    root = _existing(path, setting)
+    with s3_errors(str(root), "read"):
         out = []
         for p in _files(root):
             info = p.fs.info(p.path)
@@ -49,11 +56,8 @@ def file_identity(path: str, setting: str) -> list:
 
 def content_hash(path: str, setting: str) -> str:
     """sha256 (16 hex) of the names and bytes of every file at or under `path` (local or s3://)."""
-    root = UPath(path).expanduser()
+    root = _existing(path, setting)
     with s3_errors(str(root), "read"):
-        if not root.exists():
-            raise ValueError(f"{setting}={path!r}: no such file or folder, so it cannot be versioned; "
-                             "fix the path or unset it")
         h = hashlib.sha256()
         for p in _files(root):
             h.update(p.path.removeprefix(root.path).encode() + b"\0")
