@@ -24,13 +24,15 @@ TIMED_ASSETS = ("neuron_records", "explanations", "simulations")
 def model_seconds(instance) -> dict[str, float]:
     from dagster import AssetKey
 
+    from neuron_assets.assets.common import MODEL_SECONDS
+
     totals = {}
     for name in TIMED_ASSETS:
         # a run over several partitions records its metadata on each: count it once per run
         per_run = {}
         for r in instance.fetch_materializations(AssetKey(name), limit=10_000).records:
-            if "model seconds" in r.asset_materialization.metadata:
-                per_run[r.run_id] = r.asset_materialization.metadata["model seconds"].value
+            if MODEL_SECONDS in r.asset_materialization.metadata:
+                per_run[r.run_id] = r.asset_materialization.metadata[MODEL_SECONDS].value
         totals[name] = sum(per_run.values())
     return totals
 

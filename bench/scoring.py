@@ -7,7 +7,7 @@ activation function) and simulated expected values in [0, 10] (float32) with a f
 (a) per-neuron loop: `score_neuron` once per neuron on lists of sequences, as the scores asset
     called it before it was vectorised;
 (b) vectorised: one `score_neurons` call on [N, tokens] arrays, what the scores asset calls now;
-(c) the scores asset's whole row building (`_score_rows`: polars group_by per (neuron, variant),
+(c) the scores stage as the asset calls it (`score_units`: polars group_by per (neuron, variant),
     records_hash, cost, then one `score_neurons` call) on synthetic polars frames of the same data,
     to show what share of the asset's time scoring still is.
 
@@ -28,8 +28,8 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from neuron_assets.assets.scores import _score_rows
 from neuron_assets.method.scoring import score_neuron, score_neurons
+from neuron_assets.stages.score import score_units
 
 SCORES = ("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained", "n_failed_tokens")
 SEQUENCES_PER_SPLIT = 5
@@ -87,35 +87,36 @@ def vectorised(real: np.ndarray, simulated: np.ndarray) -> dict[str, np.ndarray]
 
 
 def asset_inputs(real: np.ndarray, simulated: np.ndarray) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """The simulations and explanations tables and the neuron records `_score_rows` reads, one
+    """The simulations and explanations tables and the neuron records `score_units` reads, one
     explanation (variant "llm") per neuron, sequence ids 0-4 top and 5-9 random."""
     n_neurons = len(real)
-    splits = ["top"] * SEQUENCES_PER_SPLIT + ["random"] * SEQUENCES_PER_SPLIT
+    kinds = ["top"] * SEQUENCES_PER_SPLIT + ["random"] * SEQUENCES_PER_SPLIT
     explanation_ids = [f"e{neuron}" for neuron in range(n_neurons)]
     sims = pl.DataFrame({
-        "layer": pl.Series([0] * (n_neurons * len(splits)), dtype=pl.Int32),
-        "neuron": pl.Series(np.repeat(np.arange(n_neurons), len(splits)), dtype=pl.Int32),
+        "layer": pl.Series([0] * (n_neurons * len(kinds)), dtype=pl.Int32),
+        "neuron": pl.Series(np.repeat(np.arange(n_neurons), len(kinds)), dtype=pl.Int32),
         "variant": "llm",
-        "explanation_id": np.repeat(explanation_ids, len(splits)),
-        "seq_id": pl.Series(np.tile(np.arange(len(splits)), n_neurons), dtype=pl.Int32),
-        "split": splits * n_neurons,
-        "expected": pl.Series(list(simulated.reshape(n_neurons * len(splits), -1)), dtype=pl.List(pl.Float32)),
+        "explanation_id": np.repeat(explanation_ids, len(kinds)),
+        "seq_id": pl.Series(np.tile(np.arange(len(kinds)), n_neurons), dtype=pl.Int32),
+        "kind": kinds * n_neurons,
+        "expected": pl.Series(list(simulated.reshape(n_neurons * len(kinds), -1)), dtype=pl.List(pl.Float32)),
         "simulator_model": "synthetic",
         "method": "all_at_once",
-        "cost": 0.0,
-        "error": pl.Series([None] * (n_neurons * len(splits)), dtype=pl.String),
+        "cost_usd": 0.0,
+        "error": pl.Series([None] * (n_neurons * len(kinds)), dtype=pl.String),
     })
-    explanations = pl.DataFrame({"explanation_id": explanation_ids, "text": "synthetic", "cost": 0.0})
-    records = {neuron: {split: [(i * SEQUENCES_PER_SPLIT + j, real[neuron, i, j]) for j in range(SEQUENCES_PER_SPLIT)]
-                        for i, split in enumerate(("top", "random"))}
+    explanations = pl.DataFrame({"explanation_id": explanation_ids, "text": "synthetic", "cost_usd": 0.0,
+                                 "donor_neuron": pl.Series([None] * n_neurons, dtype=pl.Int32)})
+    records = {neuron: {kind: [(i * SEQUENCES_PER_SPLIT + j, real[neuron, i, j]) for j in range(SEQUENCES_PER_SPLIT)]
+                        for i, kind in enumerate(("top", "random"))}
                for neuron in range(n_neurons)}
     return sims, explanations, records
 
 
 def asset_scores(sims: pl.DataFrame, explanations: pl.DataFrame, records: dict) -> dict[str, np.ndarray]:
     """(c): the scores asset's rows, as arrays over neurons in neuron order."""
-    rows = _score_rows(sims, explanations, records)
-    return {key: np.array([row[key] for row in rows]) for key in SCORES}
+    table = score_units(sims, explanations, records)
+    return {key: table[key].to_numpy() for key in SCORES}
 
 
 def compare(name: str, expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> str:
@@ -158,7 +159,7 @@ def main() -> None:
     print(f"{'method':<44} {'neurons':>8} {'wall s':>9} {'cpu s':>9} {'neurons/s':>12}")
     print(row("(a) per-neuron loop, score_neuron", n, loop_time))
     print(row("(b) vectorised, score_neurons", n, vector_time))
-    print(row("(c) scores asset rows, _score_rows", n, asset_time))
+    print(row("(c) scores stage, score_units", n, asset_time))
     print()
     print(compare("(a) vs (b)", looped, vector))
     print(compare("(b) vs (c)", vector, asset))

@@ -38,11 +38,15 @@ import numpy as np
 import polars as pl
 from dagster import AssetKey, AssetRecordsFilter
 
+from neuron_assets.assets.common import CONTENT_HASH, PATH
 from neuron_assets.graph import parent_partitions
 from neuron_assets.method.controls import controlled, is_control
 from neuron_assets.method.records import split_top
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.stages.records import records_hash, records_of
+from neuron_assets.stages.revise import held_out
+from neuron_assets.stages.simulate import valid_split
+from neuron_assets.stages.variants import explanation_variants
 
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
@@ -51,7 +55,6 @@ OK, MISMATCH, NA = "ok", "MISMATCH", "n/a"
 MATERIALIZATION, OBSERVATION = "materialization", "observation"
 # The tables whose columns the checks read; everything else is found in the asset graph.
 ROOT, SIMULATIONS, RECORDS = "scores", "simulations", "neuron_records"
-CONTENT_HASH = "content hash"  # metadata of a partition of several tables: their hashes, concatenated
 HASH_LENGTH = 16  # hex digits of a TableStorage.write content hash
 
 
@@ -111,7 +114,7 @@ def _describe(record) -> dict | None:
         # a version reported without a run was given by whoever reported it
         "given_version": tags.get(USER_PROVIDED_TAG) == "true" or CODE_VERSION_TAG not in tags,
         "metadata": {k: _metadata_value(v) for k, v in event.metadata.items()
-                     if k in (CONTENT_HASH, "path", "dagster/row_count")},
+                     if k in (CONTENT_HASH, PATH, "dagster/row_count")},
     }
 
 
@@ -247,7 +250,7 @@ def _file_check(checks, storage: TableStorage, step: dict) -> None:
     elif m["metadata"].get(CONTENT_HASH):
         _check(checks, check, *_content_hash_status(data.parent, step["label"], m["metadata"][CONTENT_HASH]))
     elif not storage.exists(step["asset"], step["partition"]):
-        recorded = str(m["metadata"].get("path") or "")
+        recorded = str(m["metadata"].get(PATH) or "")
         relative = "/".join([step["asset"], *(step["partition"].split("|") if step["partition"] else []), data.name])
         if recorded.endswith(relative):  # the materialization wrote this very table: it has gone since
             _check(checks, check, MISMATCH, f"{step['label']}: the table file {data} is missing")
@@ -333,11 +336,9 @@ class _Session:
         return self._cached(("variants", partition), lambda: self._variants(partition))
 
     def _variants(self, partition: str) -> pl.DataFrame:
-        from neuron_assets.assets.explanations import explanation_variants
-
         sources = self.sources(partition)  # each table read already: a missing one is a clear AuditError
-        rows = explanation_variants(self.storage, sources, partition, self.settings.seed,
-                                    self.settings.control == "shuffled")
+        rows = explanation_variants([self.table(source, partition) for source in sources], partition,
+                                    self.settings.seed, self.settings.control == "shuffled")
         held = {(n, v): source for source in sources
                 for n, v in self.table(source, partition).select("neuron", "variant").iter_rows()}
         source = [held.get((neuron if donor is None else donor, controlled(v) if is_control(v) else v))
@@ -375,16 +376,10 @@ def _train_records(kinds: dict) -> list:
     return split_top(kinds.get("top", []))["train"]
 
 
-def _held_out_records(kinds: dict) -> list:
-    from neuron_assets.assets.revisions import held_out
-
-    return held_out(kinds)
-
-
 # The records an explanation table's records_hash covers (as the asset that writes the table
 # computes it); a table without a rule here (imported_explanations: written elsewhere) is n/a.
 HASHED_RECORDS = {"explanations": ("train records", _train_records),
-                  "revised_explanations": ("held-out records", _held_out_records)}
+                  "revised_explanations": ("held-out records", held_out)}
 # The tables whose prompt_version is a part of their asset's code version ("2-<prompt>",
 # "1-<revision prompt>-<simulator prompt>"); imported rows carry the imported file's digest there.
 PROMPT_IN_CODE_VERSION = ("explanations", "revised_explanations")
@@ -447,21 +442,19 @@ def _simulation_id_check(checks, variant: str, group: pl.DataFrame, expected_id:
 
 def _records_checks(checks, variant, score, group, records) -> None:
     """Recompute the score's records_hash from neuron_records over the simulated rows (the rows
-    scores._score_rows used, in the simulations table's order), and compare the simulated
+    the score stage used, in the simulations table's order), and compare the simulated
     sequences with the valid split."""
-    from neuron_assets.assets.simulations import valid_split
-
     truth = {kind: dict(pairs) for kind, pairs in records.items()}
     simulated = group.filter(pl.col("expected").is_not_null())
     if simulated.height == 0:
         _equal(checks, "score_records_hash", score["records_hash"], None, "records_hash", variant)
     else:
         used, missing = [], []
-        for split, seq_id in simulated.select("split", "seq_id").iter_rows():
-            if seq_id in truth.get(split, {}):
-                used.append((seq_id, truth[split][seq_id]))
+        for kind, seq_id in simulated.select("kind", "seq_id").iter_rows():
+            if seq_id in truth.get(kind, {}):
+                used.append((seq_id, truth[kind][seq_id]))
             else:
-                missing.append(f"{split}:{seq_id}")
+                missing.append(f"{kind}:{seq_id}")
         if missing:
             _check(checks, "score_records_hash", MISMATCH,
                    f"simulated sequences {missing} are not in neuron_records", variant)
@@ -473,11 +466,11 @@ def _records_checks(checks, variant, score, group, records) -> None:
         _check(checks, "simulated_sequences_are_valid_split", NA, "no sequence was simulated", variant)
         return
     try:
-        want = {(split, seq_id) for split, seq_id, _ in valid_split(records)}
+        want = {(kind, seq_id) for kind, seq_id, _ in valid_split(records)}
     except ValueError as e:
         _check(checks, "simulated_sequences_are_valid_split", MISMATCH, f"neuron_records: {e}", variant)
         return
-    have = set(rows.select("split", "seq_id").iter_rows())
+    have = set(rows.select("kind", "seq_id").iter_rows())
     status = OK if have == want else MISMATCH
     _check(checks, "simulated_sequences_are_valid_split", status,
            f"{len(have)} sequences" if status == OK else

@@ -18,14 +18,14 @@ DEMO_LAYERS = ("00", "01", "02")
 # (column of the quality report, header, width); a column missing from the summary is not printed
 REPORT = (("mean_score_all", "mean", 7), ("share_at_least_0.8", ">=0.8", 6), ("control_mean_score_all", "control", 8),
           ("margin_over_control", "margin", 7), ("gain_over_llm", "gain", 7),
-          ("mean_detection_random", "det.rnd", 8), ("mean_detection_hard", "det.hard", 9),
-          ("mean_fuzzing_random", "fuz.rnd", 8), ("mean_fuzzing_hard", "fuz.hard", 9))
+          ("mean_detection_random", "det.rnd", 8), ("mean_detection_hard_negative", "det.hard", 9),
+          ("mean_fuzzing_random", "fuz.rnd", 8), ("mean_fuzzing_hard_negative", "fuz.hard", 9))
 
 
 def score_table(storage_root: str) -> str:
     """The quality report of model_summary as text: one line per layer x variant (x simulation
     method); NaN where nothing could be computed, '-' where the column does not apply."""
-    from neuron_assets.assets.scores import quality_report
+    from neuron_assets.stages.score import quality_report
     from neuron_assets.resources.storage import TableStorage
 
     report = quality_report(TableStorage(root=storage_root).read("model_summary"))

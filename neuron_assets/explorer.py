@@ -15,18 +15,18 @@ import math
 import numpy as np
 import polars as pl
 
-from neuron_assets.method.controls import SUFFIX
+from neuron_assets.stages.variants import CONTROL_ROWS
 
 EXPLAINED_SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
-                    "score_all": pl.Float64, "scale": pl.Float64}
+                    "score_all": pl.Float64, "max_activation": pl.Float64}
 
 
 def explained_neurons(scores: pl.DataFrame, stats: pl.DataFrame | None = None) -> pl.DataFrame:
     """One row per (layer, neuron) that has an explanation in `scores`: the explanation of its real
     variant (controls, `*_shuffled`, left out) with the highest score_all (NaN scores after finite
-    ones; ties: llm first, then by variant name). `scale` is the neuron's max activation over the
-    corpus (`stats`: layer, neuron, max), null where unknown."""
-    rows = scores.filter(~pl.col("variant").str.ends_with(SUFFIX) & pl.col("explanation").is_not_null()
+    ones; ties: llm first, then by variant name). `max_activation` is the neuron's over the corpus
+    (`stats`: layer, neuron, max_activation), null where unknown."""
+    rows = scores.filter(~CONTROL_ROWS & pl.col("explanation").is_not_null()
                          & (pl.col("explanation").str.strip_chars() != ""))
     rows = (rows.with_columns(pl.col("score_all").fill_nan(None).alias("_score"),
                               (pl.col("variant") != "llm").alias("_not_llm"))
@@ -36,18 +36,18 @@ def explained_neurons(scores: pl.DataFrame, stats: pl.DataFrame | None = None) -
             .select("layer", "neuron", "variant", "explanation", "score_all"))
     if stats is not None and stats.height:
         rows = rows.join(stats.select(pl.col("layer").cast(pl.Int32), pl.col("neuron").cast(pl.Int32),
-                                      pl.col("max").cast(pl.Float64).alias("scale")),
+                                      pl.col("max_activation").cast(pl.Float64)),
                          on=["layer", "neuron"], how="left")
     else:
-        rows = rows.with_columns(scale=pl.lit(None, dtype=pl.Float64))
+        rows = rows.with_columns(max_activation=pl.lit(None, dtype=pl.Float64))
     return rows.select([pl.col(c).cast(t) for c, t in EXPLAINED_SCHEMA.items()])
 
 
 def top_explained(activations: dict[int, np.ndarray], explained: pl.DataFrame, top: int = 3,
                   min_activation: float = 0.0) -> list[list[dict]]:
     """Per token, for each layer of `activations` ({layer: [tokens, neurons]}) that has explained
-    neurons, the `top` explained neurons with the highest activation relative to their scale (their
-    max over the corpus; the raw activation where the scale is unknown), among those whose
+    neurons, the `top` explained neurons with the highest activation relative to their
+    max_activation (over the corpus; the raw activation where it is unknown), among those whose
     activation exceeds `min_activation`. Ties: lower neuron first.
 
     Returns, per token, hits in layer order then rank order: {layer, neuron, activation, relative,
@@ -67,10 +67,10 @@ def top_explained(activations: dict[int, np.ndarray], explained: pl.DataFrame, t
         neurons = rows["neuron"].to_numpy()
         if neurons.max() >= acts.shape[1]:
             raise ValueError(f"layer {layer}: neuron {neurons.max()} is explained but the model has {acts.shape[1]}")
-        scale = rows["scale"].fill_null(float("nan")).to_numpy().astype(np.float64)
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        max_activation = rows["max_activation"].fill_null(float("nan")).to_numpy().astype(np.float64)
+        max_activation = np.where(np.isfinite(max_activation) & (max_activation > 0), max_activation, 1.0)
         a = acts[:, neurons]  # [T, K]
-        relative = a / scale
+        relative = a / max_activation
         info = rows.select("variant", "explanation", "score_all").rows()
         for t in range(n_tokens):
             active = np.flatnonzero(a[t] > min_activation)
@@ -86,7 +86,7 @@ def top_explained(activations: dict[int, np.ndarray], explained: pl.DataFrame, t
 
 def load_explained(storage, layer_keys: list[str], shard_keys: list[str]) -> pl.DataFrame:
     """`explained_neurons` over every scores partition present under `storage` (only those that
-    exist are read), with the scales from each layer's neuron_records stats where present."""
+    exist are read), with the max activations from each layer's neuron_records stats where present."""
     tables, stats = [], []
     for layer in layer_keys:
         present = [f"{layer}|{s}" for s in shard_keys if storage.exists("scores", f"{layer}|{s}")]
@@ -95,7 +95,7 @@ def load_explained(storage, layer_keys: list[str], shard_keys: list[str]) -> pl.
         tables += [storage.read("scores", p, columns=["layer", "neuron", "variant", "explanation", "score_all"])
                    for p in present]
         if storage.exists("neuron_records", layer, "stats"):
-            stats.append(storage.read("neuron_records", layer, "stats", columns=["neuron", "max"])
+            stats.append(storage.read("neuron_records", layer, "stats", columns=["neuron", "max_activation"])
                          .with_columns(layer=pl.lit(int(layer), dtype=pl.Int32)))
     if not tables:
         return pl.DataFrame(schema=EXPLAINED_SCHEMA)

@@ -1,13 +1,14 @@
 """A progress bar on the console for runs executed in this process (`neuron-assets demo`, `refresh`).
 
-Long steps log `Progress` lines ("what: done/total (pct%), rate/s, ETA s", assets/common.py): they
-are the run log in the Dagster UI and stay as they are. On the console, Dagster prints a run's log
+Long steps log progress lines ("what, unit: done/total (pct%), rate/s, ETA s") that carry their
+`ProgressState` in the log record (stages/timing.py, assets/common.py `progress_log`): the line is
+the run log in the Dagster UI, the state is what the bar draws. On the console, Dagster prints a run's log
 through its `console` logger, a fresh `logging.Logger("dagster")` per run that is *not* registered
 with `logging.getLogger` (dagster._loggers.colored_console_logger): handlers added to the `dagster`
 or root Python loggers never see run logs. So the bar comes as a replacement `console` logger
 (`progress_console_logger`, same config: log_level, name) whose handler, `ProgressBarHandler`:
 
-- where stderr is a TTY when the run starts, draws Progress lines as one bar rewritten in place
+- where stderr is a TTY when the run starts, draws progress records as one bar rewritten in place
   with '\\r' (`forward pass, layers 00..02 [#####-----] 51% 848/1658 windows 84/s ETA 10 s`), ends the bar
   with a newline when done == total, and clears a half-drawn bar before any other line;
 - elsewhere (CI logs, pipes), writes every record as the plain line Dagster's console logger writes.
@@ -28,32 +29,20 @@ import weakref
 
 from dagster import Definitions, Field, logger
 
-from neuron_assets.stages.timing import parse_progress
+from neuron_assets.stages.timing import PROGRESS_ATTR, ProgressState
 
 FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # dagster's console format
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 BAR_WIDTH = 10
 
 
-def render_bar(progress: dict, width: int = BAR_WIDTH) -> str:
-    """`label [#####-----] 51% 848/1658 unit 84/s ETA 10 s`; the unit is the last comma-separated
-    part of Progress' `what` ('windows', 'neurons'), the label what comes before it."""
-    label, _, unit = progress["what"].rpartition(", ")
-    filled = min(width, round(width * progress["done"] / progress["total"])) if progress["total"] else width
-    rate = progress["rate"]
+def render_bar(state: ProgressState, width: int = BAR_WIDTH) -> str:
+    """`what [#####-----] 51% 848/1658 unit 84/s ETA 10 s`."""
+    filled = min(width, round(width * state.done / state.total)) if state.total else width
+    rate = state.rate
     rate_text = f"{rate:.0f}" if rate >= 10 or rate != rate or rate == float("inf") else f"{rate:.1f}"
-    bar = (f"[{'#' * filled}{'-' * (width - filled)}] {progress['pct']}% {progress['done']}/{progress['total']} "
-           f"{unit} {rate_text}/s ETA {progress['eta']} s")
-    return f"{label} {bar}" if label else bar
-
-
-def _message(record: logging.LogRecord) -> str:
-    """The message the step logged: Dagster's records carry it in dagster_meta, before it is
-    prefixed with the job, run id and step key."""
-    meta = getattr(record, "dagster_meta", None)
-    if isinstance(meta, dict) and isinstance(meta.get("orig_message"), str):
-        return meta["orig_message"]
-    return record.getMessage()
+    return (f"{state.what} [{'#' * filled}{'-' * (width - filled)}] {state.percent}% {state.done}/{state.total} "
+            f"{state.unit} {rate_text}/s ETA {state.eta:.0f} s")
 
 
 class ProgressBarHandler(logging.Handler):
@@ -114,10 +103,10 @@ class ProgressBarHandler(logging.Handler):
         try:
             stream = self.stream
             tty = self.is_tty(stream)
-            progress = parse_progress(_message(record)) if tty else None
+            state = getattr(record, PROGRESS_ATTR, None) if tty else None
             with self._lock:
-                if progress is not None:
-                    self._draw(stream, render_bar(progress), final=progress["done"] >= progress["total"])
+                if isinstance(state, ProgressState):
+                    self._draw(stream, render_bar(state), final=state.final)
                 else:
                     self._clear(stream)
                     stream.write(self._line_formatter(tty).format(record) + "\n")

@@ -25,7 +25,7 @@ REAL_RGB = "255,140,0"
 SIM_RGB = "40,110,255"
 TABLE_COLUMNS = ("layer", "neuron", "variant", "score_all", "score_top", "score_random", "explanation")
 NUMERIC = {"layer", "neuron", "score_all", "score_top", "score_random"}
-STAT_COLUMNS = ("mean", "variance", "skewness", "kurtosis", "max", "n_tokens")
+STAT_COLUMNS = ("mean", "variance", "skewness", "kurtosis", "max_activation", "n_tokens")
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -175,10 +175,10 @@ def _neuron_section(layer: str, neuron: dict) -> str:
     """Explanations and scores per variant, the top and the random records, the stats."""
     n = neuron["neuron"]
     stats = neuron.get("stats") or {}
-    scale = stats.get("max")
+    max_activation = stats.get("max_activation")
     records = [*neuron.get("top", []), *neuron.get("random", [])]
-    if not (scale and scale > 0):  # no stats: the records' own maximum
-        scale = max((max(r["activations"], default=0.0) for r in records), default=0.0)
+    if not (max_activation and max_activation > 0):  # no stats: the records' own maximum
+        max_activation = max((max(r["activations"], default=0.0) for r in records), default=0.0)
     variants = neuron.get("variants", [])
     parts = [f"<section id=\"n{n}\" class=\"neuron\"><h2>Layer {html.escape(layer)}, neuron {n}</h2>"]
     parts.append(_table(("variant", "method", "score_all", "score_top", "score_random", "explanation", "error"),
@@ -193,9 +193,9 @@ def _neuron_section(layer: str, neuron: dict) -> str:
             parts.append("<p class=\"muted\">none</p>")
         for r in shown:
             sims = {v: r.get("simulated", {}).get(v) for v in shaded}
-            peak = max(r["activations"], default=float("nan"))
-            parts.append(_record_html(r["tokens"], r["activations"], scale, sims,
-                                      f"seq {r['seq_id']}, max activation {_number(float(peak))}"))
+            window_max = max(r["activations"], default=float("nan"))
+            parts.append(_record_html(r["tokens"], r["activations"], max_activation, sims,
+                                      f"seq {r['seq_id']}, max activation {_number(float(window_max))}"))
     if stats:
         row = [stats.get(c) for c in STAT_COLUMNS]
         parts.append("<h3>Stats</h3>" + _table(STAT_COLUMNS, [row], set(STAT_COLUMNS)))
@@ -215,7 +215,8 @@ def layer_page(layer: str, neurons: list[dict], title: str = "Neuron viewer", no
       detail (default True): whether the neuron has a section (False: a table row only);
       simulated_variants: the variants shaded under the records; top / random: [{seq_id, tokens,
       activations, simulated: {variant: expected 0-10 per token}}]; stats: {mean, variance, skewness,
-      kurtosis, max, n_tokens, quantile_boundaries} (max is the shading scale of real activations).
+      kurtosis, max_activation, n_tokens, quantile_boundaries} (max_activation is the shading scale of
+      real activations).
     """
     rows = []
     for neuron in neurons:

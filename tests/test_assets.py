@@ -65,7 +65,7 @@ def test_every_stage_writes_rows_for_the_selected_neurons(graph):
             for (neuron, variant), group in sims.group_by("neuron", "variant"):
                 if group["error"].is_null().all():
                     assert group.height == 10  # the valid split: 5 top + 5 random
-                    assert group["split"].to_list().count("top") == 5
+                    assert group["kind"].to_list().count("top") == 5
                     assert all(len(e) == settings.seq_len for e in group["expected"])
                     values = np.concatenate(group["expected"].to_list())
                     assert np.all((values >= 0) & (values <= 10))
@@ -91,8 +91,8 @@ def test_scores_match_a_recomputation_from_the_tables(graph):
     neuron, variant = sims.row(0, named=True)["neuron"], sims.row(0, named=True)["variant"]
     group = sims.filter((pl.col("neuron") == neuron) & (pl.col("variant") == variant))
     real, simulated = [], []
-    for split, seq_id, expected in group.select("split", "seq_id", "expected").iter_rows():
-        row = records.filter((pl.col("neuron") == neuron) & (pl.col("kind") == split) & (pl.col("seq_id") == seq_id))
+    for kind, seq_id, expected in group.select("kind", "seq_id", "expected").iter_rows():
+        row = records.filter((pl.col("neuron") == neuron) & (pl.col("kind") == kind) & (pl.col("seq_id") == seq_id))
         real.append(np.asarray(row["activations"][0]))
         simulated.append(np.asarray(expected))
     stored = scores.filter((pl.col("neuron") == neuron) & (pl.col("variant") == variant))["score_all"][0]

@@ -30,6 +30,7 @@ from dagster import (
 from pipeline import run_graph, tiny_settings
 from tiny_models import build_tiny_model
 
+from neuron_assets.assets.common import CONTENT_HASH
 from neuron_assets.audit import (
     AuditError,
     add_audit_parser,
@@ -137,8 +138,8 @@ def test_audit_names_the_runs_and_versions_that_produced_each_partition(graph, c
     assert repr(explanation["text"]) in printed and explanation["prompt_version"] in printed
 
     records = latest(instance, "neuron_records", "00").asset_materialization
-    content_hash = find_step(result, "neuron_records", "00")["event"]["metadata"]["content hash"]
-    assert content_hash == records.metadata["content hash"].value and f"content hash {content_hash}" in printed
+    content_hash = find_step(result, "neuron_records", "00")["event"]["metadata"][CONTENT_HASH]
+    assert content_hash == records.metadata[CONTENT_HASH].value and f"content hash {content_hash}" in printed
     assert result["neuron_records"]["records"]["top"] == settings.top_records
     tokens = input_of(result, "neuron_records", "00", "corpus_tokens")
     assert tokens["used"] == tokens["current"] == find_step(result, "corpus_tokens")["event"]["data_version"]

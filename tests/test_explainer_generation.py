@@ -131,15 +131,15 @@ def test_greedy_equals_plain_reference(model_dirs, reference, arch, decode_toget
     for batch_size in (2, 5):  # three batches (one of them a single row), then one batch
         got = generate_texts(model, tokenizer, CONVERSATIONS, max_new_tokens=MAX_NEW, temperature=0,
                              batch_size=batch_size)
-        assert [g["text"] for g in got] == texts
-        assert [g["tokens_out"] for g in got] == [len(w) for w in want]
-        assert [g["tokens_in"] for g in got] == [len(prompt_ids(tokenizer, c)) for c in CONVERSATIONS]
+        assert [g.text for g in got] == texts
+        assert [g.usage.tokens_out for g in got] == [len(w) for w in want]
+        assert [g.usage.tokens_in for g in got] == [len(prompt_ids(tokenizer, c)) for c in CONVERSATIONS]
 
 
 def test_eager_attention_equals_plain_reference(model_dirs, reference, decode_together):
     model, tokenizer = fresh(model_dirs("llama"), attn_implementation="eager")
     got = generate_texts(model, tokenizer, CONVERSATIONS, max_new_tokens=MAX_NEW, temperature=0, batch_size=5)
-    assert [g["text"] for g in got] == [tokenizer.decode(w, skip_special_tokens=True)
+    assert [g.text for g in got] == [tokenizer.decode(w, skip_special_tokens=True)
                                         for w in reference("llama", "eager")]
 
 
@@ -164,7 +164,7 @@ def test_shared_prefix_is_computed_once(model_dirs):
     finally:
         handle.remove()
     own = lambda rows: sum(len(p) - shared for p in rows)
-    fed_back = lambda results: sum(r["tokens_out"] - 1 for r in results)  # all but each answer's last token
+    fed_back = lambda results: sum(r.usage.tokens_out - 1 for r in results)  # all but each answer's last token
     assert first_fed == shared + own(first) + fed_back(first_results)
     assert later_fed == own(later) + fed_back(later_results)
 
@@ -179,7 +179,7 @@ def test_results_do_not_depend_on_earlier_calls(model_dirs):
         got = generate_texts(model, tokenizer, conversations, max_new_tokens=MAX_NEW, temperature=0, batch_size=3)
         want = [tokenizer.decode(plain_greedy(model, tokenizer, c, MAX_NEW), skip_special_tokens=True)
                 for c in conversations]
-        assert [g["text"] for g in got] == want
+        assert [g.text for g in got] == want
 
 
 def test_generation_stops_at_the_end_of_the_first_line(model_dirs):
@@ -196,9 +196,9 @@ def test_generation_stops_at_the_end_of_the_first_line(model_dirs):
     free = plain_greedy(model, tokenizer, CONVERSATIONS[0], MAX_NEW, stop_at_line=False)
     assert free[k] == newline and len(free) > k + 1  # the answer would go on after its first line
     (result,) = generate_texts(model, tokenizer, CONVERSATIONS[:1], max_new_tokens=MAX_NEW, temperature=0)
-    assert result["tokens_out"] == k + 1
-    assert result["text"] == tokenizer.decode(free[: k + 1], skip_special_tokens=True)
-    assert result["text"].endswith("\n") and result["text"].strip()
+    assert result.usage.tokens_out == k + 1
+    assert result.text == tokenizer.decode(free[: k + 1], skip_special_tokens=True)
+    assert result.text.endswith("\n") and result.text.strip()
 
 
 @pytest.mark.parametrize("text, done", [
@@ -227,7 +227,7 @@ def test_seeded_sampling_is_reproducible(model_dirs, arch, decode_together):
     torch.manual_seed(123)
     assert torch.equal(torch.rand(1), after)  # the caller's RNG stream is not disturbed
     assert run(0, top_p=0.5) == run(0, top_p=0.5)
-    assert all(0 < r["tokens_out"] <= MAX_NEW and r["tokens_in"] > 0 for r in a)
+    assert all(0 < r.usage.tokens_out <= MAX_NEW and r.usage.tokens_in > 0 for r in a)
 
 
 def test_sampling_follows_temperature_and_top_p():

@@ -36,17 +36,17 @@ def test_explained_neurons_keep_the_best_real_variant():
         (0, 3, "llm", "llm three", float("nan")), (0, 3, "token_baseline", "baseline three", float("nan")),
         (0, 4, "llm", None, 0.9), (1, 1, "llm", "layer one", 0.5),
     ])
-    stats = pl.DataFrame({"layer": [0, 0], "neuron": [1, 2], "max": [2.0, 4.0]})
+    stats = pl.DataFrame({"layer": [0, 0], "neuron": [1, 2], "max_activation": [2.0, 4.0]})
     out = explained_neurons(scores, stats)
     assert out.select("layer", "neuron", "variant", "explanation").rows() == [
         (0, 1, "token_baseline", "baseline one"), (0, 2, "revised", "revised two"), (0, 3, "llm", "llm three"),
         (1, 1, "llm", "layer one")]  # NaN after finite scores, llm first among ties; no explanation: left out
-    assert out["scale"].to_list() == [2.0, 4.0, None, None]
+    assert out["max_activation"].to_list() == [2.0, 4.0, None, None]
 
 
 def test_top_explained_ranks_relative_activations_per_layer():
     explained = table([(0, 0, "llm", "zero", 0.9), (0, 2, "llm", "two", 0.8), (0, 3, "llm", "three", 0.1),
-                       (1, 1, "llm", "one", 0.5)]).with_columns(scale=pl.Series([10.0, 1.0, None, 2.0]))
+                       (1, 1, "llm", "one", 0.5)]).with_columns(max_activation=pl.Series([10.0, 1.0, None, 2.0]))
     layer0 = np.array([[5.0, 99.0, 0.9, 0.0],     # neuron 1 is not explained: never shown
                        [-1.0, 0.0, -0.5, -2.0],   # nothing active
                        [10.0, 0.0, 1.0, 0.5]])    # 0 and 2 both at their max: tie, lower neuron first
@@ -57,7 +57,7 @@ def test_top_explained_ranks_relative_activations_per_layer():
     assert hits[0][0]["relative"] == pytest.approx(0.9) and hits[0][0]["explanation"] == "two"
     assert hits[0][1]["activation"] == 5.0 and hits[0][1]["relative"] == pytest.approx(0.5)
     assert [h["neuron"] for h in top_explained({0: layer0}, explained, top=1)[2]] == [0]
-    # an unknown scale ranks the raw activation
+    # an unknown max_activation ranks the raw activation
     assert [h["neuron"] for h in top_explained({0: np.array([[0.0, 0.0, 0.0, 0.7]])}, explained)[0]] == [3]
     assert top_explained({0: layer0}, explained, min_activation=6.0)[2][0]["neuron"] == 0
     with pytest.raises(ValueError, match="top must be at least 1"):
@@ -81,7 +81,7 @@ def test_the_neurons_that_fire_on_a_word_are_picked(study):
     tokens, acts = run_text(subject, TEXT, [0])
     assert acts[0].shape[0] == len(tokens) and "".join(tokens) == TEXT
     explained = table([(0, 0, "llm", "the", 1.0), (0, 1, "llm", "is", 1.0), (0, 2, "llm", "to, the", 1.0)]
-                      ).with_columns(scale=pl.lit(float(acts[0][:, :3].max())))
+                      ).with_columns(max_activation=pl.lit(float(acts[0][:, :3].max())))
     hits = top_explained(acts, explained, top=3)
     picked = {t: [h["neuron"] for h in found] for t, found in zip(tokens, hits)}
     assert picked[" the"] == [0, 2]  # neuron 2 half as strongly

@@ -13,6 +13,7 @@ from tiny_models import build_tiny_model
 from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.resources.storage import TableStorage
+from neuron_assets.assets.common import CACHE_HITS, CACHE_MISSES, REUSED
 
 KEY = "sk-test-not-a-real-key-4217"
 SHARD = "00-31"
@@ -49,7 +50,7 @@ def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, mo
         settings = remote_settings(subject, tmp_path, server)
         storage = run(settings, instance, demo_runs(settings, ("00",), [SHARD]))
         explanations = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm")
-        assert explanations["tokens_in"].min() > 0 and explanations["cost"].min() > 0  # gpt-4o-mini is priced
+        assert explanations["tokens_in"].min() > 0 and explanations["cost_usd"].min() > 0  # gpt-4o-mini is priced
         sims = storage.read("simulations", f"00|{SHARD}")
         assert set(sims["method"]) == {"all_at_once"}
         assert sims["expected"].is_not_null().all()  # every sequence read, despite split characters
@@ -65,7 +66,7 @@ def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, mo
         assert data_versions(instance) == versions  # identical tables: nothing downstream turns stale
         event = instance.get_latest_materialization_event(AssetKey("simulations")).asset_materialization
         clean = sims.group_by("neuron", "variant").agg(pl.col("error").is_null().all().alias("ok"))["ok"].sum()
-        assert clean >= 1 and event.metadata["reused (unchanged inputs)"].value == clean  # failed ones are retried
+        assert clean >= 1 and event.metadata[REUSED].value == clean  # failed ones are retried
 
         for asset in ("explanations", "simulations"):  # lose the tables, keep the response cache
             storage.path(asset, f"00|{SHARD}").unlink()
@@ -74,7 +75,7 @@ def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, mo
         again = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm")
         assert again["cache_hit"].all() and again["text"].to_list() == explanations["text"].to_list()
         event = instance.get_latest_materialization_event(AssetKey("simulations")).asset_materialization
-        assert event.metadata["LLM cache misses"].value == 0 and event.metadata["LLM cache hits"].value > 0
+        assert event.metadata[CACHE_MISSES].value == 0 and event.metadata[CACHE_HITS].value > 0
 
     written = [p for p in Path(settings.storage).rglob("*") if p.is_file()]
     assert any("llm_cache" in str(p) for p in written)

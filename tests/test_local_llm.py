@@ -236,9 +236,9 @@ def test_greedy_equals_manual_argmax_and_batching(tiny):
     assert batched == single
     for conversation, result in zip(CONVERSATIONS, batched):
         new = manual_greedy(model, tokenizer, conversation, 6, {tokenizer.eos_token_id})
-        assert result["text"] == tokenizer.decode(new, skip_special_tokens=True)
-        assert result["tokens_out"] == len(new)
-        assert result["tokens_in"] == len(tokenizer(chat_text(tokenizer, conversation))["input_ids"])
+        assert result.text == tokenizer.decode(new, skip_special_tokens=True)
+        assert result.usage.tokens_out == len(new)
+        assert result.usage.tokens_in == len(tokenizer(chat_text(tokenizer, conversation))["input_ids"])
     assert tokenizer.pad_token is None  # padding did not change the tokenizer
 
 
@@ -254,5 +254,5 @@ def test_generation_stops_at_eos_and_counts_it(tiny):
     finally:
         model.generation_config.eos_token_id = original
     n = free.index(stop) + 1
-    assert result["tokens_out"] == n
-    assert result["text"] == tokenizer.decode(free[:n], skip_special_tokens=True)
+    assert result.usage.tokens_out == n
+    assert result.text == tokenizer.decode(free[:n], skip_special_tokens=True)

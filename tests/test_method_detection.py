@@ -19,6 +19,7 @@ from neuron_assets.method.detection import (
     fuzzing_messages,
     read_answer,
     scores_from_answers,
+    top_token_texts,
 )
 
 EXPLANATION_LINE = "Neuron behavior: the main thing this neuron does is find dates in letters."
@@ -131,48 +132,48 @@ def test_balanced_accuracy():
 
 def test_scores_from_answers_per_kind_and_unanswered():
     examples = ([{"kind": "positive", "label": 1}] * 2 + [{"kind": "random", "label": 0}] * 2
-                + [{"kind": "hard", "label": 0}] * 2)
+                + [{"kind": "hard_negative", "label": 0}] * 2)
     scores = scores_from_answers(examples, [1, None, 0, 0, 1, None])
-    # positives: 1/1 found; random: 2/2 rejected; hard: 0/1 rejected
+    # positives: 1/1 found; random: 2/2 rejected; hard negatives: 0/1 rejected
     assert scores["random"] == 1.0
-    assert scores["hard"] == 0.5
+    assert scores["hard_negative"] == 0.5
     assert scores["all"] == pytest.approx((1 + 2 / 3) / 2)
-    assert (scores["n_positive"], scores["n_random"], scores["n_hard"], scores["n_unanswered"]) == (1, 2, 1, 2)
+    assert (scores["n_positive"], scores["n_random"], scores["n_hard_negative"], scores["n_unanswered"]) == (1, 2, 1, 2)
     no_hard = scores_from_answers(examples[:4], [1, 1, 0, 1])
-    assert math.isnan(no_hard["hard"]) and no_hard["random"] == 0.75
+    assert math.isnan(no_hard["hard_negative"]) and no_hard["random"] == 0.75
     unanswered = scores_from_answers(examples, [None] * 6)
     assert math.isnan(unanswered["all"]) and unanswered["n_unanswered"] == 6
 
 
-PEAK = 10.0
+MAX_ACTIVATION = 10.0
 POSITIVES = [(1, np.array([0.0, 5.0, 10.0, 0.5, 1.0])), (2, np.array([9.0, 0.0, 0.0, 0.0, 0.0])),
              (3, np.array([2.0, 2.0, 2.0, 0.0, 0.0]))]
-RANDOM = [(10, np.array([0.0, 0.5, 0.99, -3.0, 0.1])),  # below 10% of the peak: kept
+RANDOM = [(10, np.array([0.0, 0.5, 0.99, -3.0, 0.1])),  # below 10% of the max activation: kept
           (11, np.array([0.0, 1.0, 0.0, 0.0, 0.0])),  # exactly 10%: activates, left out
           (12, np.array([0.0, 0.0, 4.0, 0.0, 0.0])),  # activates, left out
           (13, np.zeros(5))]
-HARD = [(20, np.array([0.2, 0.0, 0.0, 0.3, 0.0])), (21, np.array([0.0, 0.0, 0.0, 0.0, 2.0])),
+HARD_NEGATIVES = [(20, np.array([0.2, 0.0, 0.0, 0.3, 0.0])), (21, np.array([0.0, 0.0, 0.0, 0.0, 2.0])),
         (22, np.zeros(5))]
 TOKENS = {20: [" cat", "s", " Cat", "cat ", " dog"], 21: ["a", " cat", "b", "c", "d"],
           22: ["no", " top", " token", " here", "!"]}
 
 
 def test_detection_examples_filter_activating_negatives():
-    examples = detection_examples(POSITIVES, RANDOM, HARD, PEAK)
+    examples = detection_examples(POSITIVES, RANDOM, HARD_NEGATIVES, MAX_ACTIVATION)
     assert [(e["kind"], e["seq_id"], e["label"]) for e in examples] == [
         ("positive", 1, 1), ("positive", 2, 1), ("positive", 3, 1),
-        ("random", 10, 0), ("random", 13, 0), ("hard", 20, 0), ("hard", 22, 0)]
+        ("random", 10, 0), ("random", 13, 0), ("hard_negative", 20, 0), ("hard_negative", 22, 0)]
     assert all("highlight" not in e for e in examples)
-    assert detection_examples(POSITIVES, RANDOM, HARD, 100.0)[3:5] == [
+    assert detection_examples(POSITIVES, RANDOM, HARD_NEGATIVES, 100.0)[3:5] == [
         {"kind": "random", "seq_id": s, "label": 0} for s in (10, 11)]
 
 
 def test_fuzzing_examples_highlights():
-    examples = fuzzing_examples(POSITIVES, RANDOM, HARD, PEAK, TOKENS, {"cat"}, seed=3)
+    examples = fuzzing_examples(POSITIVES, RANDOM, HARD_NEGATIVES, MAX_ACTIVATION, TOKENS, {"cat"}, seed=3)
     by_seq = {(e["kind"], e["seq_id"]): e for e in examples}
-    assert sorted(by_seq) == [("hard", 20), ("hard", 22), ("positive", 1), ("positive", 2), ("positive", 3),
-                              ("random", 10), ("random", 13)]
-    # positives: value >= 1 on the neuron's 0-10 scale, i.e. activation >= 1.0 with peak 10
+    assert sorted(by_seq) == [("hard_negative", 20), ("hard_negative", 22), ("positive", 1), ("positive", 2),
+                              ("positive", 3), ("random", 10), ("random", 13)]
+    # positives: value >= 1 on the neuron's 0-10 scale, i.e. activation >= 1.0 with max activation 10
     assert by_seq["positive", 1]["highlight"] == [False, True, True, False, True]
     assert by_seq["positive", 2]["highlight"] == [True, False, False, False, False]
     assert by_seq["positive", 3]["highlight"] == [True, True, True, False, False]
@@ -180,19 +181,35 @@ def test_fuzzing_examples_highlights():
     for seq_id in (10, 13):
         assert sum(by_seq["random", seq_id]["highlight"]) == 3
     # hard negatives: positions of top tokens compared after strip; random fallback when none
-    assert by_seq["hard", 20]["highlight"] == [True, False, False, True, False]
-    assert sum(by_seq["hard", 22]["highlight"]) == 3
+    assert by_seq["hard_negative", 20]["highlight"] == [True, False, False, True, False]
+    assert sum(by_seq["hard_negative", 22]["highlight"]) == 3
     assert all(e["label"] == (e["kind"] == "positive") for e in examples)
-    again = fuzzing_examples(POSITIVES, RANDOM, HARD, PEAK, TOKENS, {"cat"}, seed=3)
+    again = fuzzing_examples(POSITIVES, RANDOM, HARD_NEGATIVES, MAX_ACTIVATION, TOKENS, {"cat"}, seed=3)
     assert again == examples
-    others = [fuzzing_examples(POSITIVES, RANDOM, HARD, PEAK, TOKENS, {"cat"}, seed=s) for s in range(10)]
+    others = [fuzzing_examples(POSITIVES, RANDOM, HARD_NEGATIVES, MAX_ACTIVATION, TOKENS, {"cat"}, seed=s)
+              for s in range(10)]
     assert len({str([e["highlight"] for e in x if e["kind"] == "random"]) for x in others}) > 1
 
 
 def test_fuzzing_positive_without_activating_token_is_left_out():
     quiet = [(5, np.array([0.5, 0.0]))]
-    examples = fuzzing_examples(POSITIVES + quiet, [], [], PEAK, TOKENS, set())
+    examples = fuzzing_examples(POSITIVES + quiet, [], [], MAX_ACTIVATION, TOKENS, set())
     assert [e["seq_id"] for e in examples] == [1, 2, 3]
+
+
+def test_top_token_texts_are_the_top_token_ids_of_the_hard_negative_search_as_texts():
+    def window(at: int, value: float = 1.0) -> np.ndarray:
+        return np.where(np.arange(4) == at, value, 0.0)
+
+    tokens = {0: ["a", " cat", "b", "c"], 1: ["a", "b", " cat", "c"], 2: ["cat", "x", "y", "z"],
+              3: ["q", "q", "cat", "q"], 4: [" dog", "q", "q", "q"], 5: ["q", "q", "q", " emu"]}
+    top = [(0, window(1, 5.0)), (1, window(2)), (2, window(0)), (3, window(2)), (4, window(0)), (5, window(3))]
+    # " cat" and "cat" are different tokens (2 records each): with " dog" (first of the single ones) the
+    # top 3; texts are stripped, so " cat" and "cat" are one text
+    assert top_token_texts(top, tokens) == {"cat", "dog"}
+    assert top_token_texts(top, tokens, n=1) == {"cat"}
+    assert top_token_texts([(s, -a) for s, a in top], tokens) == set()  # never activates: no top token
+    assert top_token_texts([], tokens) == set()
 
 
 def test_batches_seeded_and_complete():

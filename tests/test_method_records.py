@@ -176,7 +176,7 @@ def test_stats_match_numpy_on_concatenated_data():
     d, var = d[:3], var[:3]  # moments of the non-constant neurons
     np.testing.assert_allclose(stats["skewness"][:3], (d**3).mean(axis=1) / var**1.5, rtol=1e-5)
     np.testing.assert_allclose(stats["kurtosis"][:3], (d**4).mean(axis=1) / var**2 - 3, rtol=1e-5)
-    np.testing.assert_allclose(stats["max"], x.max(axis=1))
+    np.testing.assert_allclose(stats["max_activation"], x.max(axis=1))
     assert stats["variance"][3] == 0.0
     assert np.isnan(stats["skewness"][3]) and np.isnan(stats["kurtosis"][3])
     assert stats["n_tokens"] == [240] * N and stats["neuron"] == list(range(N))

@@ -56,24 +56,24 @@ def posts(server) -> int:
 def test_chat_round_trip_with_usage_and_cost(server):
     llm = endpoint(server)
     r = llm.chat(CHAT, max_tokens=3, temperature=0)
-    assert r["object"] == "chat.completion"
-    assert r["choices"][0]["message"]["role"] == "assistant"
-    assert isinstance(r["choices"][0]["message"]["content"], str)
-    assert r["_cache_hit"] is False
-    assert r["_tokens_in"] == r["usage"]["prompt_tokens"] > 0
-    assert r["_tokens_out"] == r["usage"]["completion_tokens"]
-    assert 1 <= r["_tokens_out"] <= 3
-    assert r["_cost_usd"] == pytest.approx((r["_tokens_in"] * 1.0 + r["_tokens_out"] * 2.0) / 1e6)
+    assert r.body["object"] == "chat.completion"
+    assert r.body["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(r.body["choices"][0]["message"]["content"], str)
+    assert r.usage.cache_hit is False
+    assert r.usage.tokens_in == r.body["usage"]["prompt_tokens"] > 0
+    assert r.usage.tokens_out == r.body["usage"]["completion_tokens"]
+    assert 1 <= r.usage.tokens_out <= 3
+    assert r.usage.cost_usd == pytest.approx((r.usage.tokens_in * 1.0 + r.usage.tokens_out * 2.0) / 1e6)
     assert llm.stats["requests"] == 1 and llm.stats["cache_misses"] == 1
-    assert llm.stats["tokens_in"] == r["_tokens_in"] and llm.stats["cost_usd"] == pytest.approx(r["_cost_usd"])
+    assert llm.stats["tokens_in"] == r.usage.tokens_in and llm.stats["cost_usd"] == pytest.approx(r.usage.cost_usd)
     body = server.posts("/chat/completions")[0]
     assert body["model"] == MODEL_NAME and body["max_tokens"] == 3 and body["messages"] == CHAT
 
     # greedy decoding is deterministic; chat logprobs come back per generated token
     r2 = llm.chat(CHAT, max_tokens=3, temperature=0, logprobs=True, top_logprobs=4)
-    assert r2["choices"][0]["message"]["content"] == r["choices"][0]["message"]["content"]
-    content = r2["choices"][0]["logprobs"]["content"]
-    assert len(content) == r2["_tokens_out"]
+    assert r2.body["choices"][0]["message"]["content"] == r.body["choices"][0]["message"]["content"]
+    content = r2.body["choices"][0]["logprobs"]["content"]
+    assert len(content) == r2.usage.tokens_out
     for item in content:
         assert len(item["top_logprobs"]) == 4
         assert item["logprob"] == pytest.approx(item["top_logprobs"][0]["logprob"])  # greedy = argmax
@@ -83,21 +83,21 @@ def test_completion_echo_returns_prompt_logprobs(server):
     llm = endpoint(server)
     prompt = "the\tunknown\nword\t3\nfor\tunknown"
     r = llm.completion(prompt, echo=True, logprobs=3, max_tokens=0)
-    choice = r["choices"][0]
+    choice = r.body["choices"][0]
     assert choice["text"] == prompt
     lp = choice["logprobs"]
     n = len(lp["tokens"])
-    assert n == r["_tokens_in"] and r["_tokens_out"] == 0
+    assert n == r.usage.tokens_in and r.usage.tokens_out == 0
     assert "".join(lp["tokens"]).endswith(prompt)
     assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     for value, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
         assert value <= 0 and 1 <= len(top) <= 3
         assert value <= max(top.values()) + 1e-6
-    assert r["_cost_usd"] == pytest.approx(n / 1e6)
+    assert r.usage.cost_usd == pytest.approx(n / 1e6)
 
     g = llm.completion("def f(x):", max_tokens=2, temperature=0)
-    assert g["_tokens_out"] == 2 and isinstance(g["choices"][0]["text"], str)
+    assert g.usage.tokens_out == 2 and isinstance(g.body["choices"][0]["text"], str)
 
 
 def test_price_table_file_and_lookup():
@@ -115,13 +115,13 @@ def test_price_table_file_and_lookup():
 def test_cache_hits_make_no_requests_and_hold_no_key(server, tmp_path):
     llm = endpoint(server, cache_root=str(tmp_path / "cache"))
     first = llm.chat(CHAT, max_tokens=2, temperature=0)
-    assert posts(server) == 1 and first["_cache_hit"] is False
+    assert posts(server) == 1 and first.usage.cache_hit is False
 
     again = llm.chat(CHAT, max_tokens=2, temperature=0)
     assert posts(server) == 1, "a cache hit must not reach the server"
-    assert again["_cache_hit"] is True and again["_cost_usd"] == 0.0
-    assert again["choices"] == first["choices"]
-    assert again["_tokens_in"] == first["_tokens_in"]
+    assert again.usage.cache_hit is True and again.usage.cost_usd == 0.0
+    assert again.body["choices"] == first.body["choices"]
+    assert again.usage.tokens_in == first.usage.tokens_in
     assert llm.stats["cache_hits"] == 1 and llm.stats["cache_misses"] == 1 and llm.stats["requests"] == 1
 
     llm.chat(CHAT, max_tokens=2, temperature=0, seed=1)  # different params: a miss
@@ -130,7 +130,7 @@ def test_cache_hits_make_no_requests_and_hold_no_key(server, tmp_path):
 
     # Persistent, and not keyed on the API key: a new object (another key) still hits.
     other = OpenAIEndpoint(server.base_url, "sk-another-key", MODEL_NAME, str(tmp_path / "cache"), prices=PRICES)
-    assert other.chat(CHAT, max_tokens=2, temperature=0)["_cache_hit"] is True
+    assert other.chat(CHAT, max_tokens=2, temperature=0).usage.cache_hit is True
     assert posts(server) == 3
 
     files = sorted((tmp_path / "cache").rglob("*.json"))
@@ -145,8 +145,8 @@ def test_cache_hits_make_no_requests_and_hold_no_key(server, tmp_path):
     # A corrupt entry is a miss (and is rewritten), never a crash.
     key = llm.cache_key("chat", {"messages": CHAT, "max_tokens": 2, "temperature": 0})
     (tmp_path / "cache" / key[:2] / f"{key}.json").write_text("{truncated")
-    assert llm.chat(CHAT, max_tokens=2, temperature=0)["_cache_hit"] is False
-    assert llm.chat(CHAT, max_tokens=2, temperature=0)["_cache_hit"] is True
+    assert llm.chat(CHAT, max_tokens=2, temperature=0).usage.cache_hit is False
+    assert llm.chat(CHAT, max_tokens=2, temperature=0).usage.cache_hit is True
     assert posts(server) == 4
 
 
@@ -156,7 +156,7 @@ def test_failures_are_not_cached(server, tmp_path):
     with pytest.raises(LLMRequestError):
         llm.chat(CHAT, max_tokens=1, temperature=0)
     assert not list(tmp_path.rglob("*.json"))
-    assert llm.chat(CHAT, max_tokens=1, temperature=0)["_cache_hit"] is False
+    assert llm.chat(CHAT, max_tokens=1, temperature=0).usage.cache_hit is False
 
 
 # ----------------------------------------------------------------------------- retries
@@ -166,7 +166,7 @@ def test_retries_429_then_500_then_success(server):
     llm = endpoint(server)
     server.script(["429", "500", "ok"])
     r = llm.chat(CHAT, max_tokens=1, temperature=0)
-    assert r["choices"][0]["message"]["content"] is not None
+    assert r.body["choices"][0]["message"]["content"] is not None
     assert llm.stats["retries"] == 2 and llm.stats["requests"] == 3
     assert posts(server) == 3
 
@@ -199,13 +199,13 @@ def test_timeout_is_retried(server):
     start = time.monotonic()
     r = llm.chat(CHAT, max_tokens=1, temperature=0)
     assert time.monotonic() - start < 1.9, "the slow answer was not abandoned"
-    assert r["_tokens_out"] == 1 and llm.stats["retries"] == 1 and posts(server) == 2
+    assert r.usage.tokens_out == 1 and llm.stats["retries"] == 1 and posts(server) == 2
 
 
 def test_malformed_body_is_retried_then_reported(server):
     llm = endpoint(server, max_retries=1)
     server.script(["malformed"])
-    assert llm.completion("x = 1", max_tokens=1, temperature=0)["_tokens_out"] == 1
+    assert llm.completion("x = 1", max_tokens=1, temperature=0).usage.tokens_out == 1
     assert llm.stats["retries"] == 1
 
     server.script(["malformed", "malformed"])
@@ -308,8 +308,8 @@ def test_cache_on_an_object_store_path(server):
     # fsspec's in-memory filesystem takes the same single-write path as s3:// (no rename).
     root = f"memory://llm-cache-{time.time_ns()}"
     llm = endpoint(server, cache_root=root)
-    assert llm.chat(CHAT, max_tokens=1, temperature=0)["_cache_hit"] is False
-    assert endpoint(server, cache_root=root).chat(CHAT, max_tokens=1, temperature=0)["_cache_hit"] is True
+    assert llm.chat(CHAT, max_tokens=1, temperature=0).usage.cache_hit is False
+    assert endpoint(server, cache_root=root).chat(CHAT, max_tokens=1, temperature=0).usage.cache_hit is True
     assert posts(server) == 1
     from upath import UPath
 
@@ -323,4 +323,4 @@ def test_identical_concurrent_requests_reach_the_server_once(server, tmp_path):
     results = []
     _hammer([lambda: results.append(llm.chat(CHAT, max_tokens=1, temperature=0)) for _ in range(4)])
     assert posts(server) == 1
-    assert sorted(r["_cache_hit"] for r in results) == [False, True, True, True]
+    assert sorted(r.usage.cache_hit for r in results) == [False, True, True, True]

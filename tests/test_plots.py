@@ -14,7 +14,7 @@ from pipeline import tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.assets.common import viewer_page
-from neuron_assets.assets.scores import SCHEMA, viewer_link
+from neuron_assets.assets.scores import viewer_link
 from neuron_assets.runs import materialize_runs, shard_keys
 from neuron_assets.definitions import build_definitions
 from neuron_assets.plots import (
@@ -25,6 +25,7 @@ from neuron_assets.plots import (
     score_histogram_figure,
 )
 from neuron_assets.resources.storage import TableStorage
+from neuron_assets.stages.score import SCHEMA
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NAN = float("nan")
@@ -100,7 +101,7 @@ def scores_table(layer: int, rows) -> pl.DataFrame:
         out.append({"layer": layer, "neuron": neuron, "variant": variant,
                     "explanation": f"layer {layer} neuron {neuron} by {variant}", "score_all": score,
                     "score_top": score, "score_random": score, "rsquared": score, "abs_dev_explained": score,
-                    "n_failed_tokens": 0, "cost": 0.001, "simulator_model": "tiny", "method": "all_at_once",
+                    "n_failed_tokens": 0, "cost_usd": 0.001, "simulator_model": "tiny", "method": "all_at_once",
                     "explanation_id": f"{layer}-{neuron}-{variant}", "records_hash": "0" * 16,
                     "donor_neuron": 1 - neuron % 2 if variant.endswith("_shuffled") else None, "error": None})
     return pl.DataFrame(out, schema=SCHEMA)

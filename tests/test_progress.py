@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from neuron_assets.progress import ProgressBarHandler, progress_console_logger
-from neuron_assets.stages.timing import Progress, parse_progress, progress_line
+from neuron_assets.stages.timing import Progress, ProgressState, log_reporter
 
-WHAT = "forward pass, layers 00..01, windows"
+WHAT, UNIT = "forward pass, layers 00..01", "windows"
 BAR = re.compile(r"forward pass, layers 00\.\.01 \[(?P<bar>[#-]{10})\] (?P<pct>\d+)% (?P<done>\d+)/4 windows "
                  r"[0-9.]+/s ETA \d+ s")
 
@@ -63,7 +63,7 @@ def log():
 
 
 def steps(logger: logging.Logger, n: int, total: int = 4) -> Progress:
-    progress = Progress(logger.info, total, WHAT, every=0.0)  # every advance logs
+    progress = Progress(log_reporter(logger.info), total, WHAT, UNIT, every=0.0)  # every advance logs
     for _ in range(n):
         progress.advance()
     return progress
@@ -97,10 +97,11 @@ def test_tty_draws_one_bar_in_place_and_clears_it_before_other_lines(log):
 def test_a_shorter_bar_leaves_nothing_of_a_longer_one(log):
     stream = FakeTTY()
     log.addHandler(ProgressBarHandler(stream=stream))
-    log.info("x: 5/10 (50%), 12345.6/s, ETA 123456 s")
-    log.info("x: 6/10 (60%), 1.0/s, ETA 4 s")
+    report = log_reporter(log.info)
+    report(ProgressState("x", "items", 5, 10, 12345.6, 123456))
+    report(ProgressState("x", "items", 6, 10, 1.0, 4))
     (line,) = screen(stream.getvalue())
-    assert line == "[######----] 60% 6/10 x 1.0/s ETA 4 s"
+    assert line == "x [######----] 60% 6/10 items 1.0/s ETA 4 s"
 
 
 def test_a_bar_wider_than_the_terminal_is_cut_to_fit(log, monkeypatch):
@@ -125,27 +126,28 @@ def test_not_a_tty_gets_every_message_as_a_plain_line(log):
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - test_progress - INFO - ", line) for line in lines)
 
 
-def test_parse_progress_reads_progress_messages_only():
-    assert parse_progress("explaining layer 00 shard 01, neurons: 3/8 (38%), 0.4/s, ETA 12 s") == {
-        "what": "explaining layer 00 shard 01, neurons", "done": 3, "total": 8, "pct": 38, "rate": 0.4, "eta": "12"}
-    assert parse_progress("windows: 0/5 (0%), 0.0/s, ETA inf s")["eta"] == "inf"
-    assert parse_progress("neurons scored: 3/8") is None
-    assert parse_progress("loaded 8 neurons (100%)") is None
-    # the writer's line reads back whole (one format, written and read in stages/timing.py)
-    assert parse_progress(progress_line("simulating 00|0000-0191, explanations", 5, 12, 0.25, float("inf"))) == {
-        "what": "simulating 00|0000-0191, explanations", "done": 5, "total": 12, "pct": 42, "rate": 0.2, "eta": "inf"}
+def test_only_records_carrying_a_state_are_drawn_never_text_that_looks_like_one(log):
+    stream = FakeTTY()
+    log.addHandler(ProgressBarHandler(stream=stream))
+    state = ProgressState("simulating 00|0000-0191", "explanations", 5, 12, 0.25, float("inf"))
+    assert str(state) == "simulating 00|0000-0191, explanations: 5/12 (42%), 0.2/s, ETA inf s"
+    log.info(str(state))  # the same text without its state: a plain line
+    (line,) = screen(stream.getvalue())
+    assert line.endswith(" - INFO - " + str(state))
+    log_reporter(log.info)(state)
+    assert screen(stream.getvalue())[-1] == "simulating 00|0000-0191 [####------] 42% 5/12 explanations 0.2/s ETA inf s"
 
 
 RUN = f"""
 import json, sys
 from dagster import Definitions, asset, instance_for_test
-from neuron_assets.stages.timing import Progress
+from neuron_assets.stages.timing import Progress, log_reporter
 from neuron_assets.progress import with_progress_bar
 
 @asset
 def counted(context) -> None:
     context.log.info("starting")
-    progress = Progress(context.log.info, 4, {WHAT!r}, every=0.0)
+    progress = Progress(log_reporter(context.log.info), 4, {WHAT!r}, {UNIT!r}, every=0.0)
     for _ in range(4):
         progress.advance()
     context.log.info("finished")
@@ -201,12 +203,12 @@ def test_runs_in_process_draw_the_bar_on_a_terminal_and_keep_the_run_log(termina
     start of the run that stderr is a terminal, and the bar reaches it through the tail."""
     stderr, logged = run_with_stderr_on(terminal)
     # the run log (the UI's) holds every Progress line either way
-    assert len(logged) == 4 and logged[-1].startswith(f"{WHAT}: 4/4 (100%)")
+    assert len(logged) == 4 and logged[-1].startswith(f"{WHAT}, {UNIT}: 4/4 (100%)")
     shown = screen(stderr)
     assert [line.rsplit(" - ", 1)[1] for line in shown if line.endswith(("starting", "finished"))] == \
         ["starting", "finished"]
     bars = [line for line in shown if BAR.fullmatch(line)]
-    plain = [line for line in shown if f"{WHAT}: " in line]
+    plain = [line for line in shown if f"{WHAT}, {UNIT}: " in line]
     if terminal:
         assert len(bars) == 1 and BAR.fullmatch(bars[0])["pct"] == "100", stderr
         assert plain == [] and stderr.count("\r") > 4  # drawn in place, not as lines

@@ -91,9 +91,9 @@ def test_detection_and_fuzzing_are_high_with_random_negatives(study):
     # hard-negative accuracy is NaN (not 0)
     records = storage.read("neuron_records", "00", "records")
     assert records.filter((pl.col("kind") == "hard_negative") & (pl.col("neuron") < 3)).height == 0
-    assert judged["detection_hard"].is_nan().all() and (judged["n_hard"] == 0).all()
+    assert judged["detection_hard_negative"].is_nan().all() and (judged["n_hard_negative"] == 0).all()
     summary = storage.read("layer_summary", "00").filter(pl.col("variant") == "llm").row(0, named=True)
-    assert summary["mean_detection_random"] >= 0.9 and np.isnan(summary["mean_detection_hard"])
+    assert summary["mean_detection_random"] >= 0.9 and np.isnan(summary["mean_detection_hard_negative"])
 
 
 def test_quality_report_lists_layers_by_variants(study):

@@ -25,6 +25,7 @@ from neuron_assets.definitions import build_definitions
 from neuron_assets.instance import InstanceError, open_instance
 from neuron_assets.resources.files import StorageError, check_s3_root
 from neuron_assets.resources.storage import TableStorage
+from neuron_assets.assets.common import CACHE_HITS
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-scale-out-0193"
@@ -224,7 +225,7 @@ def test_killed_run_leaves_no_partial_file_and_finished_neurons_are_not_recomput
         total = len(list(cache.rglob("*.json")))  # every distinct request the shard needs, answered once
         assert finished >= 2 and rerun == total - finished  # what finished before the kill is not asked again
         event = instance.get_latest_materialization_event(AssetKey("explanations")).asset_materialization
-        assert event.metadata["LLM cache hits"].value >= 1
+        assert event.metadata[CACHE_HITS].value >= 1
         assert storage.read("scores", f"00|{SHARD}").height > 0
         instance.dispose()
 

@@ -141,7 +141,7 @@ def test_layer_page_shows_scores_shaded_records_and_a_screenshot(viewer, browser
         "n0", "n1", "n2"]
 
     # real activations shaded by activation / the neuron's max; simulated ones by expected / 10
-    stats = {r["neuron"]: r["max"] for r in storage.read("neuron_records", "00", "stats").iter_rows(named=True)}
+    stats = {r["neuron"]: r["max_activation"] for r in storage.read("neuron_records", "00", "stats").iter_rows(named=True)}
     values = spans(browser, "#n2 .tok.real")
     assert len(values) == 10 * 32  # 5 top + 5 random records of 32 tokens
     assert all(a == pytest.approx(min(1.0, max(0.0, v / stats[2])), abs=0.006) for v, a in values)

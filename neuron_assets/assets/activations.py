@@ -1,11 +1,8 @@
 """neuron_records[layer]: top, random, quantile and hard-negative records plus stats for every MLP neuron."""
 
 import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import polars as pl
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -18,56 +15,35 @@ from dagster import (
     asset,
 )
 
-from neuron_assets.assets.common import OWNERS, percentiles
+from neuron_assets.assets.common import CONTENT_HASH, MODEL_SECONDS, OWNERS, PATH, percentiles, progress_log
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
-from neuron_assets.method.records import (
-    HARD_NEGATIVE,
-    RecordSampler,
-    add_records,
-    hard_negative_collector,
-)
 from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
-from neuron_assets.stages.timing import ModelClock, Progress
+from neuron_assets.stages.capture import LayerRecords, capture_records
 
-RECORDS_SCHEMA = {"neuron": pl.Int32, "kind": pl.String, "rank": pl.Int32, "seq_id": pl.Int32,
-                  "activations": pl.List(pl.Float32)}
-STATS_SCHEMA = {"neuron": pl.Int32, "mean": pl.Float64, "variance": pl.Float64, "skewness": pl.Float64,
-                "kurtosis": pl.Float64, "max": pl.Float64, "n_tokens": pl.Int64,
-                "quantile_boundaries": pl.List(pl.Float64)}
 ENOUGH_RECORDS = "every_neuron_has_enough_records"
-SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (docs/method.md)
 
 
-def _tables(records: dict, stats: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
-    # a 2D array becomes a fixed-width column in one copy; a list of row arrays is 10x slower
-    records["activations"] = pl.Series(records["activations"]).cast(pl.List(pl.Float32))
-    return pl.DataFrame(records, schema=RECORDS_SCHEMA), pl.DataFrame(stats, schema=STATS_SCHEMA)
+def _layer_metadata(layer: LayerRecords, content_hash: str, path: str) -> dict:
+    max_activation = layer.stats["max_activation"].to_list()
+    hard = layer.hard_per_neuron
+    return {"dagster/row_count": layer.records.height, "neurons": layer.stats.height,
+            "never active (max <= 0)": sum(m <= 0 for m in max_activation),
+            **percentiles(max_activation, "max activation"),
+            "hard negatives: neurons with >= 1": int((hard > 0).sum()),
+            "hard negatives: median per neuron": float(np.median(hard)) if len(hard) else 0.0,
+            CONTENT_HASH: content_hash, PATH: MetadataValue.path(path)}
 
 
-def _short_neurons(records: pl.DataFrame, n_neurons: int) -> dict[str, int]:
-    """How many neurons have fewer top / random records than the splits need."""
-    counts = records.group_by("neuron", "kind").len()
-    out = {}
-    for kind, need in (("top", SPLIT_TOP), ("random", SPLIT_RANDOM)):
-        enough = counts.filter((pl.col("kind") == kind) & (pl.col("len") >= need)).height
-        out[kind] = n_neurons - enough
-    return out
-
-
-def _store_layer(storage: TableStorage, key: str, records: dict, stats: dict, hard: dict, n_neurons: int) -> dict:
-    """Write one layer's two tables (sampler records + hard negatives) and return what the metadata needs."""
-    hard_per_neuron = np.bincount(hard["neuron"], minlength=n_neurons)
-    records, stats = _tables(add_records(records, hard), stats)
-    versions = (storage.write(records, "neuron_records", key, "records"),
-                storage.write(stats, "neuron_records", key, "stats"))
-    return {"rows": records.height, "short": _short_neurons(records, n_neurons),
-            "max": stats["max"].to_list(), "content hash": "".join(versions),
-            "hard": {"hard negatives: neurons with >= 1": int((hard_per_neuron > 0).sum()),
-                     "hard negatives: median per neuron": float(np.median(hard_per_neuron)) if n_neurons else 0.0}}
+def _enough_records(layers: list[LayerRecords]) -> AssetCheckResult:
+    short = [layer.short_neurons() for layer in layers]
+    top, random = sum(s["top"] for s in short), sum(s["random"] for s in short)
+    return AssetCheckResult(check_name=ENOUGH_RECORDS, passed=top == 0 and random == 0,
+                            severity=AssetCheckSeverity.WARN,
+                            metadata={"neurons short of top records": top, "neurons short of random records": random})
 
 
 def build_neuron_records(layout: Layout):
@@ -76,7 +52,7 @@ def build_neuron_records(layout: Layout):
         backfill_policy=BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
-        code_version="3",
+        code_version="4",  # 4: the stats column max is max_activation
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -92,77 +68,27 @@ def build_neuron_records(layout: Layout):
         context: AssetExecutionContext, subject_model: SubjectModel, storage: TableStorage, study: Study
     ) -> MaterializeResult:
         keys = list(context.partition_keys)
-        layers = [int(k) for k in keys]
         windows = storage.read("corpus_tokens", columns=["token_ids"])["token_ids"]
-        token_ids = windows.list.to_array(study.seq_len).to_numpy()
-        n_neurons = subject_model.shape().n_neurons
-        samplers = {
-            layer: RecordSampler(n_neurons, study.seq_len, n_top=study.top_records,
-                                 n_random=study.random_records,
-                                 quantile_pool=max(50, study.random_records), seed=study.seed * 1000 + layer)
-            for layer in layers
-        }
-        progress = Progress(context.log.info, len(token_ids), f"forward pass, layers {keys[0]}..{keys[-1]}, windows")
-        clock = ModelClock()
-        # numpy releases the GIL inside its loops, so the layers' samplers run side by side
-        with ThreadPoolExecutor(max_workers=min(len(layers), os.cpu_count() or 1)) as pool:
-            for start, acts in clock.timed(subject_model.neuron_activations(token_ids, layers)):
-                seq_ids = np.arange(start, start + len(acts[layers[0]]))
-                list(pool.map(lambda layer, a=acts, s=seq_ids: samplers[layer].update(a[layer], s), layers))
-                progress.advance(len(seq_ids))
-            first_pass_s = progress.seconds
-            # finalizing the layers side by side too; each frees its sampler
-            final = dict(zip(layers, pool.map(lambda layer: samplers.pop(layer).finalize(), layers)))
-            # hard negatives: one second pass over the union of every layer's candidate windows (all drawn
-            # from one window sample of at most 20,000, so the pass is bounded whatever the corpus size)
-            hard = dict(zip(layers, pool.map(
-                lambda layer: hard_negative_collector(final[layer][0], n_neurons, token_ids,
-                                                      seed=study.seed * 1000 + layer, sample_seed=study.seed),
-                layers)))
-            union = np.unique(np.concatenate([hard[layer].windows() for layer in layers]))
-            second = Progress(context.log.info, len(union), f"second pass ({HARD_NEGATIVE}), layers {keys[0]}..{keys[-1]}, "
-                              "windows")
-            for start, acts in clock.timed(subject_model.neuron_activations(token_ids[union], layers)):
-                seq_ids = union[start : start + len(acts[layers[0]])]
-                list(pool.map(lambda layer, a=acts, s=seq_ids: hard[layer].update(a[layer], s), layers))
-                second.advance(len(seq_ids))
-            stored = list(pool.map(
-                lambda key, layer: _store_layer(storage, key, *final.pop(layer), hard.pop(layer).finalize(), n_neurons),
-                keys, layers))
-        tokens_per_s = token_ids.size / max(first_pass_s, 1e-9)
-
-        short = {kind: sum(layer["short"][kind] for layer in stored) for kind in ("top", "random")}
-        for key, layer in zip(keys, stored):
+        captured = capture_records(subject_model, windows.list.to_array(study.seq_len).to_numpy(),
+                                   [int(k) for k in keys], study.top_records, study.random_records, study.seed,
+                                   progress_log(context), f"layers {keys[0]}..{keys[-1]}")
+        hashes = []
+        for key, layer in zip(keys, captured.layers.values()):
+            hashes.append(storage.write(layer.records, "neuron_records", key, "records")
+                          + storage.write(layer.stats, "neuron_records", key, "stats"))
             context.add_asset_metadata(
-                {
-                    "dagster/row_count": layer["rows"],
-                    "neurons": n_neurons,
-                    "never active (max <= 0)": sum(m <= 0 for m in layer["max"]),
-                    **percentiles(layer["max"], "max activation"),
-                    **layer["hard"],
-                    "content hash": layer["content hash"],
-                    "path": MetadataValue.path(str(storage.path("neuron_records", key, "records"))),
-                },
-                partition_key=key,
-            )
-        hashes = [layer["content hash"] for layer in stored]
+                _layer_metadata(layer, hashes[-1], str(storage.path("neuron_records", key, "records"))),
+                partition_key=key)
         # One data version for the run: per layer when the run has one layer (the usual refresh).
         version = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
         return MaterializeResult(
             data_version=DataVersion(version),
-            metadata={"layers": len(layers), "windows": len(token_ids), "tokens/s": round(tokens_per_s, 1),
-                      "hard negatives: windows in second pass": len(union),
-                      "hard negatives: second pass seconds": round(second.seconds, 1),
-                      "model seconds": round(clock.seconds, 1), "subject model": subject_model.label},
-            check_results=[
-                AssetCheckResult(
-                    check_name=ENOUGH_RECORDS,
-                    passed=short["top"] == 0 and short["random"] == 0,
-                    severity=AssetCheckSeverity.WARN,
-                    metadata={"neurons short of top records": short["top"],
-                              "neurons short of random records": short["random"]},
-                )
-            ],
+            metadata={"layers": len(keys), "windows": captured.n_windows,
+                      "tokens/s": round(captured.tokens_per_second, 1),
+                      "hard negatives: windows in second pass": captured.second_pass_windows,
+                      "hard negatives: second pass seconds": round(captured.second_pass_seconds, 1),
+                      MODEL_SECONDS: round(captured.model_seconds, 1), "subject model": subject_model.label},
+            check_results=[_enough_records(list(captured.layers.values()))],
         )
 
     return neuron_records

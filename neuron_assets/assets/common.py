@@ -5,12 +5,18 @@ import numpy as np
 import polars as pl
 from dagster import MetadataValue
 
-from neuron_assets.method.controls import SUFFIX
+from neuron_assets.stages.timing import log_reporter
 
 OWNERS = ["team:interpretability"]
-# rows of a shuffled control (variant `<variant>_shuffled`), as a polars filter
-CONTROL_ROWS = pl.col("variant").str.ends_with(SUFFIX)
 LAYER = "layer"
+
+# Metadata keys that other code reads back (the audit, benchmarks, tests): written and read by name.
+PATH = "path"
+CONTENT_HASH = "content hash"  # a partition of several tables: their hashes, concatenated
+COST = "cost_usd"
+REUSED = "reused (unchanged inputs)"
+CACHE_HITS, CACHE_MISSES = "LLM cache hits", "LLM cache misses"
+MODEL_SECONDS = "model seconds"
 
 
 def layer_and_shard(context) -> tuple[str, str]:
@@ -21,6 +27,17 @@ def layer_and_shard(context) -> tuple[str, str]:
 def previous_rows(storage, asset: str, partition: str) -> pl.DataFrame | None:
     """This partition's table from its last materialization, for reusing unchanged neurons."""
     return storage.read(asset, partition) if storage.exists(asset, partition) else None
+
+
+def progress_log(context):
+    """A stage's progress reporter: run log lines that carry their state for the console's bar."""
+    return log_reporter(context.log.info)
+
+
+def llm_metadata(df: pl.DataFrame, seconds: float, model_seconds: float) -> dict:
+    """What a table of LLM work cost (its tokens_in, tokens_out and cost_usd columns) and took."""
+    return {"tokens in": int(df["tokens_in"].sum()), "tokens out": int(df["tokens_out"].sum()),
+            COST: float(df["cost_usd"].sum()), "seconds": round(seconds, 1), MODEL_SECONDS: round(model_seconds, 1)}
 
 
 def percentiles(values, name: str) -> dict:

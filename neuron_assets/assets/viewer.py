@@ -17,7 +17,7 @@ from dagster import (
 )
 from upath import UPath
 
-from neuron_assets.assets.common import CONTROL_ROWS, OWNERS, viewer_page
+from neuron_assets.assets.common import OWNERS, viewer_page
 from neuron_assets.assets.scores import quality_report, viewer_link
 from neuron_assets.automation import on_change
 from neuron_assets.explorer import load_explained, run_windows, top_explained
@@ -28,6 +28,7 @@ from neuron_assets.resources.files import is_local, s3_errors, write_atomic
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.subject_model import SubjectModel
 from neuron_assets.stages.records import records_of
+from neuron_assets.stages.variants import CONTROL_ROWS
 from neuron_assets.viewer import index_page, layer_page
 
 # Neurons with a section of records on a layer page (the table lists every scored neuron): the
@@ -112,7 +113,7 @@ def build_neuron_viewer(layout: Layout):
         partitions_def=layer_partitions(layout),
         deps=[*(AssetDep(name, partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))
                 for name in ("scores", "simulations", "explanations")), "neuron_records", "corpus_tokens"],
-        code_version="1",
+        code_version="2",  # 2: the stats table shows max_activation (was max)
         automation_condition=ON_SCORES_CHANGE,
         kinds={"html"},
         owners=OWNERS,
@@ -158,17 +159,42 @@ def build_neuron_viewer(layout: Layout):
 
 def excerpt_windows(records: pl.DataFrame, explained: pl.DataFrame, n: int = EXCERPTS) -> list[int]:
     """The `n` windows where explained neurons fire most: by the sum, over the explained neurons
-    that have the window among their top records, of the window's peak / the neuron's max
+    that have the window among their top records, of the window's max / the neuron's max activation
     (records: layer, neuron, kind, seq_id, activations). Ties: lower seq_id first."""
     top = records.filter(pl.col("kind") == "top").join(
-        explained.select("layer", "neuron", "scale"), on=["layer", "neuron"])
+        explained.select("layer", "neuron", "max_activation"), on=["layer", "neuron"])
     if top.height == 0:
         return []
-    peak = pl.col("activations").list.max().cast(pl.Float64)
-    scale = pl.when(pl.col("scale") > 0).then(pl.col("scale")).otherwise(1.0)
-    ranked = (top.with_columns(relative=peak / scale).group_by("seq_id").agg(pl.col("relative").sum())
+    window_max = pl.col("activations").list.max().cast(pl.Float64)
+    max_activation = pl.when(pl.col("max_activation") > 0).then(pl.col("max_activation")).otherwise(1.0)
+    ranked = (top.with_columns(relative=window_max / max_activation).group_by("seq_id").agg(pl.col("relative").sum())
               .sort(["relative", "seq_id"], descending=[True, False]))
     return ranked["seq_id"].head(n).to_list()
+
+
+def explorer_excerpts(storage: TableStorage, layout: Layout, subject_model: SubjectModel,
+                      explained: pl.DataFrame) -> list[dict]:
+    """The `index_page` token explorer view of the `excerpt_windows` (one forward pass of the
+    subject model over them)."""
+    layers = sorted(explained["layer"].unique().to_list())
+    tops = [storage.read("neuron_records", layout.layer_key(layer), "records")
+            .filter(pl.col("kind") == "top").with_columns(layer=pl.lit(layer, dtype=pl.Int32))
+            for layer in layers if storage.exists("neuron_records", layout.layer_key(layer), "records")]
+    windows = excerpt_windows(pl.concat(tops, how="diagonal_relaxed"), explained) if tops else []
+    if not windows:
+        return []
+    corpus = storage.read("corpus_tokens").filter(pl.col("seq_id").is_in(windows))
+    by_seq = {r["seq_id"]: r for r in corpus.iter_rows(named=True)}
+    acts = run_windows(subject_model, np.asarray([by_seq[s]["token_ids"] for s in windows], dtype=np.int64), layers)
+    excerpts = []
+    for i, seq_id in enumerate(windows):
+        hits = top_explained({layer: a[i] for layer, a in acts.items()}, explained, TOP_PER_TOKEN)
+        for token_hits in hits:
+            for h in token_hits:
+                h["layer"] = layout.layer_key(h["layer"])
+        excerpts.append({"title": f"window {seq_id} (document {by_seq[seq_id]['doc_id']})",
+                         "tokens": by_seq[seq_id]["tokens"], "hits": hits})
+    return excerpts
 
 
 def build_neuron_viewer_index(layout: Layout):
@@ -202,26 +228,7 @@ def build_neuron_viewer_index(layout: Layout):
         if storage.exists("model_summary"):
             report = quality_report(storage.read("model_summary"))
             quality = (report.columns, [list(r) for r in report.iter_rows()])
-        layers = sorted(explained["layer"].unique().to_list())
-        records = pl.concat(
-            [storage.read("neuron_records", layout.layer_key(layer), "records")
-             .filter(pl.col("kind") == "top").with_columns(layer=pl.lit(layer, dtype=pl.Int32))
-             for layer in layers if storage.exists("neuron_records", layout.layer_key(layer), "records")],
-            how="diagonal_relaxed") if layers else None
-        windows = excerpt_windows(records, explained) if records is not None else []
-        excerpts = []
-        if windows:
-            corpus = storage.read("corpus_tokens").filter(pl.col("seq_id").is_in(windows))
-            by_seq = {r["seq_id"]: r for r in corpus.iter_rows(named=True)}
-            ids = np.asarray([by_seq[s]["token_ids"] for s in windows], dtype=np.int64)
-            acts = run_windows(subject_model, ids, layers)
-            for i, seq_id in enumerate(windows):
-                hits = top_explained({layer: a[i] for layer, a in acts.items()}, explained, TOP_PER_TOKEN)
-                for token_hits in hits:
-                    for h in token_hits:
-                        h["layer"] = layout.layer_key(h["layer"])
-                excerpts.append({"title": f"window {seq_id} (document {by_seq[seq_id]['doc_id']})",
-                                 "tokens": by_seq[seq_id]["tokens"], "hits": hits})
+        excerpts = explorer_excerpts(storage, layout, subject_model, explained)
         page = index_page([(k, counts.get(int(k), 0)) for k in pages], quality, excerpts,
                           note=f"subject model: {subject_model.label}")
         version = _write_page(viewer_page(storage.root), page)

@@ -6,11 +6,12 @@ JSON list of 0/1, one per excerpt:
 - fuzzing: the excerpt has tokens highlighted as `<<...>>`; 1 = the highlighted tokens are what the
   explanation describes.
 
-Examples are plain dicts `{"kind": "positive" | "random" | "hard", "seq_id": int, "label": 0 | 1}`
+Examples are plain dicts `{"kind": "positive" | "random" | "hard_negative", "seq_id": int, "label": 0 | 1}`
 (fuzzing adds `"highlight": list[bool]`, one flag per token). Positives are the neuron's top records
-(label 1); negatives (label 0) are random windows, or "hard" windows that hold the neuron's top tokens
-without activating. A window activates when some token reaches 10% of the neuron's peak, i.e. its
-0-10 value `min(10, floor(10 * max(a, 0) / peak))` is >= 1 (`prompts.normalized_values`).
+(label 1); negatives (label 0) are random windows, or hard negatives: windows that hold the neuron's
+top tokens without activating. A window activates when some token reaches 10% of the neuron's maximum
+activation m, i.e. its 0-10 value `min(10, floor(10 * max(a, 0) / m))` is >= 1
+(`prompts.normalized_values`).
 
 Flow for one neuron and explanation: `detection_examples` / `fuzzing_examples` -> `batches` ->
 `batch_messages` per batch -> LLM -> `read_answer` (None for each example of a failed batch) ->
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from neuron_assets.method import records
 from neuron_assets.method.prompts import (
     EXPLANATION_PREFIX,
     display_token,
@@ -31,7 +33,7 @@ from neuron_assets.method.prompts import (
 HIGHLIGHT_OPEN = "<<"
 HIGHLIGHT_CLOSE = ">>"
 BATCH_SIZE = 10
-KINDS = ("positive", "random", "hard")
+KINDS = ("positive", "random", "hard_negative")
 
 _PREAMBLE = (
     "You are helping to interpret the neurons of a language model. A neuron responds to one specific "
@@ -169,8 +171,9 @@ def balanced_accuracy(labels: list[int], predictions: list[int]) -> float:
 
 def scores_from_answers(examples: list[dict], predictions: list[int | None]) -> dict:
     """Balanced accuracy of positives against all negatives ("all"), random negatives ("random") and
-    hard negatives ("hard"); predictions align with examples, None = unanswered (excluded and counted
-    in n_unanswered). n_positive / n_random / n_hard count the answered examples of each kind."""
+    hard negatives ("hard_negative"); predictions align with examples, None = unanswered (excluded and
+    counted in n_unanswered). n_positive / n_random / n_hard_negative count the answered examples of
+    each kind."""
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     answered = [(e, p) for e, p in zip(examples, predictions) if p is not None]
@@ -183,7 +186,7 @@ def scores_from_answers(examples: list[dict], predictions: list[int | None]) -> 
     return {
         "all": accuracy(KINDS),
         "random": accuracy(("positive", "random")),
-        "hard": accuracy(("positive", "hard")),
+        "hard_negative": accuracy(("positive", "hard_negative")),
         **counts,
         "n_unanswered": len(examples) - len(answered),
     }
@@ -192,29 +195,30 @@ def scores_from_answers(examples: list[dict], predictions: list[int | None]) -> 
 # --- examples ------------------------------------------------------------------------------------
 
 
-def levels(activations: np.ndarray, peak: float) -> list[int]:
+def levels(activations: np.ndarray, max_activation: float) -> list[int]:
     """0-10 value per token on the neuron's scale: min(10, floor(10 * max(a, 0) / m)) with m = the
-    larger of `peak` and the window's own max; all 0 when m <= 0."""
-    return normalized_values([np.asarray(activations, np.float64), np.array([peak], np.float64)])[0]
+    larger of `max_activation` (the neuron's) and the window's own max; all 0 when m <= 0."""
+    return normalized_values([np.asarray(activations, np.float64), np.array([max_activation], np.float64)])[0]
 
 
-def activates(activations: np.ndarray, peak: float) -> bool:
-    """Whether some token reaches 10% of the peak (a value >= 1 in `levels`)."""
-    return max(levels(activations, peak), default=0) >= 1
+def activates(activations: np.ndarray, max_activation: float) -> bool:
+    """Whether some token reaches 10% of the neuron's max activation (a value >= 1 in `levels`)."""
+    return max(levels(activations, max_activation), default=0) >= 1
 
 
-def _negatives(records: list[Record], peak: float) -> list[Record]:
-    return [(seq_id, acts) for seq_id, acts in records if not activates(acts, peak)]
+def _negatives(windows: list[Record], max_activation: float) -> list[Record]:
+    return [(seq_id, acts) for seq_id, acts in windows if not activates(acts, max_activation)]
 
 
 def detection_examples(positives: list[Record], random_records: list[Record],
-                       hard_records: list[Record], peak: float) -> list[dict]:
+                       hard_negatives: list[Record], max_activation: float) -> list[dict]:
     """Positives (label 1), then random and hard negatives (label 0), in the order given. Negative
-    windows that activate (some token >= 10% of `peak`) are left out."""
+    windows that activate (some token >= 10% of `max_activation`) are left out."""
     return (
         [{"kind": "positive", "seq_id": int(s), "label": 1} for s, _ in positives]
-        + [{"kind": "random", "seq_id": int(s), "label": 0} for s, _ in _negatives(random_records, peak)]
-        + [{"kind": "hard", "seq_id": int(s), "label": 0} for s, _ in _negatives(hard_records, peak)]
+        + [{"kind": "random", "seq_id": int(s), "label": 0} for s, _ in _negatives(random_records, max_activation)]
+        + [{"kind": "hard_negative", "seq_id": int(s), "label": 0}
+           for s, _ in _negatives(hard_negatives, max_activation)]
     )
 
 
@@ -225,33 +229,47 @@ def _random_highlight(length: int, count: int, rng: np.random.Generator) -> list
     return flags
 
 
-def fuzzing_examples(positives: list[Record], random_records: list[Record], hard_records: list[Record],
-                     peak: float, tokens: Mapping[int, list[str]], top_tokens: set[str],
+def top_token_texts(top: list[Record], tokens: Mapping[int, list[str]], n: int = records.N_TOP_TOKENS) -> set[str]:
+    """The stripped texts of the neuron's top tokens as `records.top_tokens` picks them (the tokens
+    that found its hard negatives): the up to n most frequent tokens at the argmax of its `top`
+    records, none when its max activation is <= 0. `tokens` maps seq_id to the window's tokens;
+    each distinct token text stands for one token id."""
+    if not top:
+        return set()
+    ids: dict[str, int] = {}
+    token_ids = np.array([[ids.setdefault(t, len(ids)) for t in tokens[seq_id]] for seq_id, _ in top])  # [K, T]
+    [chosen] = records.top_tokens(np.arange(len(top))[None], np.stack([acts for _, acts in top])[None], token_ids, n)
+    texts = list(ids)
+    return {texts[i].strip() for i in chosen}
+
+
+def fuzzing_examples(positives: list[Record], random_records: list[Record], hard_negatives: list[Record],
+                     max_activation: float, tokens: Mapping[int, list[str]], top_tokens: set[str],
                      seed: int = 0) -> list[dict]:
     """Like `detection_examples`, each with a "highlight" flag per token:
-    - positive: the tokens at >= 10% of `peak` (value >= 1); a positive with none is left out;
+    - positive: the tokens at >= 10% of `max_activation` (value >= 1); a positive with none is left out;
     - random negative: k tokens at seeded random positions, k = the median number of highlighted
       tokens over the positives, rounded, at least 1;
-    - hard negative: the tokens whose text, stripped, is one of `top_tokens` (stripped); k random
-      positions if none is.
+    - hard negative: the tokens whose text, stripped, is one of `top_tokens` (stripped;
+      `top_token_texts`); k random positions if none is.
     `tokens` maps seq_id to the window's tokens (needed for hard negatives)."""
     rng = np.random.default_rng(seed)
     examples = []
     for seq_id, acts in positives:
-        highlight = [v >= 1 for v in levels(acts, peak)]
+        highlight = [v >= 1 for v in levels(acts, max_activation)]
         if any(highlight):
             examples.append({"kind": "positive", "seq_id": int(seq_id), "label": 1, "highlight": highlight})
     counts = [sum(e["highlight"]) for e in examples]
     k = max(1, int(np.round(np.median(counts)))) if counts else 1
-    for seq_id, acts in _negatives(random_records, peak):
+    for seq_id, acts in _negatives(random_records, max_activation):
         highlight = _random_highlight(len(acts), k, rng)
         examples.append({"kind": "random", "seq_id": int(seq_id), "label": 0, "highlight": highlight})
     top = {t.strip() for t in top_tokens}
-    for seq_id, acts in _negatives(hard_records, peak):
+    for seq_id, acts in _negatives(hard_negatives, max_activation):
         highlight = [t.strip() in top for t in tokens[seq_id]]
         if not any(highlight):
             highlight = _random_highlight(len(acts), k, rng)
-        examples.append({"kind": "hard", "seq_id": int(seq_id), "label": 0, "highlight": highlight})
+        examples.append({"kind": "hard_negative", "seq_id": int(seq_id), "label": 0, "highlight": highlight})
     return examples
 
 

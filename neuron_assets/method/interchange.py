@@ -218,15 +218,6 @@ def _number(obj: dict, field: str, where: str) -> float:
     return float(_field(obj, field, _NUMBER, where, "number"))
 
 
-def _number_list(values, where: str, dtype=np.float32) -> np.ndarray:
-    """A JSON list of numbers (null = NaN) as a 1-D array."""
-    if not isinstance(values, list) or not all(
-        v is None or (isinstance(v, _NUMBER) and not isinstance(v, bool)) for v in values
-    ):
-        raise ValueError(f"{where}: expected a list of numbers")
-    return np.array([np.nan if v is None else v for v in values], dtype)
-
-
 def _read_neuron_id(obj: dict, where: str) -> tuple[int, int]:
     neuron_id = _object(_field(obj, "neuron_id", dict, where, "object"), "NeuronId", f"{where}: neuron_id")
     layer = _field(neuron_id, "layer_index", int, f"{where}: neuron_id", "integer")
@@ -264,47 +255,3 @@ def read_explanations(text: str, where: str) -> list[dict]:
                 }
             )
     return out
-
-
-def _read_record(value, where: str) -> tuple[list[str], np.ndarray]:
-    record = _object(value, "ActivationRecord", where)
-    tokens = _field(record, "tokens", list, where, "list")
-    if not all(isinstance(t, str) for t in tokens):
-        raise ValueError(f"{where}: 'tokens' must be a list of strings")
-    activations = _number_list(_field(record, "activations", list, where, "list"), f"{where}: activations")
-    if len(tokens) != len(activations):
-        raise ValueError(f"{where}: {len(tokens)} tokens but {len(activations)} activations")
-    return tokens, activations
-
-
-def _read_records(obj: dict, field: str, where: str) -> list:
-    records = _field(obj, field, list, where, "list")
-    return [_read_record(r, f"{where}: {field}[{i}]") for i, r in enumerate(records)]
-
-
-def read_neuron_record(text: str, where: str) -> dict:
-    """The NeuronRecord in the text of a collated-activations file, shaped like the arguments of
-    `neuron_record`: {"neuron_id": (layer, neuron), "top": [(tokens, float32 array)], "random":
-    [...], "quantiles": [[...] per bucket], "stats": {mean, variance, skewness, kurtosis (float,
-    null = NaN), quantile_boundaries (float64 array)}}. All these fields are required."""
-    values = _parse(text, where)
-    if len(values) != 1:
-        raise ValueError(f"{where}: {len(values)} JSON values, expected one NeuronRecord")
-    where, value = values[0]
-    record = _object(value, "NeuronRecord", where)
-    buckets = _field(record, "random_sample_by_quantile", list, where, "list")
-    quantiles = []
-    for q, bucket in enumerate(buckets):
-        if not isinstance(bucket, list):
-            raise ValueError(f"{where}: random_sample_by_quantile[{q}] is not a list of records")  # noqa: TRY004
-        quantiles.append([_read_record(r, f"{where}: random_sample_by_quantile[{q}][{i}]") for i, r in enumerate(bucket)])
-    boundaries = _field(record, "quantile_boundaries", list, where, "list")
-    stats = {name: _number(record, name, where) for name in ("mean", "variance", "skewness", "kurtosis")}
-    stats["quantile_boundaries"] = _number_list(boundaries, f"{where}: quantile_boundaries", np.float64)
-    return {
-        "neuron_id": _read_neuron_id(record, where),
-        "top": _read_records(record, "most_positive_activation_records", where),
-        "random": _read_records(record, "random_sample", where),
-        "quantiles": quantiles,
-        "stats": stats,
-    }

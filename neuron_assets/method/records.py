@@ -34,7 +34,7 @@ class RecordSampler:
       above the 0.99 quantile are usually empty.
     - stats: mean, population variance, skewness m3 / m2^1.5 and excess kurtosis
       m4 / m2^2 - 3 over all tokens, merged batch by batch with Pebay's pairwise formulas
-      (numerically stable, unlike raw power sums).
+      (numerically stable, unlike raw power sums); max_activation, the max over all tokens.
     """
 
     def __init__(
@@ -218,7 +218,7 @@ class RecordSampler:
             "variance": variance.tolist(),
             "skewness": skewness.tolist(),
             "kurtosis": kurtosis.tolist(),
-            "max": (self.max if n else empty).tolist(),
+            "max_activation": (self.max if n else empty).tolist(),
             "n_tokens": [n] * N,
             "quantile_boundaries": boundaries.tolist(),
         }

@@ -151,7 +151,8 @@ def _strip_period(text: str) -> str:
 
 
 def revision_gain(first: list[float], revised: list[float]) -> float:
-    """mean over neurons i with both scores finite of (revised[i] - first[i]); NaN if none."""
+    """mean over neurons i with both scores finite of (revised[i] - first[i]); NaN if none.
+    The summaries' gain_over_llm of every variant: `first` the llm scores, `revised` the variant's."""
     if len(first) != len(revised):
         raise ValueError(f"{len(first)} first scores but {len(revised)} revised")
     a, b = np.asarray(first, np.float64), np.asarray(revised, np.float64)

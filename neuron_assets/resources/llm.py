@@ -2,6 +2,7 @@
 openai SDK against OpenAI, vLLM, Ollama, llama.cpp or any OpenAI-compatible endpoint)."""
 
 import functools
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from neuron_assets.method.simulation import expected_values
 from neuron_assets.resources.local_llm import LocalSimulator, generate_texts
 from neuron_assets.resources.models import describe_model, load_causal_lm
 from neuron_assets.resources.openai_client import LLMRequestError, OpenAIEndpoint, load_prices
+from neuron_assets.stages.results import Answer, Simulation, Usage
 from neuron_assets.versions import llm_version
 
 BACKENDS = ("local", "openai")
@@ -29,13 +31,8 @@ PRICES = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 TOP_LOGPROBS = 15  # what the reference requests; OpenAI allows up to 20
 
 
-def failed_simulation(error: str, n_tokens: int = 0) -> dict:
-    """A sequence that could not be simulated: no values, its error, and every token failed."""
-    return {"expected": None, "n_failed": n_tokens, "error": error, "tokens_in": 0, "tokens_out": 0,
-            "cost": 0.0, "cache_hit": False}
-
-
-def _simulation(probs_or_values: np.ndarray, failed: np.ndarray, point: bool = False, **usage) -> dict:
+def _simulation(probs_or_values: np.ndarray, failed: np.ndarray, point: bool = False,
+                usage: Usage = Usage()) -> Simulation:
     if point:
         expected = np.where(failed, np.nan, probs_or_values).astype(np.float32)
     else:
@@ -44,8 +41,7 @@ def _simulation(probs_or_values: np.ndarray, failed: np.ndarray, point: bool = F
         expected = np.where(failed, np.nan, expected).astype(np.float32)
     n_failed = int(failed.sum())
     error = f"the simulator gave no usable value at {n_failed} of {len(failed)} tokens" if n_failed else None
-    return {"expected": expected, "n_failed": n_failed, "error": error, "tokens_in": 0, "tokens_out": 0,
-            "cost": 0.0, "cache_hit": False, **usage}
+    return Simulation(expected, n_failed, error, usage)
 
 
 @functools.lru_cache(maxsize=4)
@@ -64,7 +60,7 @@ class LocalSimulation:
     def __init__(self, engine: LocalSimulator):
         self.engine = engine
 
-    def simulate(self, explanation: str, sequences: list[list[str]]) -> list[dict]:
+    def simulate(self, explanation: str, sequences: list[list[str]]) -> list[Simulation]:
         distributions = self.engine.simulate([simulator_segments(explanation, tokens) for tokens in sequences])
         return [_simulation(p, np.zeros(len(p), dtype=bool)) for p in distributions]
 
@@ -77,40 +73,35 @@ class RemoteSimulation:
         self.prefix = simulator_prefix(fewshot)
         self.max_concurrency = max_concurrency
 
-    def simulate(self, explanation: str, sequences: list[list[str]]) -> list[dict]:
+    def simulate(self, explanation: str, sequences: list[list[str]]) -> list[Simulation]:
         with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
             return list(pool.map(lambda tokens: self._one(explanation, tokens), sequences))
 
-    def _one(self, explanation: str, tokens: list[str]) -> dict:
+    def _one(self, explanation: str, tokens: list[str]) -> Simulation:
         try:
             if self.method == "all_at_once":
                 prompt, reads = all_at_once_prompt(self.prefix, explanation, tokens)
-                response = self.endpoint.completion(prompt, echo=True, logprobs=TOP_LOGPROBS, max_tokens=0)
-                lp = response["choices"][0]["logprobs"]
+                reply = self.endpoint.completion(prompt, echo=True, logprobs=TOP_LOGPROBS, max_tokens=0)
+                lp = reply.body["choices"][0]["logprobs"]
                 # Offsets are rebuilt from the echoed tokens: servers disagree on whether their
                 # text_offset counts an added start-of-text token.
                 probs, failed = read_all_at_once(lp["tokens"], None, lp["top_logprobs"], prompt, reads)
-                return _simulation(probs, failed, **_usage(response))
+                return _simulation(probs, failed, usage=reply.usage)
             if self.method == "chat_logprobs":
                 messages = chat_simulation_messages(explanation, tokens, self.fewshot)
-                response = self.endpoint.chat(messages, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS,
-                                              max_tokens=8 * len(tokens) + 16)
-                content = response["choices"][0]["logprobs"]["content"] or []
+                reply = self.endpoint.chat(messages, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS,
+                                           max_tokens=8 * len(tokens) + 16)
+                content = reply.body["choices"][0]["logprobs"]["content"] or []
                 pairs = [(c["token"], {t["token"]: t["logprob"] for t in c["top_logprobs"]}) for c in content]
                 probs, failed = read_chat_logprobs(pairs, tokens)
-                return _simulation(probs, failed, **_usage(response))
+                return _simulation(probs, failed, usage=reply.usage)
             messages = json_simulation_messages(explanation, tokens, self.fewshot)
-            response = self.endpoint.chat(messages, temperature=0, max_tokens=16 * len(tokens) + 32)
-            values, failed, error = read_json_simulation(response["choices"][0]["message"]["content"] or "", tokens)
-            result = _simulation(values, failed, point=True, **_usage(response))
-            return {**result, "error": error or result["error"]}
+            reply = self.endpoint.chat(messages, temperature=0, max_tokens=16 * len(tokens) + 32)
+            values, failed, error = read_json_simulation(reply.body["choices"][0]["message"]["content"] or "", tokens)
+            result = _simulation(values, failed, point=True, usage=reply.usage)
+            return replace(result, error=error or result.error)
         except (LLMRequestError, KeyError, TypeError, ValueError) as e:
-            return failed_simulation(f"simulator request failed: {type(e).__name__}: {e}", len(tokens))
-
-
-def _usage(response: dict) -> dict:
-    return {"tokens_in": response["_tokens_in"], "tokens_out": response["_tokens_out"],
-            "cost": response["_cost_usd"], "cache_hit": response["_cache_hit"]}
+            return Simulation.failed(f"simulator request failed: {type(e).__name__}: {e}", len(tokens))
 
 
 class LLM(ConfigurableResource):
@@ -160,8 +151,8 @@ class LLM(ConfigurableResource):
                          self.tokens_per_minute, self.max_concurrency, self.timeout_s, self.max_retries, self.prices)
 
     def complete(self, conversations: list[list[dict]], seeds: list[int], temperature: float | None = None,
-                 max_tokens: int | None = None) -> list[dict]:
-        """One answer per chat conversation: {text, tokens_in, tokens_out, cost, cache_hit, error}.
+                 max_tokens: int | None = None) -> list[Answer]:
+        """One answer per chat conversation.
         `temperature` and `max_tokens` default to the resource's (a judge answers at temperature 0).
 
         Remote requests carry their conversation's seed, so a request (and its cache key) does not
@@ -173,16 +164,15 @@ class LLM(ConfigurableResource):
             lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
             answers = generate_texts(lm, tokenizer, conversations, max_new_tokens=max_tokens,
                                      temperature=temperature, seed=seeds[0], batch_size=self.batch_size)
-            return [{**a, "cost": 0.0, "cache_hit": False, "error": None} for a in answers]
+            return answers
         endpoint = self.endpoint()
 
         def one(messages, seed):
             try:
-                r = endpoint.chat(messages, temperature=temperature, top_p=1, max_tokens=max_tokens, seed=seed)
-                return {"text": r["choices"][0]["message"]["content"] or "", **_usage(r), "error": None}
+                reply = endpoint.chat(messages, temperature=temperature, top_p=1, max_tokens=max_tokens, seed=seed)
+                return Answer(reply.body["choices"][0]["message"]["content"] or "", reply.usage)
             except LLMRequestError as e:
-                return {"text": "", "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "cache_hit": False,
-                        "error": f"request failed: {e}"}
+                return Answer.failed(f"request failed: {e}")
 
         with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
             return list(pool.map(one, conversations, seeds))

@@ -21,6 +21,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from neuron_assets.method.simulation import VALUES, value_distribution
+from neuron_assets.stages.results import Answer, Usage
 
 # Architectures whose attention ignores (or mishandles) a custom 4D attention mask in
 # transformers 5.24; chain mode then uses the slower one-forward-per-position path.
@@ -310,7 +311,7 @@ def generate_texts(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 8,
-) -> list[dict]:
+) -> list[Answer]:
     """Generate one answer per conversation: its first non-empty line, or up to EOS or max_new_tokens.
 
     The prompts' common token prefix (the instruction and few-shot examples) is computed once and
@@ -320,9 +321,9 @@ def generate_texts(
     answer, the only part the explanation keeps.
 
     temperature 0 is greedy; otherwise sampling with `top_p`, reproducible for a given `seed` (the
-    global RNG is seeded inside a fork, so callers' random state is untouched). Returns per
-    conversation, in input order, {"text", "tokens_in", "tokens_out"}: the decoded new tokens without
-    special tokens, the full prompt length, and the generated length up to and including the stop.
+    global RNG is seeded inside a fork, so callers' random state is untouched). Returns one Answer
+    per conversation, in input order: the decoded new tokens without special tokens, with the full
+    prompt length as tokens_in and the generated length up to and including the stop as tokens_out.
     """
     if not conversations:
         return []
@@ -343,7 +344,7 @@ def generate_texts(
             generated = _generate_rows(model, tokenizer, prefix, rows, max_new_tokens, temperature, top_p, eos_ids)
             for i, new in zip(batch, generated):
                 text = tokenizer.decode(new, skip_special_tokens=True)
-                results[i] = {"text": text, "tokens_in": len(prompts[i]), "tokens_out": len(new)}
+                results[i] = Answer(text, Usage(tokens_in=len(prompts[i]), tokens_out=len(new)))
     return results
 
 

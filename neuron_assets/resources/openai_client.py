@@ -28,6 +28,7 @@ import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +36,7 @@ import openai
 from upath import UPath
 
 from neuron_assets.resources.files import StorageError, write_atomic
+from neuron_assets.stages.results import Usage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,14 @@ CACHE_FORMAT = 1
 
 # Statuses that mean "this endpoint / model does not offer that feature" during a probe.
 UNSUPPORTED_STATUSES = {400, 404, 405, 422, 501}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An endpoint's response body (plain JSON, scrubbed of the key) and what it cost."""
+
+    body: dict
+    usage: Usage
 
 
 class LLMRequestError(RuntimeError):
@@ -264,12 +274,11 @@ class OpenAIEndpoint:
 
     # -- public API
 
-    def chat(self, messages: list[dict], **params) -> dict:
-        """POST /chat/completions; the response as a plain dict plus _cache_hit, _tokens_in,
-        _tokens_out and _cost_usd."""
+    def chat(self, messages: list[dict], **params) -> Reply:
+        """POST /chat/completions: the response body and its usage."""
         return self._call("chat", {"messages": messages, **params})
 
-    def completion(self, prompt: str, **params) -> dict:
+    def completion(self, prompt: str, **params) -> Reply:
         """POST /completions (legacy; e.g. echo=True, logprobs=5, max_tokens=0 for prompt logprobs)."""
         return self._call("completions", {"prompt": prompt, **params})
 
@@ -281,7 +290,7 @@ class OpenAIEndpoint:
         text = "The cat sat on the mat.\tunknown"
         try:
             response = self.completion(text, echo=True, logprobs=1, max_tokens=0, temperature=0)
-            if _has_prompt_logprobs(response, text):
+            if _has_prompt_logprobs(response.body, text):
                 return "all_at_once"
         except LLMRequestError as error:
             if error.status not in UNSUPPORTED_STATUSES:
@@ -289,7 +298,7 @@ class OpenAIEndpoint:
         messages = [{"role": "user", "content": "Reply with the digit 0."}]
         try:
             response = self.chat(messages, logprobs=True, top_logprobs=5, max_tokens=1, temperature=0)
-            content = ((response.get("choices") or [{}])[0].get("logprobs") or {}).get("content")
+            content = ((response.body.get("choices") or [{}])[0].get("logprobs") or {}).get("content")
             if content:
                 return "chat_logprobs"
         except LLMRequestError as error:
@@ -342,7 +351,7 @@ class OpenAIEndpoint:
 
     # -- the request path
 
-    def _call(self, endpoint: str, request: dict) -> dict:
+    def _call(self, endpoint: str, request: dict) -> Reply:
         key = self.cache_key(endpoint, request)
         if self.cache_root is None:
             return self._fetch(endpoint, request, key)
@@ -363,14 +372,14 @@ class OpenAIEndpoint:
                 if entry[1] == 0:
                     _INFLIGHT.pop(key, None)
 
-    def _fetch(self, endpoint: str, request: dict, key: str) -> dict:
+    def _fetch(self, endpoint: str, request: dict, key: str) -> Reply:
         with self._stats_lock:
             self.stats["cache_misses"] += 1
         response = self._request_with_retries(endpoint, request)
         self._cache_write(key, endpoint, request, response)
         return self._annotate(response, cache_hit=False, count=True)
 
-    def _annotate(self, response: dict, cache_hit: bool, count: bool = False) -> dict:
+    def _annotate(self, response: dict, cache_hit: bool, count: bool = False) -> Reply:
         usage = response.get("usage") or {}
         tokens_in = int(usage.get("prompt_tokens") or 0)
         tokens_out = int(usage.get("completion_tokens") or 0)
@@ -380,9 +389,8 @@ class OpenAIEndpoint:
                 self.stats["tokens_in"] += tokens_in
                 self.stats["tokens_out"] += tokens_out
                 self.stats["cost_usd"] += cost
-        out = json.loads(self._scrub(json.dumps(response)))  # a private deep copy for the caller
-        out.update(_cache_hit=cache_hit, _tokens_in=tokens_in, _tokens_out=tokens_out, _cost_usd=cost)
-        return out
+        body = json.loads(self._scrub(json.dumps(response)))  # a private deep copy for the caller
+        return Reply(body, Usage(tokens_in, tokens_out, cost, cache_hit))
 
     def _send(self, endpoint: str, request: dict) -> dict:
         # The raw body, parsed as plain JSON: building the SDK's typed objects for a prompt's

@@ -12,25 +12,28 @@ import polars as pl
 from neuron_assets.method.baseline import token_baseline
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
-from neuron_assets.stages.records import records_hash
+from neuron_assets.stages.records import max_activation, records_hash
+from neuron_assets.stages.results import Answer, Usage
 from neuron_assets.stages.seeds import unit_seed
-from neuron_assets.stages.timing import ModelClock, Progress
+from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 from neuron_assets.versions import digest
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "text": pl.String, "explainer_model": pl.String, "prompt_version": pl.String,
-          "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost": pl.Float64,
+          "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
           "cache_hit": pl.Boolean, "code_version": pl.String, "inputs_version": pl.String, "error": pl.String}
 VARIANTS = ("llm", "token_baseline")
 
 
-def explanation_row(layer, neuron, variant, text, model, prompt_version, rhash, tokens_in=0, tokens_out=0, cost=0.0,
-         cache_hit=False, error=None, inputs_version=None):
+def explanation_row(layer: int, neuron: int, variant: str, text: str | None, model: str, prompt_version: str,
+                    rhash: str | None, usage: Usage = Usage(), error: str | None = None,
+                    inputs_version: str | None = None) -> dict:
+    """A row of SCHEMA (but code_version); its explanation_id hashes what the explanation is and
+    what it was made from."""
     explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
     return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
             "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
-            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost": cost, "cache_hit": cache_hit,
-            "inputs_version": inputs_version, "error": error}
+            **usage.row(), "inputs_version": inputs_version, "error": error}
 
 
 def reusable_explanation(previous: pl.DataFrame | None, neuron: int, rhash: str, inputs: str, code_version: str) -> dict | None:
@@ -46,6 +49,14 @@ def reusable_explanation(previous: pl.DataFrame | None, neuron: int, rhash: str,
     return match.row(0, named=True) if match.height else None
 
 
+def explanation_text(answer: Answer, what: str) -> tuple[str | None, str | None]:
+    """(the cleaned explanation, None), or (None, why there is none) for a failed or empty answer."""
+    if answer.error is not None:
+        return None, answer.error
+    text = clean_explanation(answer.text)
+    return (text, None) if text else (None, f"explainer returned an empty {what}")
+
+
 @dataclass
 class Explained:
     rows: list[dict]  # rows of SCHEMA, code_version and inputs_version filled in
@@ -58,7 +69,8 @@ class Explained:
 
 def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int, list[str]],
                   previous: pl.DataFrame | None, explainer, fewshot: list[dict], prompt_version: str, seed: int,
-                  code_version: str, log: Callable[[str], None] = print, what: str = "explaining, neurons") -> Explained:
+                  code_version: str, report: Callable[[ProgressState], None] = print,
+                  what: str = "explaining") -> Explained:
     """Explain `units` of `layer` from their `records` ({unit: {kind: [(seq_id, activations)]}}) and
     the corpus `tokens`; `explainer` is an LLM (resources/llm.py) and `previous` the table's rows
     from its last run (reused where records, explainer version, seed, prompt and code are the same)."""
@@ -74,9 +86,9 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
                                      error=f"not enough records: {e}") for v in VARIANTS]
             continue
         rhash = records_hash(train)
-        peak = max(float(acts.max()) for _, acts in kinds["top"])
-        if peak <= 0:
-            reason = f"neuron never activates: max activation {peak:.4g} <= 0 over the corpus"
+        top_max = max_activation(kinds["top"])
+        if top_max <= 0:
+            reason = f"neuron never activates: max activation {top_max:.4g} <= 0 over the corpus"
             rows += [explanation_row(layer, unit, v, None, explainer.label, prompt_version, rhash, error=reason)
                      for v in VARIANTS]
             continue
@@ -91,7 +103,7 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
         else:
             pending.append((unit, rhash, explainer_messages(shown, fewshot, prefill=explainer.continues_assistant_turn)))
 
-    progress = Progress(log, len(pending), what)
+    progress = Progress(report, len(pending), what, "neurons")
     clock = ModelClock()
     for start in range(0, len(pending), explainer.batch_size):
         batch = pending[start : start + explainer.batch_size]
@@ -100,18 +112,12 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
             with clock.running():
                 answers = explainer.complete([messages for _, _, messages in batch], seeds)
         except Exception as e:  # one failed batch becomes error rows, never a failed shard
-            failed = {"text": "", "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "cache_hit": False,
-                      "error": f"explainer failed: {type(e).__name__}: {e}"}
-            answers = [failed] * len(batch)
-        hits += sum(answer["cache_hit"] for answer in answers)
+            answers = [Answer.failed(f"explainer failed: {type(e).__name__}: {e}")] * len(batch)
+        hits += sum(answer.usage.cache_hit for answer in answers)
         for (unit, rhash, _), answer in zip(batch, answers):
-            error = answer["error"]
-            text = clean_explanation(answer["text"]) if error is None else None
-            if error is None and not text:
-                error = "explainer returned an empty explanation"
-            rows.append(explanation_row(layer, unit, "llm", text or None, explainer.label, prompt_version, rhash,
-                                        answer["tokens_in"], answer["tokens_out"], answer["cost"],
-                                        answer["cache_hit"], error))
+            text, error = explanation_text(answer, "explanation")
+            rows.append(explanation_row(layer, unit, "llm", text, explainer.label, prompt_version, rhash,
+                                        answer.usage, error))
         progress.advance(len(batch))
     rows = [{**row, "code_version": code_version, "inputs_version": inputs} for row in rows]
     return Explained(rows, reused, len(pending), hits, progress.seconds, clock.seconds)

@@ -15,7 +15,13 @@ def records_of(records: pl.DataFrame, neurons: list[int]) -> dict[int, dict[str,
     return out
 
 
+def max_activation(records: list[tuple[int, np.ndarray]]) -> float:
+    """The largest activation in `records` (a neuron's top records: its max over the corpus)."""
+    return max(float(acts.max()) for _, acts in records)
+
+
 def records_hash(records: list[tuple[int, np.ndarray]]) -> str:
+    """sha256 (16 hex digits) of the records' sequence ids and activations, in order."""
     digest = hashlib.sha256()
     for seq_id, acts in records:
         digest.update(str(seq_id).encode())

@@ -1,36 +1,53 @@
-"""Progress lines and model time of a stage, plain Python: a stage logs through any `log(str)`
-(a step's `context.log.info`), and the console's progress bar reads the same line back."""
+"""Progress and model time of a stage, plain Python: a stage reports ProgressState values to any
+callable; an asset logs them as run log lines that carry the state itself, which the console's
+progress bar draws (progress.py) without reading the text back."""
 
-import re
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-# A progress line: written by `progress_line` (assets.common.Progress), read back by `parse_progress`.
-PROGRESS = re.compile(r"^(?P<what>.+): (?P<done>\d+)/(?P<total>\d+) \((?P<pct>\d+)%\), "
-                      r"(?P<rate>[0-9.]+|inf|nan)/s, ETA (?P<eta>[0-9]+|inf|nan) s$")
-
-
-def progress_line(what: str, done: int, total: int, rate: float, eta: float) -> str:
-    """`what: done/total (pct%), rate/s, ETA eta s`, the line `parse_progress` reads."""
-    return f"{what}: {done}/{total} ({100 * done / max(total, 1):.0f}%), {rate:.1f}/s, ETA {eta:.0f} s"
+# The attribute of a log record that carries its ProgressState (logging's `extra`), for the console bar.
+PROGRESS_ATTR = "neuron_assets_progress"
 
 
-def parse_progress(message: str) -> dict | None:
-    """The fields of a Progress message (what, done, total, pct, rate, eta), or None for another message."""
-    match = PROGRESS.match(message.strip())
-    if match is None:
-        return None
-    fields = match.groupdict()
-    return {"what": fields["what"], "done": int(fields["done"]), "total": int(fields["total"]),
-            "pct": int(fields["pct"]), "rate": float(fields["rate"]), "eta": fields["eta"]}
+@dataclass(frozen=True)
+class ProgressState:
+    """How far a long piece of work is: `done` of `total` `unit` (neurons, windows) at `rate` per
+    second, `eta` seconds left. Its text is the line of the run log."""
+
+    what: str
+    unit: str
+    done: int
+    total: int
+    rate: float
+    eta: float
+
+    @property
+    def percent(self) -> int:
+        return round(100 * self.done / max(self.total, 1))
+
+    @property
+    def final(self) -> bool:
+        return self.done >= self.total
+
+    def __str__(self) -> str:
+        return (f"{self.what}, {self.unit}: {self.done}/{self.total} ({self.percent}%), {self.rate:.1f}/s, "
+                f"ETA {self.eta:.0f} s")
+
+
+def log_reporter(info: Callable[..., None]) -> Callable[[ProgressState], None]:
+    """A progress reporter for a logging method (`logger.info`, a step's `context.log.info`): each
+    state is logged as its line, with the state itself in the record for the console's bar."""
+    return lambda state: info(str(state), extra={PROGRESS_ATTR: state})
 
 
 class Progress:
-    """Logs 'what: done/total, rate, ETA' at most every `every` seconds (and at the end)."""
+    """Reports a ProgressState to `report` at most every `every` seconds (and at the end)."""
 
-    def __init__(self, log: Callable[[str], None], total: int, what: str, every: float = 10.0):
-        self.log, self.total, self.what, self.every = log, total, what, every
+    def __init__(self, report: Callable[[ProgressState], None], total: int, what: str, unit: str,
+                 every: float = 10.0):
+        self.report, self.total, self.what, self.unit, self.every = report, total, what, unit, every
         self.start = self.last = time.monotonic()
         self.done = 0
 
@@ -41,7 +58,7 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(progress_line(self.what, self.done, self.total, rate, eta))
+            self.report(ProgressState(self.what, self.unit, self.done, self.total, rate, eta))
 
     @property
     def seconds(self) -> float:

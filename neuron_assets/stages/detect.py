@@ -1,0 +1,127 @@
+"""The detect stage: per explanation of a shard, a judge LLM at temperature 0 reads the explanation
+and batches of whole excerpts, and says which make the neuron fire (detection) and whether their
+highlighted tokens are what it describes (fuzzing); rows of the detection_scores table
+(method/detection.py). An explanation that cannot be judged is a row with an error and NaN
+accuracies; excerpts the judge left unanswered are counted, never guessed."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from neuron_assets.method.detection import (
+    batch_messages,
+    batches,
+    detection_examples,
+    fuzzing_examples,
+    read_answer,
+    scores_from_answers,
+    top_token_texts,
+)
+from neuron_assets.method.records import split_top
+from neuron_assets.stages.records import max_activation
+from neuron_assets.stages.results import Answer, Usage, total
+from neuron_assets.stages.seeds import unit_seed
+from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
+
+# balanced accuracy per scorer and negative kind: column -> (scorer, key of `scores_from_answers`)
+ACCURACIES = {f"{scorer}{suffix}": (scorer, key) for scorer in ("detection", "fuzzing")
+              for suffix, key in (("", "all"), ("_random", "random"), ("_hard_negative", "hard_negative"))}
+COUNTS = ("n_positive", "n_random", "n_hard_negative", "n_unanswered")
+SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
+          **dict.fromkeys(ACCURACIES, pl.Float64), **dict.fromkeys(COUNTS, pl.Int32),
+          "judge_model": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
+          "code_version": pl.String, "error": pl.String}
+NEGATIVES = 10  # random and hard negatives per neuron, each; positives: the 10 valid + test top records
+ANSWER_TOKENS = 48  # a JSON list of 10 values 0/1 with some slack
+
+
+@dataclass
+class Judged:
+    rows: list[dict]  # rows of SCHEMA
+    seconds: float
+    model_seconds: float
+
+
+def unjudged_row(base: dict, error: str) -> dict:
+    """The row of an explanation that could not be judged: NaN accuracies (never 0), zero counts."""
+    return {**base, **dict.fromkeys(ACCURACIES, float("nan")), **dict.fromkeys(COUNTS, 0),
+            "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "error": error}
+
+
+def neuron_examples(kinds: dict, tokens: dict[int, list[str]], seed: int) -> dict[str, list[dict]]:
+    """Per scorer, the examples of one neuron from its records ({kind: [(seq_id, activations)]}):
+    the valid + test top records and up to NEGATIVES random and hard negatives. ValueError when
+    it has too few top records."""
+    splits = split_top(kinds.get("top", []))
+    positives = splits["valid"] + splits["test"]
+    top_max = max_activation(kinds["top"])
+    negatives = (kinds.get("random", [])[:NEGATIVES], kinds.get("hard_negative", [])[:NEGATIVES])
+    return {"detection": detection_examples(positives, *negatives, top_max),
+            "fuzzing": fuzzing_examples(positives, *negatives, top_max, tokens,
+                                        top_token_texts(kinds["top"], tokens), seed=seed)}
+
+
+def judge_examples(judge, explanation: str, examples: list[dict], tokens: dict[int, list[str]], seed: int,
+                   clock: ModelClock) -> tuple[dict, Usage, list[str]]:
+    """`scores_from_answers` of the judge's answers on `examples` (batches in a seeded order, every
+    batch asked with `seed`), their usage, and the error of each unanswered batch."""
+    groups = batches(examples, seed=seed)
+    conversations = [batch_messages(explanation, group, tokens) for group in groups]
+    try:
+        with clock.running():
+            answers = judge.complete(conversations, [seed] * len(groups), temperature=0.0,
+                                     max_tokens=ANSWER_TOKENS) if groups else []
+    except Exception as e:  # a failed call leaves its excerpts unanswered, never a failed shard
+        answers = [Answer.failed(f"judge failed: {type(e).__name__}: {e}")] * len(groups)
+    predictions, errors = [], []
+    for group, answer in zip(groups, answers):
+        values, error = (None, answer.error) if answer.error else read_answer(answer.text, len(group))
+        if error:
+            errors.append(error)
+        predictions += values or [None] * len(group)
+    scores = scores_from_answers([example for group in groups for example in group], predictions)
+    return scores, total(answer.usage for answer in answers), errors
+
+
+def judge_explanation(base: dict, explanation: str, kinds: dict, tokens: dict[int, list[str]], judge, seed: int,
+                      clock: ModelClock) -> dict:
+    """The row of SCHEMA of one explanation of a neuron with records `kinds`: accuracies of both
+    scorers, counts of positives and negatives as detection saw them, unanswered excerpts of both."""
+    try:
+        examples = neuron_examples(kinds, tokens, seed)
+    except ValueError as e:
+        return unjudged_row(base, f"not enough records: {e}")
+    scores, usages, errors = {}, [], []
+    for scorer, scorer_examples in examples.items():
+        scores[scorer], usage, scorer_errors = judge_examples(judge, explanation, scorer_examples, tokens, seed, clock)
+        usages.append(usage)
+        errors += [f"{scorer}: {error}" for error in scorer_errors]
+    usage = total(usages)
+    return {**base, **{column: scores[scorer][key] for column, (scorer, key) in ACCURACIES.items()},
+            **{n: scores["detection"][n] for n in ("n_positive", "n_random", "n_hard_negative")},
+            "n_unanswered": sum(s["n_unanswered"] for s in scores.values()),
+            "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out, "cost_usd": usage.cost_usd,
+            "error": f"{len(errors)} unanswered batches; first: {errors[0]}" if errors else None}
+
+
+def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[str]], judge, seed: int,
+                code_version: str, report: Callable[[ProgressState], None] = print,
+                what: str = "judging") -> Judged:
+    """Judge every row of `explained` (explanation_variants: layer, neuron, variant, explanation_id,
+    text, error) on its neuron's `records` ({neuron: {kind: [(seq_id, activations)]}}) and the
+    corpus `tokens`; `judge` is an LLM (resources/llm.py). The seed of a neuron's requests is
+    `unit_seed(seed, layer, neuron)`, whatever else is judged with it."""
+    progress = Progress(report, explained.height, what, "explanations")
+    clock = ModelClock()
+    rows = []
+    for e in explained.iter_rows(named=True):
+        base = {"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
+                "explanation_id": e["explanation_id"], "judge_model": judge.label, "code_version": code_version}
+        if e["error"] is not None:
+            rows.append(unjudged_row(base, f"no explanation: {e['error']}"))
+        else:
+            rows.append(judge_explanation(base, e["text"], records.get(e["neuron"], {}), tokens, judge,
+                                          unit_seed(seed, e["layer"], e["neuron"]), clock))
+        progress.advance()
+    return Judged(rows, progress.seconds, clock.seconds)

@@ -1,0 +1,157 @@
+"""The score stage: per (unit, variant) of a shard, how well the simulated activations predict the
+real ones (one row of the scores table), and the summaries of scores tables per layer and variant
+(layer_summary, model_summary, the quality report). A variant whose simulation failed is a row
+with NaN scores and its error, never a failed shard."""
+
+import numpy as np
+import polars as pl
+
+from neuron_assets.method.controls import SUFFIX
+from neuron_assets.method.revision import revision_gain
+from neuron_assets.method.scoring import score_neurons
+from neuron_assets.stages.records import records_hash
+from neuron_assets.stages.variants import CONTROL_ROWS
+
+SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
+          "score_all": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64,
+          "rsquared": pl.Float64, "abs_dev_explained": pl.Float64, "n_failed_tokens": pl.Int64,
+          "cost_usd": pl.Float64, "simulator_model": pl.String, "method": pl.String, "explanation_id": pl.String,
+          "records_hash": pl.String, "donor_neuron": pl.Int32, "error": pl.String}
+SCORES = ("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained")
+GOOD = 0.8  # the paper's bar for a well-explained neuron
+REPORT_COLUMNS = ("layer", "variant", "method", "neurons", "mean_score_all", "share_at_least_0.8",
+                  "control_mean_score_all", "margin_over_control", "gain_over_llm", "mean_detection_random",
+                  "mean_detection_hard_negative", "mean_fuzzing_random", "mean_fuzzing_hard_negative", "cost_usd")
+BALANCED_ACCURACIES = ("detection", "detection_random", "detection_hard_negative",
+                       "fuzzing", "fuzzing_random", "fuzzing_hard_negative")
+
+
+def _padded(groups: list[list[np.ndarray]]) -> np.ndarray:
+    """One row per group, its sequences concatenated, NaN after the row's end: `score_neurons`' padding."""
+    lengths = [sum(len(seq) for seq in seqs) for seqs in groups]
+    out = np.full((len(groups), max(lengths, default=0)), np.nan)
+    for row, seqs, length in zip(out, groups, lengths):
+        if seqs:
+            row[:length] = np.concatenate(seqs)
+    return out
+
+
+def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: dict) -> pl.DataFrame:
+    """The scores table (SCHEMA): one row per (unit, variant) of `simulations`, scored against the
+    units' `records` ({unit: {kind: [(seq_id, activations)]}}); `explanations` (explanation_variants)
+    give the text, donor and explainer cost. Every simulated variant is scored in one
+    `score_neurons` call; one without any simulated sequence has NaN scores and the simulation's
+    error, one with some failed sequences is scored on the others and says how many failed."""
+    text = dict(zip(explanations["explanation_id"], explanations["text"]))
+    explain_cost = dict(zip(explanations["explanation_id"], explanations["cost_usd"]))
+    donor = dict(zip(explanations["explanation_id"], explanations["donor_neuron"]))
+    rows, scored = [], []  # scored: (index in rows, real and simulated sequences by kind)
+    for (unit, variant), group in simulations.group_by("neuron", "variant", maintain_order=True):
+        first = group.row(0, named=True)
+        explanation_id = first["explanation_id"]
+        row = {"layer": first["layer"], "neuron": unit, "variant": variant, "explanation": text.get(explanation_id),
+               "donor_neuron": donor.get(explanation_id), "simulator_model": first["simulator_model"],
+               "method": first["method"], "explanation_id": explanation_id,
+               "cost_usd": explain_cost.get(explanation_id, 0.0) + float(group["cost_usd"].sum())}
+        simulated = group.filter(pl.col("expected").is_not_null())
+        if simulated.height == 0:
+            rows.append({**row, **dict.fromkeys(SCORES, float("nan")), "n_failed_tokens": 0, "records_hash": None,
+                         "error": first["error"]})
+            continue
+        truth = {kind: dict(pairs) for kind, pairs in records[unit].items()}
+        real, sim, used = {"top": [], "random": []}, {"top": [], "random": []}, []
+        for kind, seq_id, expected in simulated.select("kind", "seq_id", "expected").iter_rows():
+            activations = truth[kind][seq_id]
+            if len(activations) != len(expected):  # concatenated rows would misalign silently
+                raise ValueError("real and simulated sequences differ in length")
+            real[kind].append(activations)
+            sim[kind].append(np.asarray(expected, dtype=np.float32))
+            used.append((seq_id, activations))
+        failed = group.height - simulated.height
+        error = f"{failed} of {group.height} sequences failed to simulate" if failed else None
+        scored.append((len(rows), real, sim))
+        rows.append({**row, "records_hash": records_hash(used), "error": error})
+    scores = score_neurons(_padded([real["top"] for _, real, _ in scored]),
+                           _padded([sim["top"] for _, _, sim in scored]),
+                           _padded([real["random"] for _, real, _ in scored]),
+                           _padded([sim["random"] for _, _, sim in scored]))
+    for i, (row, _, _) in enumerate(scored):
+        rows[row].update({name: values[i].item() for name, values in scores.items()})
+    return pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant")
+
+
+def _finite_mean(column: str) -> pl.Expr:
+    return pl.col(column).filter(pl.col(column).is_not_nan()).mean()
+
+
+def _gains_over_llm(real: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Per `keys` of the variants other than llm: `revision_gain` over the units whose score_all is
+    finite for both the variant and llm (no row where there is no such unit)."""
+    llm = real.filter(pl.col("variant") == "llm").select("layer", "neuron", "method", llm_score=pl.col("score_all"))
+    pairs = (real.filter(pl.col("variant") != "llm").join(llm, on=["layer", "neuron", "method"])
+             .filter(pl.col("score_all").is_not_nan() & pl.col("llm_score").is_not_nan()))
+    gains = [(*key, revision_gain(group["llm_score"].to_list(), group["score_all"].to_list()))
+             for key, group in pairs.group_by(keys)]
+    return pl.DataFrame(gains, schema={**{k: real.schema[k] for k in keys}, "gain_over_llm": pl.Float64},
+                        orient="row")
+
+
+def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per (layer, variant, method) of the explanation variants; controls fold into the row
+    of their variant, and scores of different simulation methods are never pooled.
+
+    - neurons, scored (finite score_all), mean / median score_all, mean score_top / score_random,
+      share_at_least_0.8 (of scored neurons), errors;
+    - control_mean_score_all: mean score_all of the variant's shuffled control, and
+      margin_over_control = mean_score_all - control_mean_score_all;
+    - gain_over_llm: `revision_gain` of the variant over llm (the revision gain for 'revised');
+      null for llm and where no neuron has both scores finite;
+    - with `detection`: mean balanced accuracies (detection, fuzzing; with random and with hard
+      negatives) and r_detection / r_fuzzing, the Pearson r over neurons between score_all and the
+      balanced accuracy over all negatives;
+    - cost_usd: explainer + simulator for the variant, its control and its detection scores.
+    """
+    keys = ["layer", "variant", "method"]
+    real, controls = scores.filter(~CONTROL_ROWS), scores.filter(CONTROL_ROWS)
+    finite = pl.col("score_all").filter(pl.col("score_all").is_not_nan())
+    out = real.group_by(keys).agg(
+        pl.len().alias("neurons"),
+        finite.len().alias("scored"),
+        finite.mean().alias("mean_score_all"),
+        finite.median().alias("median_score_all"),
+        _finite_mean("score_top").alias("mean_score_top"),
+        _finite_mean("score_random").alias("mean_score_random"),
+        (finite >= GOOD).mean().alias("share_at_least_0.8"),
+        pl.col("error").is_not_null().sum().alias("errors"),
+        pl.col("cost_usd").sum(),
+    )
+    control_means = controls.with_columns(pl.col("variant").str.strip_suffix(SUFFIX)).group_by(keys).agg(
+        _finite_mean("score_all").alias("control_mean_score_all"), pl.col("cost_usd").sum().alias("control_cost"))
+    out = (out.join(control_means, on=keys, how="left").join(_gains_over_llm(real, keys), on=keys, how="left")
+           .with_columns(margin_over_control=pl.col("mean_score_all") - pl.col("control_mean_score_all"),
+                         cost_usd=pl.col("cost_usd") + pl.col("control_cost").fill_null(0.0))
+           .drop("control_cost"))
+    if detection is not None:
+        out = out.join(_detection_summary(real, detection), on=keys, how="left").with_columns(
+            cost_usd=pl.col("cost_usd") + pl.col("detection_cost").fill_null(0.0)).drop("detection_cost")
+    return out.sort(keys)
+
+
+def _detection_summary(real: pl.DataFrame, detection: pl.DataFrame) -> pl.DataFrame:
+    """Per (layer, variant, method): mean balanced accuracies and their correlation with score_all."""
+    joined = real.select("layer", "neuron", "variant", "method", "score_all").join(
+        detection, on=["layer", "neuron", "variant"])
+
+    def r(column: str) -> pl.Expr:
+        both = pl.col("score_all").is_not_nan() & pl.col(column).is_not_nan()
+        return pl.corr(pl.col("score_all").filter(both), pl.col(column).filter(both)).alias(f"r_{column}")
+
+    # NaN, not null, where no neuron has an accuracy of that kind (e.g. no hard negatives anywhere)
+    accuracies = [_finite_mean(c).fill_null(float("nan")).alias(f"mean_{c}") for c in BALANCED_ACCURACIES]
+    return joined.group_by("layer", "variant", "method").agg(
+        *accuracies, r("detection"), r("fuzzing"), pl.col("cost_usd").sum().alias("detection_cost"))
+
+
+def quality_report(summary: pl.DataFrame) -> pl.DataFrame:
+    """The columns of a summary a person compares first: layers x variants."""
+    return summary.select([c for c in REPORT_COLUMNS if c in summary.columns])
