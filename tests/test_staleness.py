@@ -310,7 +310,27 @@ CHANGES = [
 ]
 
 
-@pytest.mark.parametrize("name,change,stale,llm,cause,rounds", CHANGES, ids=[c[0] for c in CHANGES])
+# Each source (and each asset a setting adds or removes) is refreshed end to end once, through one of
+# its settings; its other settings are shown to enter the same version, and no other, by
+# test_each_setting_enters_exactly_its_source (refreshing them too would repeat the same runs).
+# New weights are test_new_weights_in_one_layer_rerun_exactly_that_layer's.
+REFRESHED = ("corpus", "seq_len", "seed", "top_records", "neurons", "explainer_model", "simulation_method",
+             "control", "revision", "detection", "import_from")
+
+
+def test_each_setting_enters_exactly_its_source(world):
+    base = source_versions(world.settings)
+    for name, change, _, _, cause, _ in CHANGES:
+        if cause not in SOURCES:
+            continue
+        changed = source_versions(replace(world.settings, **change(world)))
+        assert {s for s in base if changed[s] != base[s]} == {cause}, name
+    # every source is refreshed end to end through at least one of its settings
+    assert {c[4] for c in CHANGES} == {c[4] for c in CHANGES if c[0] in REFRESHED}
+
+
+@pytest.mark.parametrize("name,change,stale,llm,cause,rounds", [c for c in CHANGES if c[0] in REFRESHED],
+                         ids=[c[0] for c in CHANGES if c[0] in REFRESHED])
 def test_a_setting_that_shapes_results_makes_exactly_its_readers_stale(world, name, change, stale, llm, cause,
                                                                        rounds):
     """Change one setting, refresh, put it back, refresh. The graph is narrowed to layer 00 (the
