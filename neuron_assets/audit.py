@@ -48,6 +48,8 @@ from neuron_assets.stages.revise import held_out
 from neuron_assets.stages.simulate import valid_split
 from neuron_assets.stages.variants import explanation_variants
 
+# The definitions, models and instance are imported where used: the CLI imports this module at start.
+
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"

@@ -34,6 +34,7 @@ from dagster import (
 
 from neuron_assets.graph import run_group, shape_of
 from neuron_assets.partitions import run_target
+from neuron_assets.refresh import first_stage, refresh_runs, stale_partitions
 
 
 def _dep_data_changed() -> AutomationCondition:
@@ -128,8 +129,6 @@ def build_refresh_sensor(assets) -> SensorDefinition:
         "each partition it recomputes, so a partition is requested once per change, not once per tick.",
     )
     def refresh_stale_partitions(context: SensorEvaluationContext):
-        from neuron_assets.refresh import first_stage, refresh_runs, stale_partitions
-
         graph = context.repository_def.asset_graph
         # Stale partitions only, as `neuron-assets refresh` without --missing: never-run shards stay unrun.
         stale = stale_partitions(context.repository_def, context.instance, include_missing=False)

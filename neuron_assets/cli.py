@@ -6,6 +6,8 @@ import sys
 import time
 import warnings
 
+# The commands import what they run (the definitions, models, torch) inside their functions, so
+# `neuron-assets settings` and `--help` answer at once; no import there hides a cycle.
 from neuron_assets.audit import add_audit_parser
 from neuron_assets.graph import shape_of
 from neuron_assets.instance import InstanceError, open_instance

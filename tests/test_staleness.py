@@ -33,6 +33,7 @@ from openai_server import FakeOpenAIServer
 from pipeline import remote, tiny_settings
 from tiny_models import build_tiny_model
 
+from neuron_assets.assets.common import CACHE_HITS, CACHE_MISSES, REUSED
 from neuron_assets.definitions import build_definitions
 from neuron_assets.graph import shape_of
 from neuron_assets.refresh import first_stage, observe_sources, refresh, refresh_runs, stale_partitions
@@ -359,7 +360,7 @@ def test_a_setting_that_shapes_results_makes_exactly_its_readers_stale(world, na
         assert not {(a, p) for a, p in rerun if p and p.startswith("01")}, "the other layer was recomputed"
         if name == "neurons":  # first:2 -> first:3 explains one new neuron per shard, reuses the other two
             meta = latest_metadata(world, "explanations", "00|00-63")
-            assert (meta["reused (unchanged inputs)"], meta["LLM cache misses"] + meta["LLM cache hits"]) == (2, 1)
+            assert (meta[REUSED], meta[CACHE_MISSES] + meta[CACHE_HITS]) == (2, 1)
         after = stale_partitions(defs, instance, include_missing=False)
         if rounds is None:
             assert after == []
@@ -379,7 +380,7 @@ def test_a_setting_that_shapes_results_makes_exactly_its_readers_stale(world, na
         sims = TableStorage(root=world.settings.storage).read("simulations", "00|00-63")
         controls = sims.filter(pl.col("variant").str.ends_with("_shuffled") & pl.col("seq_id").is_not_null()).height
         meta = latest_metadata(world, "simulations", "00|00-63")
-        assert controls > 0 and meta["sequences simulated now"] == meta["LLM cache hits"] == controls
+        assert controls > 0 and meta["sequences simulated now"] == meta[CACHE_HITS] == controls
 
 
 def latest_metadata(world: World, asset: str, partition: str) -> dict:

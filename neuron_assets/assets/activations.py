@@ -3,17 +3,7 @@
 import hashlib
 
 import numpy as np
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetExecutionContext,
-    BackfillPolicy,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
+import dagster as dg
 
 from neuron_assets.assets.common import CONTENT_HASH, MODEL_SECONDS, OWNERS, PATH, percentiles, progress_log
 from neuron_assets.assets.corpus import corpus_tokens
@@ -35,21 +25,21 @@ def _layer_metadata(layer: LayerRecords, content_hash: str, path: str) -> dict:
             **percentiles(max_activation, "max activation"),
             "hard negatives: neurons with >= 1": int((hard > 0).sum()),
             "hard negatives: median per neuron": float(np.median(hard)) if len(hard) else 0.0,
-            CONTENT_HASH: content_hash, PATH: MetadataValue.path(path)}
+            CONTENT_HASH: content_hash, PATH: dg.MetadataValue.path(path)}
 
 
-def _enough_records(layers: list[LayerRecords]) -> AssetCheckResult:
+def _enough_records(layers: list[LayerRecords]) -> dg.AssetCheckResult:
     short = [layer.short_neurons() for layer in layers]
     top, random = sum(s["top"] for s in short), sum(s["random"] for s in short)
-    return AssetCheckResult(check_name=ENOUGH_RECORDS, passed=top == 0 and random == 0,
-                            severity=AssetCheckSeverity.WARN,
+    return dg.AssetCheckResult(check_name=ENOUGH_RECORDS, passed=top == 0 and random == 0,
+                            severity=dg.AssetCheckSeverity.WARN,
                             metadata={"neurons short of top records": top, "neurons short of random records": random})
 
 
 def build_neuron_records(layout: Layout):
-    @asset(
+    @dg.asset(
         partitions_def=layer_partitions(layout),
-        backfill_policy=BackfillPolicy.single_run(),
+        backfill_policy=dg.BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
         code_version="4",  # 4: the stats column max is max_activation
@@ -57,16 +47,16 @@ def build_neuron_records(layout: Layout):
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="activations",
-        check_specs=[AssetCheckSpec(ENOUGH_RECORDS, asset="neuron_records",
-                                    description="every neuron has >= 20 top and >= 15 random records")],
+        check_specs=[dg.AssetCheckSpec(ENOUGH_RECORDS, asset="neuron_records",
+                                       description="every neuron has >= 20 top and >= 15 random records")],
         description="Per MLP neuron: top records (windows with the highest max activation), random "
         "and quantile records, activation stats, and hard negatives (windows holding the neuron's top tokens "
         "that stay under 10% of its peak). One forward pass fills every layer in the run, and one bounded "
         "second pass over the candidate windows of all its layers finds the hard negatives.",
     )
     def neuron_records(
-        context: AssetExecutionContext, subject_model: SubjectModel, storage: TableStorage, study: Study
-    ) -> MaterializeResult:
+        context: dg.AssetExecutionContext, subject_model: SubjectModel, storage: TableStorage, study: Study
+    ) -> dg.MaterializeResult:
         keys = list(context.partition_keys)
         windows = storage.read("corpus_tokens", columns=["token_ids"])["token_ids"]
         captured = capture_records(subject_model, windows.list.to_array(study.seq_len).to_numpy(),
@@ -81,8 +71,8 @@ def build_neuron_records(layout: Layout):
                 partition_key=key)
         # One data version for the run: per layer when the run has one layer (the usual refresh).
         version = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={"layers": len(keys), "windows": captured.n_windows,
                       "tokens/s": round(captured.tokens_per_second, 1),
                       "hard negatives: windows in second pass": captured.second_pass_windows,

@@ -1,13 +1,7 @@
 """corpus_documents -> corpus_tokens: the text and its fixed-length token windows."""
 
 import polars as pl
-from dagster import (
-    AssetExecutionContext,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
+import dagster as dg
 
 from neuron_assets.assets.common import OWNERS
 from neuron_assets.automation import ON_CHANGE
@@ -20,7 +14,7 @@ DOCUMENT_SCHEMA = {"doc_id": pl.String, "text": pl.String}
 TOKENS_SCHEMA = {"seq_id": pl.Int32, "doc_id": pl.String, "token_ids": pl.List(pl.Int32), "tokens": pl.List(pl.String)}
 
 
-@asset(
+@dg.asset(
     deps=["corpus_source"],
     code_version="1",
     kinds={"python", "parquet"},
@@ -28,25 +22,25 @@ TOKENS_SCHEMA = {"seq_id": pl.Int32, "doc_id": pl.String, "token_ids": pl.List(p
     group_name="corpus",
     description="Documents of the corpus (doc_id, text). Data version: content hash.",
 )
-def corpus_documents(corpus: CorpusSource, storage: TableStorage) -> MaterializeResult:
+def corpus_documents(corpus: CorpusSource, storage: TableStorage) -> dg.MaterializeResult:
     documents = corpus.documents()
     df = pl.DataFrame(documents, schema=DOCUMENT_SCHEMA, orient="row")
     version = storage.write(df, "corpus_documents")
     lengths = df["text"].str.len_chars()
-    return MaterializeResult(
-        data_version=DataVersion(version),
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
             "dagster/row_count": df.height,
             "source": corpus.source,
             "characters": int(lengths.sum()),
             "median document characters": int(lengths.median()),
-            "path": MetadataValue.path(str(storage.path("corpus_documents"))),
-            "preview": MetadataValue.md("\n\n".join(f"**{d}**: {t[:200]}..." for d, t in documents[:3])),
+            "path": dg.MetadataValue.path(str(storage.path("corpus_documents"))),
+            "preview": dg.MetadataValue.md("\n\n".join(f"**{d}**: {t[:200]}..." for d, t in documents[:3])),
         },
     )
 
 
-@asset(
+@dg.asset(
     deps=[corpus_documents, "tokenization"],
     code_version="1",
     automation_condition=ON_CHANGE,
@@ -57,8 +51,8 @@ def corpus_documents(corpus: CorpusSource, storage: TableStorage) -> Materialize
     "(seq_id, doc_id, token_ids, tokens). Data version: content hash.",
 )
 def corpus_tokens(
-    context: AssetExecutionContext, storage: TableStorage, subject_model: SubjectModel, study: Study
-) -> MaterializeResult:
+    context: dg.AssetExecutionContext, storage: TableStorage, subject_model: SubjectModel, study: Study
+) -> dg.MaterializeResult:
     context_length = subject_model.shape().context
     if not 2 <= study.seq_len <= context_length:
         raise CorpusError(
@@ -76,15 +70,15 @@ def corpus_tokens(
         )
     version = storage.write(df, "corpus_tokens")
     context.log.info(f"{df.height} windows of {study.seq_len} tokens ({dropped} tail tokens dropped)")
-    return MaterializeResult(
-        data_version=DataVersion(version),
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
             "dagster/row_count": df.height,
             "tokens": df.height * study.seq_len,
             "tail tokens dropped": dropped,
             "seq_len": study.seq_len,
             "tokenizer": subject_model.label,
-            "path": MetadataValue.path(str(storage.path("corpus_tokens"))),
-            "preview": MetadataValue.md("`" + "".join(df["tokens"][0]).replace("`", "'")[:300] + "`"),
+            "path": dg.MetadataValue.path(str(storage.path("corpus_tokens"))),
+            "preview": dg.MetadataValue.md("`" + "".join(df["tokens"][0]).replace("`", "'")[:300] + "`"),
         },
     )

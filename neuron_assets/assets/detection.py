@@ -2,23 +2,9 @@
 excerpts make the neuron fire (detection) and which highlighted tokens it fires on (fuzzing)?"""
 
 import polars as pl
-from dagster import (
-    AssetDep,
-    AssetExecutionContext,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
-    asset,
-)
+import dagster as dg
 
-from neuron_assets.assets.common import (
-    OWNERS,
-    layer_and_shard,
-    markdown_table,
-    percentiles,
-    progress_log,
-)
+from neuron_assets.assets.common import (OWNERS, layer_and_shard, markdown_table, percentiles, progress_log)
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_shard_partitions
@@ -35,10 +21,10 @@ CODE_VERSION = "2"
 
 
 def build_detection_scores(layout: Layout, prompt_version: str, sources: list[str]):
-    @asset(
+    @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=[*sources,
-              AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
+              dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens, "simulator", "sampling"],
         code_version=f"{CODE_VERSION}-{prompt_version}",
         automation_condition=ON_CHANGE,
@@ -54,8 +40,8 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
         "no example; unanswered excerpts are counted, never guessed.",
     )
     def detection_scores(
-        context: AssetExecutionContext, storage: TableStorage, simulator: LLM, study: Study
-    ) -> MaterializeResult:
+        context: dg.AssetExecutionContext, storage: TableStorage, simulator: LLM, study: Study
+    ) -> dg.MaterializeResult:
         layer_key, _ = layer_and_shard(context)
         explained = explanation_variants([storage.read(s, context.partition_key) for s in sources],
                                          context.partition_key, study.seed, control=False)
@@ -66,8 +52,8 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
             what=f"judging {context.partition_key}")
         df = pl.DataFrame(result.rows, schema=SCHEMA)
         version = storage.write(df, "detection_scores", context.partition_key)
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": df.height,
                 **percentiles(df["detection_random"].to_list(), "detection (random negatives)"),
@@ -82,7 +68,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
                 "model seconds": round(result.model_seconds, 1),
                 "preview": markdown_table(df.select("neuron", "variant", "detection_random", "detection_hard_negative",
                                                     "fuzzing_random", "fuzzing_hard_negative").head(10)),
-                "path": MetadataValue.path(str(storage.path("detection_scores", context.partition_key))),
+                "path": dg.MetadataValue.path(str(storage.path("detection_scores", context.partition_key))),
             },
         )
 

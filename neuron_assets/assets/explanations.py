@@ -1,30 +1,10 @@
 """explanations[layer|shard]: one sentence per neuron and variant (llm, token_baseline)."""
 
 import polars as pl
-from dagster import (
-    AssetDep,
-    AssetExecutionContext,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
-    TableColumn,
-    TableSchema,
-    asset,
-)
+import dagster as dg
 
-from neuron_assets.assets.common import (
-    OWNERS,
-    CACHE_HITS,
-    CACHE_MISSES,
-    PATH,
-    REUSED,
-    layer_and_shard,
-    llm_metadata,
-    markdown_table,
-    previous_rows,
-    progress_log,
-)
+from neuron_assets.assets.common import (CACHE_HITS, CACHE_MISSES, OWNERS, PATH, REUSED, layer_and_shard,
+                                         llm_metadata, markdown_table, previous_rows, progress_log)
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_shard_partitions
@@ -39,9 +19,9 @@ CODE_VERSION = "4"
 
 
 def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict]):
-    @asset(
+    @dg.asset(
         partitions_def=layer_shard_partitions(layout),
-        deps=[AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
+        deps=[dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens, "explainer", "sampling", "neuron_selection"],
         code_version=f"{CODE_VERSION}-{prompt_version}",
         automation_condition=ON_CHANGE,
@@ -54,8 +34,8 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         "cannot be explained is a row with an error.",
     )
     def explanations(
-        context: AssetExecutionContext, storage: TableStorage, explainer: LLM, study: Study
-    ) -> MaterializeResult:
+        context: dg.AssetExecutionContext, storage: TableStorage, explainer: LLM, study: Study
+    ) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
         neurons = study.selected(layout.shard_neurons(shard_key))
         result = explain_units(
@@ -66,8 +46,8 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": df.height,
                 "neurons": len(neurons),
@@ -79,8 +59,8 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 "prompt version": prompt_version,
                 **llm_metadata(df, result.seconds, result.model_seconds),
                 "preview": markdown_table(df.select("neuron", "variant", "text", "error").head(10)),
-                PATH: MetadataValue.path(str(storage.path("explanations", context.partition_key))),
-                "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
+                PATH: dg.MetadataValue.path(str(storage.path("explanations", context.partition_key))),
+                "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
             },
         )
 

@@ -3,15 +3,7 @@ imported_explanations[layer|shard] reads explanations in that layout and scores 
 
 import numpy as np
 import polars as pl
-from dagster import (
-    AssetDep,
-    AssetExecutionContext,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
-    asset,
-)
+import dagster as dg
 from upath import UPath
 
 from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table
@@ -26,7 +18,7 @@ from neuron_assets.stages.records import tokens_by_seq
 
 
 def build_imported_explanations(layout: Layout, root: str):
-    @asset(
+    @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=["import_source", "neuron_selection"],
         code_version="1",
@@ -38,7 +30,7 @@ def build_imported_explanations(layout: Layout, root: str):
         "s3://), simulated and scored by our simulator beside our own variants. A missing or malformed "
         "file is a row with an error.",
     )
-    def imported_explanations(context: AssetExecutionContext, storage: TableStorage, study: Study) -> MaterializeResult:
+    def imported_explanations(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
         result = import_explanations(root, int(layer_key), study.selected(layout.shard_neurons(shard_key)),
                                      context.assets_def.code_versions_by_key[context.asset_key])
@@ -46,8 +38,8 @@ def build_imported_explanations(layout: Layout, root: str):
         version = storage.write(df, "imported_explanations", context.partition_key)
         errors = int(df["error"].is_not_null().sum())
         finite = [s for s in result.reported_scores if s is not None]
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": df.height,
                 "imported": df.height - errors,
@@ -62,11 +54,11 @@ def build_imported_explanations(layout: Layout, root: str):
 
 
 def build_exported_neurons(layout: Layout):
-    @asset(
+    @dg.asset(
         partitions_def=layer_partitions(layout),
         # neuron_records is read too, but reaches this asset through scores: a direct edge would make
         # the automation export new records beside old scores before the scores rerun.
-        deps=[AssetDep(name, partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))
+        deps=[dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))
               for name in ("scores", "simulations")],
         code_version="1",
         automation_condition=ON_CHANGE,
@@ -78,7 +70,7 @@ def build_exported_neurons(layout: Layout):
         "`explanations/<layer>/<neuron>.jsonl` (each variant's explanation, llm first, with its "
         "valid-split simulation and scores). Controls are not exported.",
     )
-    def exported_neurons(context: AssetExecutionContext, storage: TableStorage) -> MaterializeResult:
+    def exported_neurons(context: dg.AssetExecutionContext, storage: TableStorage) -> dg.MaterializeResult:
         layer_key = context.partition_key
         present = [f"{layer_key}|{s}" for s in layout.shard_keys() if storage.exists("scores", f"{layer_key}|{s}")]
         if not present:
@@ -90,12 +82,12 @@ def build_exported_neurons(layout: Layout):
             storage.read("neuron_records", layer_key, "records"), storage.read("neuron_records", layer_key, "stats"),
             tokens_by_seq(storage.read("corpus_tokens")),
             write=lambda relative, text: write_atomic(root / relative, text.encode()))
-        return MaterializeResult(
+        return dg.MaterializeResult(
             metadata={
                 "neurons": result.neurons,
                 "files": 2 * result.neurons,
                 "variants": ", ".join(result.variants),
-                "path": MetadataValue.path(str(root)),
+                "path": dg.MetadataValue.path(str(root)),
                 "import with": f"{IMPORT_SETTING}={root}",
             },
         )

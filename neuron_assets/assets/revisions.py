@@ -2,26 +2,10 @@
 its first explanation predicts badly on held-out excerpts."""
 
 import polars as pl
-from dagster import (
-    AssetDep,
-    AssetExecutionContext,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
-    asset,
-)
+import dagster as dg
 
-from neuron_assets.assets.common import (
-    OWNERS,
-    PATH,
-    REUSED,
-    layer_and_shard,
-    llm_metadata,
-    markdown_table,
-    previous_rows,
-    progress_log,
-)
+from neuron_assets.assets.common import (OWNERS, PATH, REUSED, layer_and_shard, llm_metadata, markdown_table,
+                                         previous_rows, progress_log)
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_shard_partitions
@@ -36,10 +20,10 @@ CODE_VERSION = "3"  # 2: inputs_version (explainer and simulator versions, seed)
 
 def build_revised_explanations(layout: Layout, explainer_version: str, simulator_version: str,
                                simulator_fewshot: list[dict]):
-    @asset(
+    @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=["explanations",
-              AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
+              dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens, "explainer", "simulator", "sampling"],
         code_version=f"{CODE_VERSION}-{explainer_version}-{simulator_version}",
         automation_condition=ON_CHANGE,
@@ -53,8 +37,8 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
         "a revised one. Where nothing is mispredicted the first explanation is kept as the revision.",
     )
     def revised_explanations(
-        context: AssetExecutionContext, storage: TableStorage, explainer: LLM, simulator: LLM, study: Study
-    ) -> MaterializeResult:
+        context: dg.AssetExecutionContext, storage: TableStorage, explainer: LLM, simulator: LLM, study: Study
+    ) -> dg.MaterializeResult:
         layer_key, _ = layer_and_shard(context)
         first = storage.read("explanations", context.partition_key).filter(pl.col("variant") == "llm")
         result = revise_units(
@@ -67,8 +51,8 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
         df = pl.DataFrame(result.rows, schema=REVISED_SCHEMA).sort("neuron")
         version = storage.write(df, "revised_explanations", context.partition_key)
         preview = df.join(first.select("neuron", first=pl.col("text")), on="neuron", how="left")
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": df.height,
                 "revised": result.revised,
@@ -79,7 +63,7 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
                 "false alarms shown": int(df["false_alarms"].sum()),
                 **llm_metadata(df, result.seconds, result.model_seconds),
                 "preview": markdown_table(preview.select("neuron", "first", revised=pl.col("text")).head(10)),
-                PATH: MetadataValue.path(str(storage.path("revised_explanations", context.partition_key))),
+                PATH: dg.MetadataValue.path(str(storage.path("revised_explanations", context.partition_key))),
             },
         )
 

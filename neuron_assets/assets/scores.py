@@ -3,29 +3,9 @@
 import os
 
 import polars as pl
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSpec,
-    AssetDep,
-    AssetExecutionContext,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
-    TableColumn,
-    TableColumnDep,
-    TableColumnLineage,
-    TableSchema,
-    asset,
-)
+import dagster as dg
 
-from neuron_assets.assets.common import (
-    OWNERS,
-    layer_and_shard,
-    markdown_table,
-    percentiles,
-    viewer_page,
-)
+from neuron_assets.assets.common import (OWNERS, layer_and_shard, markdown_table, percentiles, viewer_page)
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import scores_in_range
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
@@ -37,23 +17,23 @@ from neuron_assets.stages.score import SCHEMA, SCORES, quality_report, score_uni
 from neuron_assets.stages.variants import CONTROL_ROWS, explanation_variants
 
 SCORES_IN_RANGE = "scores_in_range"
-LINEAGE = TableColumnLineage(deps_by_column={
-    **{c: [TableColumnDep("simulations", "expected"), TableColumnDep("neuron_records", "activations")] for c in SCORES},
-    "n_failed_tokens": [TableColumnDep("simulations", "expected")],
-    "explanation": [TableColumnDep("explanations", "text")],
-    "explanation_id": [TableColumnDep("simulations", "explanation_id")],
-    "records_hash": [TableColumnDep("simulations", "seq_id"), TableColumnDep("neuron_records", "activations")],
-    "simulator_model": [TableColumnDep("simulations", "simulator_model")],
-    "method": [TableColumnDep("simulations", "method")],
-    "cost_usd": [TableColumnDep("explanations", "cost_usd"), TableColumnDep("simulations", "cost_usd")],
+LINEAGE = dg.TableColumnLineage(deps_by_column={
+    **{c: [dg.TableColumnDep("simulations", "expected"), dg.TableColumnDep("neuron_records", "activations")] for c in SCORES},
+    "n_failed_tokens": [dg.TableColumnDep("simulations", "expected")],
+    "explanation": [dg.TableColumnDep("explanations", "text")],
+    "explanation_id": [dg.TableColumnDep("simulations", "explanation_id")],
+    "records_hash": [dg.TableColumnDep("simulations", "seq_id"), dg.TableColumnDep("neuron_records", "activations")],
+    "simulator_model": [dg.TableColumnDep("simulations", "simulator_model")],
+    "method": [dg.TableColumnDep("simulations", "method")],
+    "cost_usd": [dg.TableColumnDep("explanations", "cost_usd"), dg.TableColumnDep("simulations", "cost_usd")],
 })
 
 
 def build_scores(layout: Layout, sources: list[str], control: bool):
-    @asset(
+    @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=["simulations", *sources,
-              AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
+              dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
               "sampling", "controls"],
         # 2: scored in one vectorised call; where a group has failed tokens or sequences, sums run
         # in another order, so scores can differ from version 1's in the last bits (< 1e-14).
@@ -63,13 +43,13 @@ def build_scores(layout: Layout, sources: list[str], control: bool):
         kinds={"numpy", "parquet"},
         owners=OWNERS,
         group_name="scores",
-        check_specs=[AssetCheckSpec(SCORES_IN_RANGE, asset="scores",
-                                    description="scores lie in [-1, 1] or are NaN, and NaNs are counted")],
+        check_specs=[dg.AssetCheckSpec(SCORES_IN_RANGE, asset="scores",
+                                       description="scores lie in [-1, 1] or are NaN, and NaNs are counted")],
         description="Correlation of simulated with real activations, pooled over all tokens: "
         "score_all (5 top + 5 random, the headline), score_top, score_random; rsquared and "
         "abs_dev_explained (meaningful only after calibration). NaN when the simulation is constant.",
     )
-    def scores(context: AssetExecutionContext, storage: TableStorage, study: Study) -> MaterializeResult:
+    def scores(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key, _ = layer_and_shard(context)
         simulations = storage.read("simulations", context.partition_key)
         explanations = explanation_variants([storage.read(s, context.partition_key) for s in sources],
@@ -79,17 +59,17 @@ def build_scores(layout: Layout, sources: list[str], control: bool):
         df = score_units(simulations, explanations, records)
         version = storage.write(df, "scores", context.partition_key)
         best = df.filter(pl.col("score_all").is_not_nan()).sort("score_all", descending=True)
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": df.height,
                 **percentiles(df.filter(pl.col("variant") == "llm")["score_all"].to_list(), "llm score_all"),
                 "best neurons": markdown_table(best.select("neuron", "variant", "score_all", "explanation").head(5)),
-                "path": MetadataValue.path(str(storage.path("scores", context.partition_key))),
-                "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
+                "path": dg.MetadataValue.path(str(storage.path("scores", context.partition_key))),
+                "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
                 "dagster/column_lineage": LINEAGE,
             },
-            check_results=[AssetCheckResult(check_name=SCORES_IN_RANGE, **scores_in_range(df))],
+            check_results=[dg.AssetCheckResult(check_name=SCORES_IN_RANGE, **scores_in_range(df))],
         )
 
     return scores
@@ -116,16 +96,16 @@ def _ranked_neurons(scores: pl.DataFrame, columns: list[str]) -> dict:
             "worst neurons": markdown_table(worst.select(columns).head(RANKED))}
 
 
-def _score_histogram(scores: pl.DataFrame) -> MetadataValue:
+def _score_histogram(scores: pl.DataFrame) -> dg.MetadataValue:
     """score_all of the real variants, one series per variant; NaN scores counted in the title."""
     real = _series(scores.filter(~CONTROL_ROWS))
     by_series = {name: rows["score_all"].to_list()
                  for (name,), rows in real.sort("series").group_by("series", maintain_order=True)}
-    return MetadataValue.md(png_markdown(score_histogram(by_series), "score histogram"))
+    return dg.MetadataValue.md(png_markdown(score_histogram(by_series), "score histogram"))
 
 
 def _summary_metadata(summary: pl.DataFrame, scores: pl.DataFrame, neuron_columns: list[str],
-                      viewer: MetadataValue) -> dict:
+                      viewer: dg.MetadataValue) -> dict:
     """What both summaries show: the cost, the quality report and the whole `summary`, the best and
     the worst neurons (`neuron_columns` of `scores`), the score histogram and the viewer link."""
     return {"cost_usd": float(summary["cost_usd"].sum()),
@@ -133,18 +113,18 @@ def _summary_metadata(summary: pl.DataFrame, scores: pl.DataFrame, neuron_column
             **_ranked_neurons(scores, neuron_columns), "score histogram": _score_histogram(scores), "viewer": viewer}
 
 
-def viewer_link(root: str, layer: str | None = None) -> MetadataValue:
+def viewer_link(root: str, layer: str | None = None) -> dg.MetadataValue:
     """The neuron viewer's page of a layer (or its index): a URL under an s3:// root, else a path."""
     page = viewer_page(root, layer)
-    return MetadataValue.url(page) if "://" in root else MetadataValue.path(os.path.abspath(page))
+    return dg.MetadataValue.url(page) if "://" in root else dg.MetadataValue.path(os.path.abspath(page))
 
 
 def build_layer_summary(layout: Layout, detection: bool):
     inputs = ["scores", "detection_scores"] if detection else ["scores"]
 
-    @asset(
+    @dg.asset(
         partitions_def=layer_partitions(layout),
-        deps=[AssetDep(name, partition_mapping=MultiToSingleDimensionPartitionMapping("layer")) for name in inputs],
+        deps=[dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")) for name in inputs],
         # 2: controls, gain over llm, detection and fuzzing. 3: metadata only (score histogram,
         # worst neurons, viewer link); the table is the same. 4: columns mean_detection_hard and
         # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative.
@@ -157,7 +137,7 @@ def build_layer_summary(layout: Layout, detection: bool):
         "mean score, share >= 0.8, margin over the shuffled control, gain over llm, detection and "
         "fuzzing accuracies and their correlation with the simulation score, cost.",
     )
-    def layer_summary(context: AssetExecutionContext, storage: TableStorage) -> MaterializeResult:
+    def layer_summary(context: dg.AssetExecutionContext, storage: TableStorage) -> dg.MaterializeResult:
         layer_key = context.partition_key
         shards = layout.shard_keys()
         present = [s for s in shards if storage.exists("scores", f"{layer_key}|{s}")]
@@ -168,8 +148,8 @@ def build_layer_summary(layout: Layout, detection: bool):
         detected = pl.concat([storage.read("detection_scores", f"{layer_key}|{s}") for s in judged]) if judged else None
         summary = summarize(scores, detected)
         version = storage.write(summary, "layer_summary", layer_key)
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": summary.height,
                 "shards present": f"{len(present)}/{len(shards)}",
@@ -184,7 +164,7 @@ def build_layer_summary(layout: Layout, detection: bool):
 
 
 def build_model_summary(layout: Layout):
-    @asset(
+    @dg.asset(
         # scores too: the plots and neuron tables read the scores of the layers summarized
         deps=["layer_summary", "scores"],
         # 3: metadata only (plots, best and worst neurons, viewer link); the table is the same.
@@ -197,7 +177,7 @@ def build_model_summary(layout: Layout):
         description="Every materialized layer's summary in one table: layers x explanation variants "
         "(the quality report).",
     )
-    def model_summary(storage: TableStorage) -> MaterializeResult:
+    def model_summary(storage: TableStorage) -> dg.MaterializeResult:
         keys = [layout.layer_key(i) for i in layout.layers]
         present = [k for k in keys if storage.exists("layer_summary", k)]
         if not present:
@@ -211,10 +191,10 @@ def build_model_summary(layout: Layout):
         by_layer = _series(summary)
         by_layer = by_layer.select([c for c in ("layer", "series", "mean_score_all", "control_mean_score_all")
                                     if c in by_layer.columns])
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={"dagster/row_count": summary.height, "layers present": f"{len(present)}/{len(keys)}",
-                      "score by layer": MetadataValue.md(png_markdown(score_by_layer(by_layer), "score by layer")),
+                      "score by layer": dg.MetadataValue.md(png_markdown(score_by_layer(by_layer), "score by layer")),
                       **_summary_metadata(summary, scores, ["layer", "neuron", "variant", "score_all", "explanation"],
                                           viewer_link(storage.root))},
         )

@@ -4,7 +4,7 @@ that hashes those settings and what they point at (neuron_assets/versions.py), s
 makes exactly the assets that depend on it stale, and the UI's stale causes name the source.
 """
 
-from dagster import DataVersion, ObserveResult, observable_source_asset
+import dagster as dg
 
 from neuron_assets.settings import SOURCES, Settings
 from neuron_assets.versions import source_settings, source_version, sources_in_force
@@ -13,7 +13,7 @@ GROUP = "settings"
 
 
 def _build(settings: Settings, source: str):
-    @observable_source_asset(
+    @dg.observable_source_asset(
         name=source,
         group_name=GROUP,
         tags={"dagster/kind/python": ""},
@@ -21,9 +21,9 @@ def _build(settings: Settings, source: str):
         "(`neuron-assets settings` lists them); observed by `neuron-assets refresh`, the demo, the nightly "
         "schedule or 'Observe' in the UI.",
     )
-    def observe() -> ObserveResult:
+    def observe() -> dg.ObserveResult:
         values = source_settings(settings, source)
-        return ObserveResult(data_version=DataVersion(source_version(settings, source)),
+        return dg.ObserveResult(data_version=dg.DataVersion(source_version(settings, source)),
                              metadata={env: value or "(empty)" for env, value in values.items()})
 
     return observe

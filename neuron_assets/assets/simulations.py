@@ -1,31 +1,10 @@
 """simulations[layer|shard]: the simulator's expected activation per token, from the explanation alone."""
 
 import polars as pl
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSpec,
-    AssetDep,
-    AssetExecutionContext,
-    DataVersion,
-    MaterializeResult,
-    MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
-    TableColumn,
-    TableSchema,
-    asset,
-)
+import dagster as dg
 
-from neuron_assets.assets.common import (
-    OWNERS,
-    CACHE_HITS,
-    CACHE_MISSES,
-    PATH,
-    REUSED,
-    layer_and_shard,
-    llm_metadata,
-    previous_rows,
-    progress_log,
-)
+from neuron_assets.assets.common import (CACHE_HITS, CACHE_MISSES, OWNERS, PATH, REUSED, layer_and_shard,
+                                         llm_metadata, previous_rows, progress_log)
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.stages.variants import explanation_variants
 from neuron_assets.automation import ON_CHANGE
@@ -44,10 +23,10 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
     """`sources`: the explanation assets whose variants are simulated; `control`: also their
     shuffled controls."""
 
-    @asset(
+    @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=[*sources,
-              AssetDep("neuron_records", partition_mapping=MultiToSingleDimensionPartitionMapping("layer")),
+              dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens, "simulator", "sampling", "controls"],
         # 2: shuffled controls and several explanation sources. 3: simulator_version decides reuse.
         # 4: columns split -> kind, cost -> cost_usd.
@@ -57,16 +36,16 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
         owners=OWNERS,
         group_name="simulations",
         pool="llm",
-        check_specs=[AssetCheckSpec(NO_SILENT_ZEROS, asset="simulations",
-                                    description="a failed simulation is an error row, never zeros")],
+        check_specs=[dg.AssetCheckSpec(NO_SILENT_ZEROS, asset="simulations",
+                                       description="a failed simulation is an error row, never zeros")],
         description="Expected activation (0-10) of each token of the valid split (5 top + 5 random "
         "records), read all at once from the simulator's value distribution, for every explanation "
         "variant and its shuffled control (`<variant>_shuffled`: another neuron's explanation). Failed "
         "tokens are NaN and counted; failed sequences are rows with an error.",
     )
     def simulations(
-        context: AssetExecutionContext, storage: TableStorage, simulator: LLM, study: Study
-    ) -> MaterializeResult:
+        context: dg.AssetExecutionContext, storage: TableStorage, simulator: LLM, study: Study
+    ) -> dg.MaterializeResult:
         layer_key, _ = layer_and_shard(context)
         explained = explanation_variants([storage.read(s, context.partition_key) for s in sources],
                                          context.partition_key, study.seed, control)
@@ -78,8 +57,8 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
             report=progress_log(context), what=f"simulating {context.partition_key}", log=context.log.info)
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant", "kind", "seq_id")
         version = storage.write(df, "simulations", context.partition_key)
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": df.height,
                 "sequences simulated": int(df["expected"].is_not_null().sum()),
@@ -92,10 +71,10 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
                 CACHE_HITS: result.cache_hits,
                 CACHE_MISSES: result.sequences - result.cache_hits,
                 **llm_metadata(df, result.seconds, result.model_seconds),
-                PATH: MetadataValue.path(str(storage.path("simulations", context.partition_key))),
-                "dagster/column_schema": TableSchema(columns=[TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
+                PATH: dg.MetadataValue.path(str(storage.path("simulations", context.partition_key))),
+                "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
             },
-            check_results=[AssetCheckResult(check_name=NO_SILENT_ZEROS, **no_silent_zero_simulations(df))],
+            check_results=[dg.AssetCheckResult(check_name=NO_SILENT_ZEROS, **no_silent_zero_simulations(df))],
         )
 
     return simulations

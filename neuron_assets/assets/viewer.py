@@ -6,15 +6,7 @@ import os
 
 import numpy as np
 import polars as pl
-from dagster import (
-    AssetDep,
-    AssetExecutionContext,
-    AssetSelection,
-    DataVersion,
-    MaterializeResult,
-    MultiToSingleDimensionPartitionMapping,
-    asset,
-)
+import dagster as dg
 from upath import UPath
 
 from neuron_assets.assets.common import OWNERS, viewer_page
@@ -43,7 +35,7 @@ SHOWN_RECORDS = 5  # top and random records per neuron: the valid split (what th
 # tokens, and declared so that the lineage is whole) does not trigger a rerun by itself: they reach
 # these pages through scores, which rerun after them; reacting to them directly would write pages of
 # new records beside old simulations first, then again once the scores follow.
-_UPSTREAM_OF_SCORES = AssetSelection.assets("neuron_records", "corpus_tokens")
+_UPSTREAM_OF_SCORES = dg.AssetSelection.assets("neuron_records", "corpus_tokens")
 ON_SCORES_CHANGE = on_change(ignoring=_UPSTREAM_OF_SCORES, label="on_change_after_scores")
 
 
@@ -109,9 +101,9 @@ def layer_neurons(scores: pl.DataFrame, sims: pl.DataFrame, records: pl.DataFram
 
 
 def build_neuron_viewer(layout: Layout):
-    @asset(
+    @dg.asset(
         partitions_def=layer_partitions(layout),
-        deps=[*(AssetDep(name, partition_mapping=MultiToSingleDimensionPartitionMapping("layer"))
+        deps=[*(dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))
                 for name in ("scores", "simulations", "explanations")), "neuron_records", "corpus_tokens"],
         code_version="2",  # 2: the stats table shows max_activation (was max)
         automation_condition=ON_SCORES_CHANGE,
@@ -125,7 +117,7 @@ def build_neuron_viewer(layout: Layout):
         "activation and, under it, by each variant's simulated activation, and the activation stats. "
         "Reads only the shards whose scores exist.",
     )
-    def neuron_viewer(context: AssetExecutionContext, storage: TableStorage) -> MaterializeResult:
+    def neuron_viewer(context: dg.AssetExecutionContext, storage: TableStorage) -> dg.MaterializeResult:
         layer_key = context.partition_key
         present = [f"{layer_key}|{s}" for s in layout.shard_keys() if storage.exists("scores", f"{layer_key}|{s}")]
         if not present:
@@ -146,8 +138,8 @@ def build_neuron_viewer(layout: Layout):
                 f"for {shown}" + (f" (the best {MAX_SECTIONS} by score_all)" if shown < len(neurons) else ""))
         page = layer_page(layer_key, neurons, note=note)
         version = _write_page(viewer_page(storage.root, layer_key), page)
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={"pages written": 1, "neurons shown": shown, "neurons in the table": len(neurons),
                       "shards present": f"{len(present)}/{len(layout.shard_keys())}",
                       "page size (KB)": round(len(page.encode()) / 1024, 1),
@@ -198,7 +190,7 @@ def explorer_excerpts(storage: TableStorage, layout: Layout, subject_model: Subj
 
 
 def build_neuron_viewer_index(layout: Layout):
-    @asset(
+    @dg.asset(
         deps=["neuron_viewer", "model_summary", "scores", "neuron_records", "corpus_tokens"],
         code_version="1",
         automation_condition=ON_SCORES_CHANGE,
@@ -210,8 +202,8 @@ def build_neuron_viewer_index(layout: Layout):
         "explained neurons fire most: per token, the most active explained neurons of each layer, with "
         "their explanation and score_all. Runs the subject model on those windows (one forward pass).",
     )
-    def neuron_viewer_index(context: AssetExecutionContext, storage: TableStorage,
-                            subject_model: SubjectModel) -> MaterializeResult:
+    def neuron_viewer_index(context: dg.AssetExecutionContext, storage: TableStorage,
+                            subject_model: SubjectModel) -> dg.MaterializeResult:
         keys = [layout.layer_key(i) for i in layout.layers]
 
         def page_exists(key: str) -> bool:
@@ -232,8 +224,8 @@ def build_neuron_viewer_index(layout: Layout):
         page = index_page([(k, counts.get(int(k), 0)) for k in pages], quality, excerpts,
                           note=f"subject model: {subject_model.label}")
         version = _write_page(viewer_page(storage.root), page)
-        return MaterializeResult(
-            data_version=DataVersion(version),
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={"pages written": 1, "layer pages linked": len(pages),
                       "neurons shown": int(explained.height), "explorer excerpts": len(excerpts),
                       "page": viewer_link(storage.root)},

@@ -5,7 +5,7 @@ checkpoint that changes only some layers (a fine-tune, an edit) gives only those
 version, so only their neuron_records partitions, and what is downstream of them, become stale.
 """
 
-from dagster import DataVersion, DataVersionsByPartition, observable_source_asset
+import dagster as dg
 
 from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.subject_model import SubjectModel
@@ -14,7 +14,7 @@ from neuron_assets.resources.subject_model import SubjectModel
 def build_subject_model_weights(layout: Layout):
     all_keys = [layout.layer_key(i) for i in layout.layers]
 
-    @observable_source_asset(
+    @dg.observable_source_asset(
         partitions_def=layer_partitions(layout),
         group_name="activations",
         tags={"dagster/kind/pytorch": "", "dagster/kind/safetensors": ""},
@@ -24,11 +24,11 @@ def build_subject_model_weights(layout: Layout):
         "makes exactly those layers of neuron_records stale. Observed by the nightly schedule "
         "`observe_sources_nightly`, by `neuron-assets refresh`, or with 'Observe' in the UI.",
     )
-    def subject_model_weights(context, subject_model: SubjectModel) -> DataVersionsByPartition:
+    def subject_model_weights(context, subject_model: SubjectModel) -> dg.DataVersionsByPartition:
         selected = context.has_partition_key or context.has_partition_key_range
         keys = list(context.partition_keys) if selected else all_keys  # no selection: every layer
         hashes = subject_model.layer_hashes([int(k) for k in keys])
         context.log.info("weight hashes: " + ", ".join(f"{k}={hashes[int(k)]}" for k in keys))
-        return DataVersionsByPartition({k: DataVersion(hashes[int(k)]) for k in keys})
+        return dg.DataVersionsByPartition({k: dg.DataVersion(hashes[int(k)]) for k in keys})
 
     return subject_model_weights

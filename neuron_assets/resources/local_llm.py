@@ -532,13 +532,8 @@ class LocalSimulator:
         # causality already hides the padding after them; the mask hides it from pad rows' view.
         positions = (P + torch.arange(width)).expand(n, width)
         cache = self._batch_cache(n)
-        logits = self._forward(
-            input_ids=ids.to(device),
-            attention_mask=attention.to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            keep=keep.to(device),
-        )
+        logits = self._forward(input_ids=ids.to(device), attention_mask=attention.to(device),
+                               position_ids=positions.to(device), cache=cache, keep=keep.to(device))
         self.tokens_processed += sum(len(row) for row, _ in batch)
         probs = self._value_probs(logits)  # [N, 10 or 11], N = all read positions, row-major
         per_row = np.split(probs, np.cumsum([len(reads) for _, reads in batch])[:-1])
@@ -585,13 +580,8 @@ class LocalSimulator:
         diagonal = torch.arange(extra)
         mask[:, 0, diagonal, P + width + diagonal] = 0
         ones = torch.full((n, extra), self.value_ids[1], dtype=torch.long)
-        logits = self._forward(
-            input_ids=ones.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            keep=keep.to(device),
-        )
+        logits = self._forward(input_ids=ones.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device), cache=cache, keep=keep.to(device))
         z = self._value_probs(logits)[:, 0]
         return np.split(z, np.cumsum([len(reads) for _, reads in batch])[:-1])
 
