@@ -895,15 +895,16 @@ def main_audit(args, settings=None, instance=None) -> dict:
     """`neuron-assets audit`: args.layer, args.neuron (ints or digit strings, or None) and
     args.all (absent: False). Prints the audit (or, with --all, the summary) and returns it;
     raises AuditError (a ValueError) for a wrong call or with what to run first."""
-    from neuron_assets.definitions import build_definitions
     from neuron_assets.settings import Settings
+
+    settings = settings or Settings.from_env()  # bad settings fail before the definitions load
+    from neuron_assets.definitions import build_definitions
 
     every = getattr(args, "all", False)
     if every and args.neuron is not None:
         raise AuditError(f"--all takes at most a LAYER, not a neuron: {USAGE}")
     if not every and (args.layer is None or args.neuron is None):
         raise AuditError(f"audit takes a LAYER and a NEURON: {USAGE}")
-    settings = settings or Settings.from_env()
     defs = build_definitions(settings)
     storage = TableStorage(root=settings.storage)
     if every:

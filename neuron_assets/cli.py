@@ -5,20 +5,23 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 
 # The commands import what they run (the definitions, models, torch) inside their functions, so
 # `neuron-assets settings` and `--help` answer at once; no import there hides a cycle.
 from neuron_assets.audit import add_audit_parser
 from neuron_assets.graph import shape_of
 from neuron_assets.instance import InstanceError, open_instance
+from neuron_assets.outcome import describe, error_rows
 from neuron_assets.resources.files import StorageError, check_s3_root
+from neuron_assets.resources.storage import TableStorage
 from neuron_assets.runs import materialize_runs, shard_keys
-from neuron_assets.settings import SECRETS, SETTINGS, Settings, effect, markdown_table
+from neuron_assets.settings import SECRETS, SETTINGS, Settings, SettingsError, effect, markdown_table, secret_shown
 from neuron_assets.versions import source_versions
 
 DEMO_LAYERS = ("00", "01", "02")
 # (column of the quality report, header, width); a column missing from the summary is not printed
-REPORT = (("mean_score_all", "mean", 7), ("share_at_least_0.8", ">=0.8", 6), ("control_mean_score_all", "control", 8),
+REPORT = (("errors", "errors", 7), ("mean_score_all", "mean", 7), ("share_at_least_0.8", ">=0.8", 6), ("control_mean_score_all", "control", 8),
           ("margin_over_control", "margin", 7), ("gain_over_llm", "gain", 7),
           ("mean_detection_random", "det.rnd", 8), ("mean_detection_hard_negative", "det.hard", 9),
           ("mean_fuzzing_random", "fuz.rnd", 8), ("mean_fuzzing_hard_negative", "fuz.hard", 9))
@@ -28,7 +31,6 @@ def score_table(storage_root: str) -> str:
     """The quality report of model_summary as text: one line per layer x variant (x simulation
     method); NaN where nothing could be computed, '-' where the column does not apply."""
     from neuron_assets.stages.score import quality_report
-    from neuron_assets.resources.storage import TableStorage
 
     report = quality_report(TableStorage(root=storage_root).read("model_summary"))
     columns = [c for c in REPORT if c[0] in report.columns]
@@ -38,6 +40,8 @@ def score_table(storage_root: str) -> str:
     def cell(value, width):
         if value is None:
             return f"{'-':>{width}}"
+        if isinstance(value, int):
+            return f"{value:>{width}}"
         return f"{'nan':>{width}}" if value != value else f"{value:{width}.3f}"
 
     for r in report.iter_rows(named=True):
@@ -59,29 +63,53 @@ def demo(args) -> None:
     from neuron_assets.progress import with_progress_bar
 
     # Progress lines as a progress bar on a terminal (runs in this process); plain lines otherwise.
-    defs = with_progress_bar(build_definitions(settings))
+    defs = with_progress_bar(build_definitions(settings), tracebacks=args.verbose)
     instance = open_instance()
     shards = shard_keys(defs)[: args.shards]
+    runs = shape_of(defs).demo_runs(tuple(args.layers), shards)
     started = time.monotonic()
-    materialize_runs(defs, instance, shape_of(defs).demo_runs(tuple(args.layers), shards), workers=settings.workers)
+    with reporting_errors(settings.storage, runs):
+        materialize_runs(defs, instance, runs, workers=settings.workers)
     print(f"\ndone in {time.monotonic() - started:.0f} s. Scores (score_all = top-and-random correlation):\n")
     print(score_table(settings.storage))
     print(f"\nNeuron viewer: {viewer_page(settings.storage)}")
     print(f"Tables:        {settings.storage}/<asset>/<partition>/*.parquet")
     print(f"Dagster home:  {os.environ['DAGSTER_HOME']}")
     print("Open the UI:   make ui   then http://127.0.0.1:3000 (Assets > neuron_records, scores, ...)")
+    exit_if_all_failed(settings.storage, runs)
+
+
+@contextmanager
+def reporting_errors(storage_root: str, runs):
+    """Where runs stop on a failed run, print the error rows written so far before the failure."""
+    try:
+        yield
+    except SystemExit:
+        print("\n".join(describe(error_rows(TableStorage(root=storage_root), runs))), file=sys.stderr)
+        raise
+
+
+def exit_if_all_failed(storage_root: str, runs) -> None:
+    """Print the error rows the runs wrote, per asset; exit 1 where a partition has nothing but errors
+    (an endpoint that never answered, a model that cannot simulate): a script must be able to tell."""
+    entries = error_rows(TableStorage(root=storage_root), runs)
+    lines = describe(entries)
+    if lines:
+        print("\nerror rows:\n" + "\n".join(lines), file=sys.stderr)
+    if any(e.all_failed for e in entries):
+        sys.exit("neuron-assets: every unit failed in some partitions (above); the rows say why")
 
 
 def show_settings(args) -> None:
     if args.markdown:
         print(markdown_table())
         return
-    current = Settings.from_env()
     for setting in SETTINGS:
         value = os.environ.get(setting.env) or setting.default
         if setting.env.endswith(SECRETS):  # never print a secret
-            value = "(set)" if value else "(unset)"
+            value = secret_shown(setting, os.environ)
         print(f"{setting.env}={value}\n    {setting.help}\n    a change: {effect(setting)}")
+    current = Settings.from_env()  # bad values are shown above, then named after them (exit status 2)
     print(f"\nresolved storage root: {current.storage}")
     try:  # the settings are shown even where one cannot be versioned; that error follows them
         versions = source_versions(current)
@@ -97,13 +125,12 @@ def scores(args) -> None:
 def explore(args) -> None:
     """Run the subject model on a text and print, per token, the most active explained neurons of
     each layer that has scores (neuron_assets/explorer.py)."""
+    settings = Settings.from_env()  # before the imports below (torch: seconds): bad settings fail at once
     from neuron_assets.explorer import format_hits, load_explained, run_text, top_explained
     from neuron_assets.partitions import build_layout
     from neuron_assets.resources.models import model_shape
-    from neuron_assets.resources.storage import TableStorage
     from neuron_assets.resources.subject_model import SubjectModel
 
-    settings = Settings.from_env()
     check_s3_root(settings.storage)
     shape = model_shape(settings.model, settings.cache)
     layout = build_layout(settings.layers, shape.n_layers, shape.n_neurons, settings.shards)
@@ -136,13 +163,13 @@ def refresh(args) -> None:
     """Observe the sources, then rerun what is stale, stage by stage (neuron_assets/refresh.py): in
     this process, or with --submit through the webserver's run queue, where the deployment's run
     launcher executes them (Kubernetes pods with the k8s launcher)."""
+    settings = Settings.from_env()  # before the imports below (seconds): bad settings fail at once
     from functools import partial
 
     from neuron_assets.definitions import build_definitions
     from neuron_assets.progress import with_progress_bar
     from neuron_assets.refresh import refresh as refresh_stale
 
-    settings = Settings.from_env()
     check_s3_root(settings.storage)
     source_versions(settings)  # a setting that cannot be versioned fails here, before any run
     launch = materialize_runs
@@ -151,13 +178,23 @@ def refresh(args) -> None:
 
         launch = partial(launch_runs, args.submit)
     # Progress lines as a progress bar on a terminal (runs in this process); plain lines otherwise.
-    defs = with_progress_bar(build_definitions(settings))
-    refresh_stale(defs, open_instance(), dry_run=args.dry_run, observe=not args.no_observe,
-                  include_missing=args.missing, launch=launch)
+    launched = []
+
+    def launch_noting(defs, instance, runs, **kwargs):
+        launched.extend(runs)
+        return launch(defs, instance, runs, **kwargs)
+
+    defs = with_progress_bar(build_definitions(settings), tracebacks=args.verbose)
+    with reporting_errors(settings.storage, launched):
+        refresh_stale(defs, open_instance(), dry_run=args.dry_run, observe=not args.no_observe,
+                      include_missing=args.missing, launch=launch_noting)
+    exit_if_all_failed(settings.storage, launched)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="neuron-assets", description=__doc__)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the traceback of a failed step (default: its error message only)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="materialize the whole graph for a small slice and print the scores")
     p.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS), help="layer keys (default: 00 01 02)")
@@ -189,6 +226,12 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=BetaWarning)
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        sys.exit("\nneuron-assets: interrupted. Every partition that finished is stored, and every LLM answer "
+                 "received is in the response cache: run the same command again to go on from there.")
+    except SettingsError as e:  # a usage error, as argparse's: exit status 2, one line per bad setting
+        print("\n".join(f"neuron-assets: {problem}" for problem in e.problems), file=sys.stderr)
+        sys.exit(2)
     except (ValueError, FileNotFoundError, InstanceError, StorageError) as e:
         sys.exit(f"neuron-assets: {e}")
 

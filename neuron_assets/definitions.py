@@ -29,7 +29,7 @@ from neuron_assets.resources.models import model_shape
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
-from neuron_assets.settings import Settings
+from neuron_assets.settings import Settings, api_key_variable, check_neurons
 
 K8S_EXECUTOR = Path(__file__).resolve().parents[1] / "resources" / "k8s" / "executor.yaml"
 
@@ -38,6 +38,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     """`code_versions` replaces the code version of the named assets (tests: what a code change reruns)."""
     shape = model_shape(settings.model, settings.cache)
     layout = build_layout(settings.layers, shape.n_layers, shape.n_neurons, settings.shards)
+    check_neurons(settings.neurons, shape.n_neurons)
     study = Study(seq_len=settings.seq_len, max_windows=settings.max_windows, top_records=settings.top_records,
                   random_records=settings.random_records, neurons=settings.neurons, seed=settings.seed)
     explainer_fewshot = load_fewshot(f"{study.prompts}/explainer_fewshot.json")
@@ -107,10 +108,8 @@ def executor(name: str):
 
 def _api_key(role: str):
     """The key stays in the environment: Dagster resolves the EnvVar at run time and shows only its name."""
-    for name in (f"NEURON_ASSETS_{role.upper()}_API_KEY", "OPENAI_API_KEY"):
-        if os.environ.get(name):
-            return EnvVar(name)
-    return None
+    name = api_key_variable(role, os.environ)
+    return EnvVar(name) if name else None
 
 
 def _llm(settings: Settings, role: str) -> LLM:

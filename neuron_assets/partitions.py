@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from dagster import MultiPartitionsDefinition, StaticPartitionsDefinition
 
-from neuron_assets.settings import parse_layers
+from neuron_assets.settings import SettingsError, parse_layers
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Layout:
 
 def build_layout(layers_spec: str, n_layers: int, n_neurons: int, shards: int) -> Layout:
     if shards > n_neurons:
-        raise ValueError(f"NEURON_ASSETS_SHARDS={shards} exceeds the {n_neurons} neurons per layer")
+        raise SettingsError(f"NEURON_ASSETS_SHARDS={shards} exceeds the {n_neurons} neurons per layer: "
+                            f"write at most {n_neurons}")
     return Layout(parse_layers(layers_spec, n_layers), n_layers, n_neurons, shards)
 
 

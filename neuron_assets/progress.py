@@ -55,6 +55,7 @@ class ProgressBarHandler(logging.Handler):
     `tail -F` copies to the terminal, so there stderr is never a TTY: the logger of a run decides
     when the run starts (`progress_console_logger`), and the bar reaches the terminal through the
     tail. `columns`: the width to cut bars to where the terminal's cannot be read (same reason).
+    `tracebacks`: False prints an error record's message without its stack trace (`without_traceback`).
     What is drawn on a stream is shared by all handlers on it, since each run makes a new one.
     """
 
@@ -65,9 +66,9 @@ class ProgressBarHandler(logging.Handler):
     _lock = threading.RLock()
 
     def __init__(self, stream=None, level: int = logging.NOTSET, tty: bool | None = None,
-                 columns: int | None = None):
+                 columns: int | None = None, tracebacks: bool = True):
         super().__init__(level)
-        self._stream, self._tty = stream, tty
+        self._stream, self._tty, self._tracebacks = stream, tty, tracebacks
         self._columns = columns or shutil.get_terminal_size((100, 24)).columns
         self._plain = logging.Formatter(FORMAT, DATE_FORMAT)
         self._colored = None
@@ -109,6 +110,9 @@ class ProgressBarHandler(logging.Handler):
                     self._draw(stream, render_bar(state), final=state.final)
                 else:
                     self._clear(stream)
+                    if not self._tracebacks and record.levelno >= logging.ERROR:
+                        record = logging.makeLogRecord({**record.__dict__, "msg": without_traceback(record.getMessage()),
+                                                        "args": ()})
                     stream.write(self._line_formatter(tty).format(record) + "\n")
                 stream.flush()
         except Exception:
@@ -160,22 +164,51 @@ class ProgressBarHandler(logging.Handler):
                 stream.flush()
 
 
-@logger(
-    {"log_level": Field(str, is_required=False, default_value="INFO", description="The logger's threshold."),
-     "name": Field(str, is_required=False, default_value="dagster", description="The name of the logger.")},
-    description="Dagster's console logger, with Progress lines drawn as a progress bar on a TTY.",
-)
-def progress_console_logger(init_context) -> logging.Logger:
-    level = logging.getLevelName(init_context.logger_config["log_level"].upper())
-    out = logging.Logger(init_context.logger_config["name"], level=level if isinstance(level, int) else logging.INFO)
-    # Now, at the start of the run, stderr is still the terminal (if any); in the steps it is not.
-    out.addHandler(ProgressBarHandler(tty=ProgressBarHandler().is_tty(sys.stderr)))
-    return out
+def _console_logger(tracebacks: bool):
+    @logger(
+        {"log_level": Field(str, is_required=False, default_value="INFO", description="The logger's threshold."),
+         "name": Field(str, is_required=False, default_value="dagster", description="The name of the logger.")},
+        description="Dagster's console logger, with progress drawn as a bar on a TTY"
+        + ("." if tracebacks else ", and a failed step's error without its traceback."),
+    )
+    def console(init_context) -> logging.Logger:
+        level = logging.getLevelName(init_context.logger_config["log_level"].upper())
+        out = logging.Logger(init_context.logger_config["name"], level=level if isinstance(level, int) else logging.INFO)
+        # Now, at the start of the run, stderr is still the terminal (if any); in the steps it is not.
+        out.addHandler(ProgressBarHandler(tty=ProgressBarHandler().is_tty(sys.stderr), tracebacks=tracebacks))
+        return out
+
+    return console
 
 
-def with_progress_bar(defs: Definitions) -> Definitions:
-    """The definitions with `progress_console_logger` as the `console` logger of their jobs: runs
-    executed in this process (cli.materialize_runs with one worker) draw the bar. Runs in step
-    subprocesses (workers > 1) rebuild the definitions from neuron_assets.definitions and keep
-    Dagster's plain console logger."""
-    return Definitions.merge(defs, Definitions(loggers={"console": progress_console_logger}))
+progress_console_logger = _console_logger(tracebacks=False)
+verbose_console_logger = _console_logger(tracebacks=True)
+
+
+def without_traceback(message: str) -> str:
+    """A failure message of Dagster's (header, error, 'Stack Trace:' and its frames, the causes)
+    as the header and the errors alone, each once, with a hint where the traceback went."""
+    out, skipping = [], False
+    for line in message.splitlines():
+        if line.startswith("Stack Trace:"):
+            skipping = True
+            continue
+        if skipping and (line.startswith(" ") or not line.strip()):
+            continue
+        skipping = False
+        if line.startswith(("dagster._core.errors.", "The above exception")) or (line.strip() and line in out):
+            continue
+        if line.strip() or (out and out[-1].strip()):
+            out.append(line)
+    if len(out) < len(message.splitlines()):
+        out.append("(the traceback: neuron-assets --verbose)")
+    return "\n".join(out)
+
+
+def with_progress_bar(defs: Definitions, tracebacks: bool = False) -> Definitions:
+    """The definitions with `progress_console_logger` (or, with `tracebacks`, one that keeps failed
+    steps' tracebacks) as the `console` logger of their jobs: runs executed in this process
+    (cli.materialize_runs with one worker) draw the bar. Runs in step subprocesses (workers > 1)
+    rebuild the definitions from neuron_assets.definitions and keep Dagster's plain console logger."""
+    console = verbose_console_logger if tracebacks else progress_console_logger
+    return Definitions.merge(defs, Definitions(loggers={"console": console}))

@@ -2,6 +2,7 @@
 instance exactly as a run launched from the UI. `neuron-assets demo` and `refresh` run through here."""
 
 import os
+import re
 import socket
 import time
 import warnings
@@ -14,6 +15,8 @@ RUN_HOST, RUN_PID = "neuron_assets/host", "neuron_assets/pid"
 # Step processes fork from one server that has imported the graph (torch, transformers, dagster)
 # once, instead of each importing it again (about 8 s a step on 2 cores).
 FORKSERVER = {"start_method": {"forkserver": {"preload_modules": ["neuron_assets.definitions"]}}}
+# "neuron_assets.resources.models.ModelFileError: ..." -> "ModelFileError: ..."
+QUALIFIED = re.compile(r"^(?:\w+\.)+(\w+: )")
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
@@ -158,7 +161,8 @@ def _failure(result) -> str:
     error = errors[0]
     while error.cause is not None:
         error = error.cause
-    return f"run {result.run_id} failed: {error.message.strip()}"
+    message = QUALIFIED.sub(r"\1", error.message.strip())
+    return f"run {result.run_id} failed: {message}"
 
 
 def shard_keys(defs) -> list[str]:

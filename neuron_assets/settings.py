@@ -5,9 +5,11 @@ the tests and a user's study. `SETTINGS` lists them for the README and `neuron-a
 """
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_CORPUS = "python-docs"
@@ -37,6 +39,15 @@ SOURCES = {
 }
 
 
+class SettingsError(ValueError):
+    """Bad settings, one line each naming the variable, its value and what to write instead. The
+    CLI prints them without a traceback and exits 2: like argparse's errors, they are usage errors."""
+
+    @property
+    def problems(self) -> list[str]:
+        return str(self).splitlines()
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -47,6 +58,8 @@ class Setting:
     high: int | None = None
     choices: tuple[str, ...] = ()  # one of these words
     path: str = ""  # "storage" (made absolute unless s3://), "shipped" (relative to the repository), "user" (~)
+    # a value with a grammar: the text -> its canonical text; a ValueError says what to write instead
+    grammar: Callable[[str], str] | None = None
 
     @property
     def field(self) -> str:
@@ -57,17 +70,22 @@ class Setting:
         """The value of this setting from its raw text (the default when empty); a ValueError names
         the variable, the value and what to write instead."""
         raw = raw.strip() or self.default
+        if self.grammar and raw:  # an empty default (a base URL) means unset
+            try:
+                return self.grammar(raw)
+            except ValueError as e:
+                raise ValueError(f"{self.env}={raw!r}: {e}") from None
         if self.choices:
             if raw not in self.choices:
                 raise ValueError(f"{self.env}={raw!r}: use {' or '.join(repr(c) for c in self.choices)}")
             return raw
         if self.low is not None:
+            bound = f"between {self.low} and {self.high}" if self.high is not None else f"at least {self.low}"
             try:
                 value = int(raw)
             except ValueError:
-                raise ValueError(f"{self.env}={raw!r} is not a whole number") from None
+                raise ValueError(f"{self.env}={raw!r} is not a whole number: write one {bound}") from None
             if value < self.low or (self.high is not None and value > self.high):
-                bound = f"between {self.low} and {self.high}" if self.high is not None else f"at least {self.low}"
                 raise ValueError(f"{self.env}={value} must be {bound}")
             return value
         if self.path == "storage":
@@ -77,6 +95,99 @@ class Setting:
         if self.path == "user":
             return str(Path(raw).expanduser())
         return raw
+
+
+def _whole(text: str) -> int | None:
+    """A whole number written in ASCII digits (no sign), else None."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[0-9]+", text) else None
+
+
+@dataclass(frozen=True)
+class NeuronSelection:
+    """NEURON_ASSETS_NEURONS, parsed: every neuron of a shard ('all'), its first N ('first:N'), or the
+    listed layer indices that fall in it ('list:3,17,1200')."""
+
+    mode: str  # "all", "first" or "list"
+    numbers: tuple[int, ...] = ()  # first: (N,); list: the neurons, ascending
+
+    @classmethod
+    def parse(cls, spec: str) -> "NeuronSelection":
+        mode, colon, rest = spec.strip().partition(":")
+        if mode == "all" and not colon:
+            return cls("all")
+        if mode == "first" and colon:
+            count = _whole(rest)
+            if not count:
+                raise ValueError("N of 'first:N' must be a whole number of at least 1, as in 'first:10'")
+            return cls("first", (count,))
+        if mode == "list" and colon:
+            entries = rest.split(",")
+            if not rest.strip():
+                raise ValueError("lists no neuron: write layer indices, as in 'list:3,17,1200'")
+            bad = [e.strip() for e in entries if _whole(e) is None]
+            if bad:
+                raise ValueError(f"{', '.join(repr(b) if b else 'an empty entry' for b in bad)} "
+                                 f"{'is not a neuron index' if len(bad) == 1 else 'are not neuron indices'}: "
+                                 "list whole numbers from 0, as in 'list:3,17,1200'")
+            numbers = sorted(_whole(e) for e in entries)
+            twice = sorted({n for a, n in zip(numbers, numbers[1:]) if a == n})
+            if twice:
+                raise ValueError(f"names neuron(s) {', '.join(map(str, twice))} more than once: name each neuron once")
+            return cls("list", tuple(numbers))
+        raise ValueError("write 'all', 'first:N' (the first N neurons of each shard) or 'list:3,17,1200' "
+                         "(neurons by layer index)")
+
+    def __str__(self) -> str:
+        """The canonical text, which `parse` gives back (what the neuron_selection version hashes)."""
+        return self.mode if self.mode == "all" else f"{self.mode}:{','.join(map(str, self.numbers))}"
+
+    def of_shard(self, shard_neurons: range) -> list[int]:
+        """The neurons of a shard that are explained and scored."""
+        if self.mode == "all":
+            return list(shard_neurons)
+        if self.mode == "first":
+            return list(shard_neurons)[: self.numbers[0]]
+        return [n for n in self.numbers if n in shard_neurons]
+
+
+def _layer_set(spec: str) -> set[int] | None:
+    """'all' -> None; '0-2' or '0,5,10' (or both: '0-2,7') -> the layer numbers."""
+    if spec == "all":
+        return None
+    layers: set[int] = set()
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        first, last = _whole(lo), _whole(hi) if dash else _whole(lo)
+        if first is None or last is None:
+            raise ValueError(f"{part.strip()!r} is not a layer number or range: write 'all', '0-2' or '0,5,10'")
+        if last < first:
+            raise ValueError(f"the range {part.strip()!r} runs backwards: write '{last}-{first}'")
+        layers.update(range(first, last + 1))
+    return layers
+
+
+def _layers(spec: str) -> str:
+    _layer_set(spec)  # the grammar only: the layers are checked against the model in parse_layers
+    return spec
+
+
+def _neurons(spec: str) -> str:
+    return str(NeuronSelection.parse(spec))
+
+
+def _device(spec: str) -> str:
+    # the devices the help names (and Apple's mps); anything else would fail only when a step loads a model
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", spec):
+        raise ValueError("write 'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU number, e.g. 'cuda:0') or 'mps'")
+    return spec
+
+
+def _endpoint(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL: write e.g. http://127.0.0.1:8000/v1, or leave it empty for OpenAI")
+    return url
 
 
 SETTINGS = (
@@ -90,25 +201,28 @@ SETTINGS = (
     Setting("NEURON_ASSETS_TEXT_COLUMN", "text", "text column/field of .jsonl and .parquet corpora", enters="corpus_source"),
     Setting("NEURON_ASSETS_MAX_WINDOWS", "0", "use only the first N token windows (0 = all)", enters="tokenization", low=0),
     Setting("NEURON_ASSETS_SEQ_LEN", "64", "tokens per window", enters="tokenization", low=2),
-    Setting("NEURON_ASSETS_LAYERS", "all", "layer partitions: 'all', '0-2' or '0,5,10'", enters=PARTITIONS),
+    Setting("NEURON_ASSETS_LAYERS", "all", "layer partitions: 'all', '0-2' or '0,5,10'", enters=PARTITIONS,
+            grammar=_layers),
     Setting("NEURON_ASSETS_SHARDS", "8", "neuron shards per layer (under 100)", enters=PARTITIONS, low=1, high=99),
     Setting("NEURON_ASSETS_NEURONS", "all",
-            "neurons explained and scored per shard: 'all', 'first:N', or 'list:3,17,1200' (layer indices)", enters="neuron_selection"),
+            "neurons explained and scored per shard: 'all', 'first:N', or 'list:3,17,1200' (layer indices)", enters="neuron_selection",
+            grammar=_neurons),
     Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)", enters="sampling", low=20),
     Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)", enters="sampling", low=15),
     Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling", enters="sampling", low=0),
     Setting("NEURON_ASSETS_BATCH_SIZE", "16", "windows per forward pass of the subject model", low=1),
-    Setting("NEURON_ASSETS_DEVICE", "auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0'"),
+    Setting("NEURON_ASSETS_DEVICE", "auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0'", grammar=_device),
     Setting("NEURON_ASSETS_EXPLAINER_BACKEND", "local",
             "explainer backend: 'local' (transformers in this process) or 'openai' (any OpenAI-compatible endpoint)", enters="explainer", choices=("local", "openai")),
     Setting("NEURON_ASSETS_EXPLAINER_MODEL", EMBEDDED_MODEL,
             "explainer model: for 'local' like NEURON_ASSETS_MODEL; for 'openai' the served model name", enters="explainer"),
-    Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)", enters="explainer"),
+    Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)", enters="explainer",
+            grammar=_endpoint),
     Setting("NEURON_ASSETS_EXPLAINER_API_KEY", "", "explainer API key (secret: read from the environment at run time, "
             "never stored; OPENAI_API_KEY is used when unset)"),
     Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'", enters="simulator", choices=("local", "openai")),
     Setting("NEURON_ASSETS_SIMULATOR_MODEL", EMBEDDED_MODEL, "simulator model (as for the explainer)", enters="simulator"),
-    Setting("NEURON_ASSETS_SIMULATOR_BASE_URL", "", "simulator endpoint (empty: OpenAI)", enters="simulator"),
+    Setting("NEURON_ASSETS_SIMULATOR_BASE_URL", "", "simulator endpoint (empty: OpenAI)", enters="simulator", grammar=_endpoint),
     Setting("NEURON_ASSETS_SIMULATOR_API_KEY", "", "simulator API key (secret, like the explainer's)"),
     Setting("NEURON_ASSETS_SIMULATION_METHOD", "auto",
             "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'", enters="simulator", choices=("auto", "all_at_once", "chat_logprobs", "json")),
@@ -145,7 +259,7 @@ SETTINGS = (
     Setting("AWS_ACCESS_KEY_ID", "", "S3 access key id (or any source of botocore's credential chain)"),
     Setting("AWS_SECRET_ACCESS_KEY", "", "S3 secret key (secret: read by botocore at run time, never stored)"),
     Setting("NEURON_ASSETS_PG_HOST", "", "PostgreSQL host of the Dagster instance in resources/dagster_postgres.yaml"),
-    Setting("NEURON_ASSETS_PG_PORT", "5432", "PostgreSQL port (resources/dagster_postgres.yaml)"),
+    Setting("NEURON_ASSETS_PG_PORT", "5432", "PostgreSQL port (resources/dagster_postgres.yaml)", low=1, high=65535),
     Setting("NEURON_ASSETS_PG_USER", "", "PostgreSQL user (resources/dagster_postgres.yaml)"),
     Setting("NEURON_ASSETS_PG_PASSWORD", "", "PostgreSQL password (secret; resources/dagster_postgres.yaml)"),
     Setting("NEURON_ASSETS_PG_DB", "", "PostgreSQL database (resources/dagster_postgres.yaml)"),
@@ -171,7 +285,7 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-# Printed as "(set)" or "(unset)", never their value.
+# Never printed: `secret_shown` says whether they are set (and which LLM key is used).
 SECRETS = ("_API_KEY", "SECRET_ACCESS_KEY", "_PASSWORD")
 
 
@@ -221,18 +335,22 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         """The settings from the environment (or `environ`), each parsed by its declaration in
-        `SETTINGS`; every bad value is reported at once, one line each."""
+        `SETTINGS` (also those read elsewhere: the PostgreSQL port), then checked together; every
+        problem is reported at once, one line each, as a SettingsError."""
         environ = os.environ if environ is None else environ
-        by_field = {s.field: s for s in SETTINGS}
+        names = {f.name for f in fields(cls)}
         values, problems = {}, []
-        for f in fields(cls):
-            setting = by_field[f.name]
+        for setting in SETTINGS:
             try:
-                values[f.name] = setting.parse(environ.get(setting.env, ""))
+                value = setting.parse(environ.get(setting.env, ""))
             except ValueError as e:
                 problems.append(str(e))
+                continue
+            if setting.field in names:
+                values[setting.field] = value
+        problems += _conflicts(values)
         if problems:
-            raise ValueError("\n".join(problems))
+            raise SettingsError("\n".join(problems))
         return cls(**values)
 
     def environment(self) -> dict[str, str]:
@@ -242,36 +360,76 @@ class Settings:
         return {names[field]: str(value) for field, value in vars(self).items()}
 
 
+def _conflicts(values: dict) -> list[str]:
+    """Problems of values that are valid alone but not with the others (those that parsed)."""
+    problems = []
+    method = values.get("simulation_method", "auto")
+    if values.get("simulator_backend") == "local" and method not in ("auto", "all_at_once"):
+        problems.append(f"NEURON_ASSETS_SIMULATION_METHOD={method!r}: the local simulator backend simulates "
+                        "all_at_once only; write 'auto' or 'all_at_once', or set NEURON_ASSETS_SIMULATOR_BACKEND=openai")
+    if "openai" in (values.get("explainer_backend"), values.get("simulator_backend")) and "prices" in values:
+        from neuron_assets.resources.openai_client import load_prices  # only an openai backend reads prices
+
+        try:
+            load_prices(values["prices"])
+        except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON that is not an object
+            problems.append(f"NEURON_ASSETS_PRICES={values['prices']!r}: the openai backend cannot read this price "
+                            f"table ({type(e).__name__}: {e}); point it at a JSON object like resources/prices.json")
+    return problems
+
+
+ROLES = ("explainer", "simulator")
+
+
+def api_key_variable(role: str, environ: Mapping[str, str]) -> str | None:
+    """The environment variable whose key the role's openai backend sends: its own, else
+    OPENAI_API_KEY; None when neither is set (requests then carry no key)."""
+    names = (f"NEURON_ASSETS_{role.upper()}_API_KEY", "OPENAI_API_KEY")
+    return next((name for name in names if environ.get(name)), None)
+
+
+def secret_shown(setting: Setting, environ: Mapping[str, str]) -> str:
+    """What `neuron-assets settings` prints for a secret: never its value, only whether it is set
+    and, for an LLM key, which key that role's backend will actually send."""
+    state = "set" if environ.get(setting.env) else "unset"
+    role = next((r for r in ROLES if setting.env == f"NEURON_ASSETS_{r.upper()}_API_KEY"), None)
+    if role is None:
+        return f"({state})"
+    backend_env = f"NEURON_ASSETS_{role.upper()}_BACKEND"
+    backend = environ.get(backend_env, "").strip() or next(s.default for s in SETTINGS if s.env == backend_env)
+    if backend != "openai":
+        return f"({state}; no key is used: the {role} backend is {backend!r})"
+    used = api_key_variable(role, environ)
+    if used == setting.env:
+        return f"(set: the {role} uses it)"
+    if used:
+        return f"(unset: {used} will be used)"
+    return f"(unset, and so is OPENAI_API_KEY: the {role} sends no key)"
+
+
+def check_neurons(spec: str, n_neurons: int) -> None:
+    """NEURON_ASSETS_NEURONS against the model, where its shape is first known: a listed neuron the
+    model lacks is in no shard, so it would select nothing there."""
+    selection = NeuronSelection.parse(spec)
+    missing = [n for n in selection.numbers if n >= n_neurons] if selection.mode == "list" else []
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SettingsError(f"NEURON_ASSETS_NEURONS={spec!r} names neuron(s) {shown}, which the model does not have: "
+                            f"its layers have neurons 0-{n_neurons - 1}; list neurons of that range, or write 'all'")
+
+
 def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """'all' | '0-2' | '0,5,10' -> sorted layer indices, each checked against the model."""
-    if spec == "all":
-        return list(range(n_layers))
-    layers: set[int] = set()
+    """NEURON_ASSETS_LAYERS -> sorted layer indices, checked against the model."""
     try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"NEURON_ASSETS_LAYERS={spec!r}: write 'all', '0-2' or '0,5,10'") from None
-    outside = sorted(x for x in layers if not 0 <= x < n_layers)
+        layers = _layer_set(spec)
+    except ValueError as e:  # only where the settings were not parsed (a Settings made by replace())
+        raise SettingsError(f"NEURON_ASSETS_LAYERS={spec!r}: {e}") from None
+    if layers is None:
+        return list(range(n_layers))
+    outside = sorted(x for x in layers if x >= n_layers)
     if outside:
-        raise ValueError(
+        raise SettingsError(
             f"NEURON_ASSETS_LAYERS={spec!r} names layer(s) {outside} outside the model, "
-            f"which has layers 0-{n_layers - 1}"
+            f"which has layers 0-{n_layers - 1}; name layers of that range, or write 'all'"
         )
     return sorted(layers)
-
-
-def parse_neurons(spec: str) -> tuple[str, list[int]]:
-    """'all' | 'first:N' | 'list:3,17' -> (mode, numbers)."""
-    mode, _, rest = spec.partition(":")
-    try:
-        if mode == "all" and not rest:
-            return "all", []
-        if mode == "first":
-            return "first", [int(rest)]
-        if mode == "list":
-            return "list", sorted({int(x) for x in rest.split(",") if x.strip()})
-    except ValueError:
-        pass
-    raise ValueError(f"NEURON_ASSETS_NEURONS={spec!r}: write 'all', 'first:N' or 'list:3,17,1200'")

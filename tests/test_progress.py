@@ -223,7 +223,7 @@ def test_demo_draws_progress_bars_on_a_terminal(tmp_path):
     from pipeline import write_corpus
     from tiny_models import build_tiny_model
 
-    model = build_tiny_model("gpt2", tmp_path / "model", n_layers=2)
+    model = build_tiny_model("gpt2", tmp_path / "model", n_layers=2, max_positions=4096)
     settings = dict(MODEL=model, EXPLAINER_MODEL=model, SIMULATOR_MODEL=model,
                     CORPUS=write_corpus(tmp_path / "corpus.jsonl"),
                     STORAGE=tmp_path / "data", CACHE=tmp_path / "cache", MAX_WINDOWS=120, SEQ_LEN=16, SHARDS=2,

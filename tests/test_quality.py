@@ -99,9 +99,10 @@ def test_detection_and_fuzzing_are_high_with_random_negatives(study):
 def test_quality_report_lists_layers_by_variants(study):
     settings, _, _ = study
     lines = score_table(settings.storage).splitlines()
-    assert lines[0].split()[:8] == ["layer", "variant", "method", "neurons", "mean", ">=0.8", "control", "margin"]
+    assert lines[0].split()[:9] == ["layer", "variant", "method", "neurons", "errors", "mean", ">=0.8", "control",
+                                    "margin"]
     assert [line.split()[1] for line in lines[1:]] == ["llm", "revised", "token_baseline"]
-    assert all(line.split()[2] == "json" and line.split()[3] == "3" for line in lines[1:])
+    assert all(line.split()[2] == "json" and line.split()[3:5] == ["3", "0"] for line in lines[1:])
 
 
 def test_export_import_score_round_trip_reproduces_the_scores(study, tmp_path):

@@ -90,8 +90,11 @@ def test_garbage_answers_are_counted_unanswered_with_nan_accuracies_never_0():
                                             "fuzzing", "fuzzing_random", "fuzzing_hard_negative"))
     assert (row["n_positive"], row["n_random"], row["n_hard_negative"]) == (0, 0, 0)
     assert row["n_unanswered"] == 2 * EXAMPLES
-    assert row["error"].startswith("6 unanswered batches; first: detection: expected a JSON list of")
+    assert row["error"] is None  # the judge answered, unreadably: counted, not a failure of the row
     assert row["cost_usd"] == pytest.approx(0.006)  # unanswered requests still cost
+    result = judge_units(explained((3, "llm", "the word cat", None)), {3: records()}, TOKENS,
+                         FakeJudge(lambda c: "cats!"), SEED, "c1", report=lambda _: None)
+    assert len(result.unreadable) == 6 and result.unreadable[0].startswith("expected a JSON list of")
 
     # fuzzing unanswered only: detection keeps its scores
     def detection_only(conversation):
@@ -99,7 +102,7 @@ def test_garbage_answers_are_counted_unanswered_with_nan_accuracies_never_0():
 
     row = judge(explained((3, "llm", "the word cat", None)), {3: records()}, FakeJudge(detection_only))[3, "llm"]
     assert row["detection"] == 1.0 and math.isnan(row["fuzzing"]) and row["n_unanswered"] == EXAMPLES
-    assert row["error"].startswith("3 unanswered batches; first: fuzzing: ")
+    assert row["error"] is None
 
 
 def test_a_failing_judge_or_a_missing_explanation_is_an_error_row():
@@ -110,7 +113,7 @@ def test_a_failing_judge_or_a_missing_explanation_is_an_error_row():
     rows = explained((3, "llm", "the word cat", None), (3, "token_baseline", None, "no token has a positive mean"),
                      (4, "llm", "the word cat", None))
     by = judge(rows, {3: records(), 4: records(n_top=7)}, Broken())
-    assert by[3, "llm"]["error"].startswith("6 unanswered batches; first: detection: judge failed: RuntimeError")
+    assert by[3, "llm"]["error"].startswith("6 failed judge requests; first: detection: judge failed: RuntimeError")
     assert by[3, "llm"]["n_unanswered"] == 2 * EXAMPLES and math.isnan(by[3, "llm"]["detection"])
     assert by[3, "token_baseline"]["error"] == "no explanation: no token has a positive mean"
     assert by[4, "llm"]["error"].startswith("not enough records")

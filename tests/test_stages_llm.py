@@ -29,8 +29,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def explainer(model, tmp_path_factory):
+    # the response cache on, as the definitions set it (<storage>/llm_cache)
     return LLM(backend="local", model=str(model), device="cpu", cache=str(tmp_path_factory.mktemp("cache")),
-               max_tokens=8)
+               response_cache=str(tmp_path_factory.mktemp("llm_cache")), max_tokens=8)
 
 
 @pytest.fixture(scope="module")

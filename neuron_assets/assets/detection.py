@@ -4,7 +4,8 @@ excerpts make the neuron fire (detection) and which highlighted tokens it fires 
 import polars as pl
 import dagster as dg
 
-from neuron_assets.assets.common import (OWNERS, layer_and_shard, markdown_table, percentiles, progress_log)
+from neuron_assets.assets.common import (OWNERS, PATH, layer_and_shard, llm_metadata, markdown_table, percentiles,
+                                         progress_log)
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_shard_partitions
@@ -16,8 +17,8 @@ from neuron_assets.stages.records import records_of, tokens_by_seq
 from neuron_assets.stages.variants import explanation_variants
 
 # bump when the judging logic changes; the prompt version is appended. 2: columns cost_usd and
-# *_hard_negative (were cost and *_hard)
-CODE_VERSION = "2"
+# *_hard_negative (were cost and *_hard). 3: an answer that cannot be read is unanswered, not an error
+CODE_VERSION = "3"
 
 
 def build_detection_scores(layout: Layout, prompt_version: str, sources: list[str]):
@@ -60,15 +61,13 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
                 **percentiles(df["detection_hard_negative"].to_list(), "detection (hard negatives)"),
                 "neurons without hard negatives": int((df["n_hard_negative"] == 0).sum()),
                 "unanswered excerpts": int(df["n_unanswered"].sum()),
+                "unreadable answers": len(result.unreadable),
+                "first unreadable answer": result.unreadable[0] if result.unreadable else "none",
                 "judge": simulator.label,
-                "tokens in": int(df["tokens_in"].sum()),
-                "tokens out": int(df["tokens_out"].sum()),
-                "cost_usd": float(df["cost_usd"].sum()),
-                "seconds": round(result.seconds, 1),
-                "model seconds": round(result.model_seconds, 1),
+                **llm_metadata(df, result.seconds, result.model_seconds),
                 "preview": markdown_table(df.select("neuron", "variant", "detection_random", "detection_hard_negative",
                                                     "fuzzing_random", "fuzzing_hard_negative").head(10)),
-                "path": dg.MetadataValue.path(str(storage.path("detection_scores", context.partition_key))),
+                PATH: dg.MetadataValue.path(str(storage.path("detection_scores", context.partition_key))),
             },
         )
 

@@ -11,7 +11,7 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
-from neuron_assets.stages.explain import SCHEMA, explain_units
+from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units
 from neuron_assets.stages.records import records_of, tokens_by_seq
 
 # bump when the explanation logic changes; the prompt version is appended. 3: inputs_version. 4: cost_usd
@@ -38,10 +38,12 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
     ) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
         neurons = study.selected(layout.shard_neurons(shard_key))
+        previous = previous_rows(storage, "explanations", context.partition_key)
+        records = records_of(storage.read("neuron_records", layer_key, "records"),
+                             sorted({*neurons, *previous_units(previous)}))
         result = explain_units(
-            int(layer_key), neurons, records_of(storage.read("neuron_records", layer_key, "records"), neurons),
-            tokens_by_seq(storage.read("corpus_tokens")), previous_rows(storage, "explanations", context.partition_key),
-            explainer, fewshot, prompt_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
+            int(layer_key), neurons, records, tokens_by_seq(storage.read("corpus_tokens")), previous, explainer,
+            fewshot, prompt_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
             report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}")
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "explanations", context.partition_key)
@@ -51,6 +53,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
             metadata={
                 "dagster/row_count": df.height,
                 "neurons": len(neurons),
+                "kept (valid, outside the selection)": result.kept,
                 "errors": df.height - ok.height,
                 REUSED: result.reused,
                 CACHE_HITS: result.cache_hits,

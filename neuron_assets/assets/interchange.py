@@ -6,13 +6,13 @@ import polars as pl
 import dagster as dg
 from upath import UPath
 
-from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table
+from neuron_assets.assets.common import OWNERS, layer_and_shard, markdown_table, previous_rows
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
 from neuron_assets.resources.files import write_atomic
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
-from neuron_assets.stages.explain import SCHEMA
+from neuron_assets.stages.explain import SCHEMA, previous_units
 from neuron_assets.stages.interchange import IMPORT_SETTING, export_neurons, import_explanations
 from neuron_assets.stages.records import tokens_by_seq
 
@@ -32,7 +32,10 @@ def build_imported_explanations(layout: Layout, root: str):
     )
     def imported_explanations(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
-        result = import_explanations(root, int(layer_key), study.selected(layout.shard_neurons(shard_key)),
+        # a narrower selection keeps the neurons imported before: their files are read again
+        neurons = {*study.selected(layout.shard_neurons(shard_key)),
+                   *previous_units(previous_rows(storage, "imported_explanations", context.partition_key))}
+        result = import_explanations(root, int(layer_key), sorted(neurons),
                                      context.assets_def.code_versions_by_key[context.asset_key])
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron")
         version = storage.write(df, "imported_explanations", context.partition_key)

@@ -127,7 +127,8 @@ def build_layer_summary(layout: Layout, detection: bool):
         deps=[dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")) for name in inputs],
         # 2: controls, gain over llm, detection and fuzzing. 3: metadata only (score histogram,
         # worst neurons, viewer link); the table is the same. 4: columns mean_detection_hard and
-        # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative.
+        # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative; the
+        # quality report shows errors.
         code_version="4",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
@@ -168,7 +169,7 @@ def build_model_summary(layout: Layout):
         # scores too: the plots and neuron tables read the scores of the layers summarized
         deps=["layer_summary", "scores"],
         # 3: metadata only (plots, best and worst neurons, viewer link); the table is the same.
-        # 4: the layer summaries' columns ..._hard -> ..._hard_negative.
+        # 4: the layer summaries' columns ..._hard -> ..._hard_negative; the quality report shows errors.
         code_version="4",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},

@@ -2,7 +2,6 @@
 renders it; these assets read the tables and write the pages under `viewer_page(root, layer)`)."""
 
 import hashlib
-import os
 
 import numpy as np
 import polars as pl
@@ -16,7 +15,7 @@ from neuron_assets.explorer import load_explained, run_windows, top_explained
 from neuron_assets.method.controls import SUFFIX, is_control
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.partitions import Layout, layer_partitions
-from neuron_assets.resources.files import is_local, s3_errors, write_atomic
+from neuron_assets.resources.files import s3_errors, write_atomic
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.subject_model import SubjectModel
 from neuron_assets.stages.records import records_of
@@ -47,9 +46,7 @@ def _variant_key(variant: str) -> tuple:
 def _write_page(path: str, page: str) -> str:
     payload = page.encode("utf-8")
     target = UPath(path)
-    write_atomic(target, payload)
-    if is_local(target):  # a static site: readable by a web server running as another user
-        os.chmod(target.path, 0o644)
+    write_atomic(target, payload)  # with the process's umask, like every other file
     return hashlib.sha256(payload).hexdigest()[:16]
 
 

@@ -38,10 +38,37 @@ def _decode(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
         raise CorpusError(
-            f"corpus file {name} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+            f"corpus file {name} is not valid UTF-8 (byte {e.start}, line {line}: {data[e.start:e.start + 4]!r}); "
             "re-encode it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`"
         ) from None
+
+
+def _read_jsonl(data: bytes, name: str, short: str, text_column: str) -> list[tuple[str, str]]:
+    r"""One document per line. Records are separated by "\n" only, as JSON Lines defines: other
+    characters that str.splitlines() breaks at (U+2028, U+0085, ...) may appear inside strings."""
+    documents = []
+    for number, line in enumerate(_decode(data, name).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"corpus file {name} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{where} is not JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict) or text_column not in row:
+            raise CorpusError(
+                f"{where} has no field {text_column!r}; set NEURON_ASSETS_TEXT_COLUMN to the field that holds the text"
+            )
+        text = row[text_column]
+        if text is None:  # a record without text, as a null in a Parquet column
+            continue
+        if not isinstance(text, str):
+            raise CorpusError(f"{where}: field {text_column!r} holds {type(text).__name__} {json.dumps(text)[:40]}, "
+                              "not a string; set NEURON_ASSETS_TEXT_COLUMN to the field that holds the text")
+        documents.append((f"{short}:{number}", text))
+    return documents
 
 
 def _read_file(path: UPath, text_column: str) -> list[tuple[str, str]]:
@@ -49,28 +76,21 @@ def _read_file(path: UPath, text_column: str) -> list[tuple[str, str]]:
     if path.suffix == ".txt":
         return [(path.name, _decode(path.read_bytes(), name))]
     if path.suffix == ".jsonl":
-        documents = []
-        for i, line in enumerate(_decode(path.read_bytes(), name).splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"corpus file {name} line {i + 1} is not JSON: {e.msg}") from None
-            if not isinstance(row, dict) or text_column not in row:
-                raise CorpusError(
-                    f"corpus file {name} line {i + 1} has no field {text_column!r}; "
-                    "set NEURON_ASSETS_TEXT_COLUMN to the field that holds the text"
-                )
-            documents.append((f"{path.name}:{i + 1}", str(row[text_column])))
-        return documents
-    table = pl.read_parquet(path.read_bytes())
+        return _read_jsonl(path.read_bytes(), name, path.name, text_column)
+    try:
+        table = pl.read_parquet(path.read_bytes())
+    except pl.exceptions.ComputeError as e:
+        raise CorpusError(f"corpus file {name} is not readable Parquet ({e}); write it again or remove it") from None
     if text_column not in table.columns:
         raise CorpusError(
             f"corpus file {name} has no column {text_column!r} (columns: {', '.join(table.columns)}); "
             "set NEURON_ASSETS_TEXT_COLUMN to the column that holds the text"
         )
-    texts = table.get_column(text_column).cast(pl.String).to_list()
+    column = table.get_column(text_column)
+    if column.dtype not in (pl.String, pl.Null):
+        raise CorpusError(f"corpus file {name}: column {text_column!r} holds {column.dtype}, not text; "
+                          "set NEURON_ASSETS_TEXT_COLUMN to the column that holds the text")
+    texts = column.to_list()
     return [(f"{path.name}:{i}", t) for i, t in enumerate(texts) if t is not None]
 
 

@@ -1,7 +1,9 @@
 """The explainer and simulator LLMs: 'local' (transformers in this process) or 'openai' (the
 openai SDK against OpenAI, vLLM, Ollama, llama.cpp or any OpenAI-compatible endpoint)."""
 
+import base64
 import functools
+import hashlib
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,14 +23,17 @@ from neuron_assets.method.remote import (
 )
 from neuron_assets.method.simulation import expected_values
 from neuron_assets.resources.local_llm import LocalSimulator, generate_texts
-from neuron_assets.resources.models import describe_model, load_causal_lm
+from neuron_assets.resources.models import describe_model, load_causal_lm, pick_device
 from neuron_assets.resources.openai_client import LLMRequestError, OpenAIEndpoint, load_prices
+from neuron_assets.resources.response_cache import ResponseCache
 from neuron_assets.stages.results import Answer, Simulation, Usage
-from neuron_assets.versions import llm_version
+from neuron_assets.versions import llm_version, model_identity
 
 BACKENDS = ("local", "openai")
 PRICES = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 TOP_LOGPROBS = 15  # what the reference requests; OpenAI allows up to 20
+# Named in the (unlikely) error of a local model file that vanished while it was being identified.
+LOCAL_MODEL_SETTINGS = "NEURON_ASSETS_EXPLAINER_MODEL or NEURON_ASSETS_SIMULATOR_MODEL"
 
 
 def _simulation(probs_or_values: np.ndarray, failed: np.ndarray, point: bool = False,
@@ -53,16 +58,44 @@ def _local_simulator(model: str, cache: str, device: str, prefix: str, batch_siz
 
 
 class LocalSimulation:
-    """All at once, from the logits of a model in this process (docs/method.md, Simulation)."""
+    """All at once, from the logits of a model in this process (docs/method.md, Simulation).
+
+    Each sequence's value distribution is kept in the response cache under what decides it (the
+    model, device, prompt prefix and the sequence's own prompt), written when the explanation's
+    sequences are done: a rerun computes only the sequences it does not find there.
+    """
 
     method = "all_at_once"
 
-    def __init__(self, engine: LocalSimulator):
-        self.engine = engine
+    def __init__(self, engine: LocalSimulator, cache: ResponseCache, request: dict):
+        self.engine, self.cache, self.request = engine, cache, request
 
     def simulate(self, explanation: str, sequences: list[list[str]]) -> list[Simulation]:
-        distributions = self.engine.simulate([simulator_segments(explanation, tokens) for tokens in sequences])
-        return [_simulation(p, np.zeros(len(p), dtype=bool)) for p in distributions]
+        requests = [{**self.request, "segments": simulator_segments(explanation, tokens)} for tokens in sequences]
+        keys = [self.cache.key(request) for request in requests]
+        found = {key: self.cache.get(key) for key in keys}
+        # Each missing prompt once (a window can be among a neuron's top and its random records);
+        # a repeat is answered like a cache hit, as a remote repeat is.
+        todo = {key: request for key, request in zip(keys, requests) if found[key] is None}
+        for (key, request), probs in zip(todo.items(), self.engine.simulate([r["segments"] for r in todo.values()])):
+            found[key] = _encode_array(probs)
+            self.cache.put(key, found[key], **request)
+        results = []
+        for key in keys:
+            probs = _decode_array(found[key])
+            results.append(_simulation(probs, np.zeros(len(probs), dtype=bool), usage=Usage(cache_hit=key not in todo)))
+            todo.pop(key, None)  # computed for its first occurrence only
+        return results
+
+
+def _encode_array(values: np.ndarray) -> dict:
+    """An array as JSON, bit for bit (float64 little-endian bytes in base64)."""
+    data = np.ascontiguousarray(values, dtype="<f8")
+    return {"shape": list(data.shape), "float64": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+def _decode_array(entry: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(entry["float64"]), dtype="<f8").reshape(entry["shape"])
 
 
 class RemoteSimulation:
@@ -106,8 +139,10 @@ class RemoteSimulation:
 
 class LLM(ConfigurableResource):
     """An explainer or simulator. backend 'local': a Hugging Face causal LM in this process (free,
-    offline). backend 'openai': the openai SDK against `base_url` (OpenAI when unset), with a
-    persistent response cache, rate limits, timeouts and retries."""
+    offline). backend 'openai': the openai SDK against `base_url` (OpenAI when unset), with rate
+    limits, timeouts and retries. Both keep every answer in the persistent response cache at
+    `response_cache` (none when unset), so a rerun, after an interrupt too, asks again only what
+    it does not find there."""
 
     backend: str = "local"
     model: str = "embedded"
@@ -161,10 +196,7 @@ class LLM(ConfigurableResource):
         temperature = self.temperature if temperature is None else temperature
         max_tokens = max_tokens or self.max_tokens
         if self.backend == "local":
-            lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
-            answers = generate_texts(lm, tokenizer, conversations, max_new_tokens=max_tokens,
-                                     temperature=temperature, seed=seeds[0], batch_size=self.batch_size)
-            return answers
+            return self._complete_locally(conversations, seeds[0], temperature, max_tokens)
         endpoint = self.endpoint()
 
         def one(messages, seed):
@@ -177,13 +209,41 @@ class LLM(ConfigurableResource):
         with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
             return list(pool.map(one, conversations, seeds))
 
+    def _local_request(self, **request) -> dict:
+        """What decides a local model's answer to `request`: the model's files and the device type
+        (bfloat16 on a GPU, float32 on a CPU)."""
+        return {"backend": "local", "model": model_identity(self.model, LOCAL_MODEL_SETTINGS),
+                "device": pick_device(self.device).type, **request}
+
+    def _complete_locally(self, conversations: list[list[dict]], seed: int, temperature: float,
+                          max_tokens: int) -> list[Answer]:
+        """`generate_texts`, through the response cache. Every row of a local batch samples from one
+        seed, so an answer depends on the whole batch: the batch is what is cached, one entry
+        written as soon as it is generated."""
+        cache = ResponseCache(self.response_cache)
+        request = self._local_request(task="generate", conversations=conversations, seed=seed, temperature=temperature,
+                                      top_p=1.0, max_tokens=max_tokens, batch_size=self.batch_size)
+        key = cache.key(request)
+        stored = cache.get(key)
+        if stored is not None:
+            return [Answer(a["text"], Usage(a["tokens_in"], a["tokens_out"], cache_hit=True)) for a in stored["answers"]]
+        lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
+        answers = generate_texts(lm, tokenizer, conversations, max_new_tokens=max_tokens, temperature=temperature,
+                                 seed=seed, batch_size=self.batch_size)
+        cache.put(key, {"answers": [{"text": a.text, "tokens_in": a.usage.tokens_in, "tokens_out": a.usage.tokens_out}
+                                    for a in answers]}, **request)
+        return answers
+
     def simulation(self, fewshot: list[dict], log=None) -> LocalSimulation | RemoteSimulation:
         """The simulator for this backend; 'auto' probes the endpoint for the best method."""
         if self.backend == "local":
             if self.simulation_method not in ("auto", "all_at_once"):
                 raise ValueError(f"the local backend simulates all_at_once, not {self.simulation_method!r}")
             prefix = simulator_prefix(fewshot)
-            return LocalSimulation(_local_simulator(self.model, self.cache, self.device, prefix, self.batch_size))
+            engine = _local_simulator(self.model, self.cache, self.device, prefix, self.batch_size)
+            # Entries name the prefix by its hash: it is the same few thousand characters in all of them.
+            request = self._local_request(task="simulate", prefix_sha256=hashlib.sha256(prefix.encode()).hexdigest())
+            return LocalSimulation(engine, ResponseCache(self.response_cache), request)
         endpoint = self.endpoint()
         method = self.simulation_method
         if method == "auto":

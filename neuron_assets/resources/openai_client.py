@@ -2,8 +2,8 @@
 
 `OpenAIEndpoint` wraps the real `openai` SDK and adds what a long, expensive pipeline needs:
 
-- a persistent, content-addressed response cache (local path or s3:// via universal-pathlib): an
-  identical request (same base_url, model, endpoint and parameters) is answered from disk with
+- the persistent, content-addressed response cache (resources/response_cache.py, local path or
+  s3://, shared with the local backend): an identical request (same base_url, model, endpoint and parameters) is answered from disk with
   zero HTTP requests; only successful responses are cached; the API key is never part of the key
   nor of anything written;
 - per-process limits shared by every endpoint object with the same base_url: requests/minute and
@@ -20,7 +20,6 @@ No Dagster import: the Dagster resource wraps this class.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import json
 import logging
 import math
@@ -35,14 +34,13 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from upath import UPath
 
-from neuron_assets.resources.files import StorageError, write_atomic
+from neuron_assets.resources.response_cache import ResponseCache, canonical
 from neuron_assets.stages.results import Usage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PRICES_PATH = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 MAX_RETRY_AFTER_S = 120.0  # a server asking for longer than this is clamped to it
-CACHE_FORMAT = 1
 
 # Statuses that mean "this endpoint / model does not offer that feature" during a probe.
 UNSUPPORTED_STATUSES = {400, 404, 405, 422, 501}
@@ -222,10 +220,6 @@ def _redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
-def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
 # ----------------------------------------------------------------------------- the endpoint
 
 
@@ -253,7 +247,7 @@ class OpenAIEndpoint:
         # The SDK resolves a None base_url (OPENAI_BASE_URL or api.openai.com); key on what it uses.
         self.base_url = _redact_url(str(self.client.base_url).rstrip("/"))
         self.model = model
-        self.cache_root = UPath(cache_root) if cache_root else None
+        self.cache = ResponseCache(cache_root, scrub=self._scrub)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
@@ -270,7 +264,7 @@ class OpenAIEndpoint:
         }
 
     def __repr__(self) -> str:  # never the key
-        return f"OpenAIEndpoint(base_url={self.base_url!r}, model={self.model!r}, cache_root={str(self.cache_root)!r})"
+        return f"OpenAIEndpoint(base_url={self.base_url!r}, model={self.model!r}, cache_root={str(self.cache.root)!r})"
 
     # -- public API
 
@@ -312,55 +306,21 @@ class OpenAIEndpoint:
 
     def cache_key(self, endpoint: str, request: dict) -> str:
         """sha256 of the canonical request: backend, base_url, model, endpoint and parameters."""
-        payload = {"backend": "openai", "base_url": self.base_url, "model": self.model,
-                   "endpoint": endpoint, "params": request}
-        return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
-
-    def _cache_path(self, key: str):
-        return self.cache_root / key[:2] / f"{key}.json"
-
-    def _cache_read(self, key: str) -> dict | None:
-        if self.cache_root is None:
-            return None
-        path = self._cache_path(key)
-        try:
-            if not path.exists():
-                return None
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            return stored["response"]
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as error:
-            log.warning("ignoring unreadable LLM cache entry %s: %s", path, error)
-            return None
-
-    def _cache_write(self, key: str, endpoint: str, request: dict, response: dict) -> None:
-        if self.cache_root is None:
-            return
-        record = {
-            "format": CACHE_FORMAT, "key": key, "backend": "openai", "base_url": self.base_url,
-            "model": self.model, "endpoint": endpoint, "request": request, "response": response,
-            "created": time.time(),
-        }
-        text = self._scrub(json.dumps(record, ensure_ascii=False, default=str))
-        path = self._cache_path(key)
-        try:
-            write_atomic(path, text.encode("utf-8"))
-        except (OSError, StorageError) as error:  # a cache that cannot be written must not lose a paid answer
-            log.warning("could not write LLM cache entry %s: %s", path, error)
+        return ResponseCache.key({"backend": "openai", "base_url": self.base_url, "model": self.model,
+                                  "endpoint": endpoint, "params": request})
 
     # -- the request path
 
     def _call(self, endpoint: str, request: dict) -> Reply:
         key = self.cache_key(endpoint, request)
-        if self.cache_root is None:
+        if self.cache.root is None:
             return self._fetch(endpoint, request, key)
         with _REGISTRY_LOCK:
             entry = _INFLIGHT.setdefault(key, [threading.Lock(), 0])
             entry[1] += 1
         try:
             with entry[0]:
-                cached = self._cache_read(key)
+                cached = self.cache.get(key)
                 if cached is not None:
                     with self._stats_lock:
                         self.stats["cache_hits"] += 1
@@ -376,7 +336,8 @@ class OpenAIEndpoint:
         with self._stats_lock:
             self.stats["cache_misses"] += 1
         response = self._request_with_retries(endpoint, request)
-        self._cache_write(key, endpoint, request, response)
+        self.cache.put(key, response, backend="openai", base_url=self.base_url, model=self.model,
+                       endpoint=endpoint, request=request)
         return self._annotate(response, cache_hit=False, count=True)
 
     def _annotate(self, response: dict, cache_hit: bool, count: bool = False) -> Reply:
@@ -409,7 +370,7 @@ class OpenAIEndpoint:
 
     def _estimate_tokens(self, request: dict) -> float:
         max_tokens = request.get("max_completion_tokens", request.get("max_tokens")) or 0
-        return len(_canonical(request)) / 4 + max_tokens
+        return len(canonical(request)) / 4 + max_tokens
 
     def _request_with_retries(self, endpoint: str, request: dict) -> dict:
         url = f"{self.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"

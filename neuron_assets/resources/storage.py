@@ -7,7 +7,7 @@ import polars as pl
 from dagster import ConfigurableResource, InitResourceContext
 from upath import UPath
 
-from neuron_assets.resources.files import check_s3_root, s3_errors, write_atomic
+from neuron_assets.resources.files import StorageError, check_s3_root, s3_errors, write_atomic
 
 
 class TableStorage(ConfigurableResource):
@@ -36,16 +36,19 @@ class TableStorage(ConfigurableResource):
     def read(self, asset: str, partition: str | None = None, table: str = "data",
              columns: list[str] | None = None) -> pl.DataFrame:
         target = self.path(asset, partition, table)
+        where = f"partition {partition}" if partition else "it"
+        command = f"dagster asset materialize --select {asset}" + (f" --partition '{partition}'" if partition else "")
         if not self.exists(asset, partition, table):
-            where = f"partition {partition}" if partition else "it"
-            raise FileNotFoundError(
-                f"{asset} has no table at {target}: materialize {where} first "
-                f"(dagster asset materialize --select {asset}"
-                + (f" --partition '{partition}')" if partition else ")")
-            )
+            raise FileNotFoundError(f"{asset} has no table at {target}: materialize {where} first ({command})")
         with s3_errors(str(target), "read"):
             payload = target.read_bytes()
-        return pl.read_parquet(payload, columns=columns)
+        try:
+            return pl.read_parquet(payload, columns=columns)
+        except pl.exceptions.ComputeError as error:  # damaged after it was written: writes are whole
+            raise StorageError(
+                f"the table {target} under NEURON_ASSETS_STORAGE is not readable Parquet ({error}); "
+                f"delete it and materialize {where} again ({command})"
+            ) from None
 
     def exists(self, asset: str, partition: str | None = None, table: str = "data") -> bool:
         target = self.path(asset, partition, table)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
-from neuron_assets.settings import parse_neurons
+from neuron_assets.settings import NeuronSelection
 
 PROMPTS = Path(__file__).resolve().parents[2] / "resources" / "prompts"
 
@@ -19,10 +19,6 @@ class Study(ConfigurableResource):
     prompts: str = str(PROMPTS)
 
     def selected(self, shard_neurons: range) -> list[int]:
-        """The neurons of a shard that are explained and scored."""
-        mode, numbers = parse_neurons(self.neurons)
-        if mode == "all":
-            return list(shard_neurons)
-        if mode == "first":
-            return list(shard_neurons)[: numbers[0]]
-        return [n for n in numbers if n in shard_neurons]
+        """The neurons of a shard that are explained and scored (`neurons` was checked with the
+        other settings, before any run)."""
+        return NeuronSelection.parse(self.neurons).of_shard(shard_neurons)

@@ -41,6 +41,7 @@ class Judged:
     rows: list[dict]  # rows of SCHEMA
     seconds: float
     model_seconds: float
+    unreadable: list[str]  # why each answer that could not be read was not (its excerpts: n_unanswered)
 
 
 def unjudged_row(base: dict, error: str) -> dict:
@@ -63,9 +64,10 @@ def neuron_examples(kinds: dict, tokens: dict[int, list[str]], seed: int) -> dic
 
 
 def judge_examples(judge, explanation: str, examples: list[dict], tokens: dict[int, list[str]], seed: int,
-                   clock: ModelClock) -> tuple[dict, Usage, list[str]]:
+                   clock: ModelClock, unreadable: list[str]) -> tuple[dict, Usage, list[str]]:
     """`scores_from_answers` of the judge's answers on `examples` (batches in a seeded order, every
-    batch asked with `seed`), their usage, and the error of each unanswered batch."""
+    batch asked with `seed`), their usage, and the error of each failed request; why an answer could
+    not be read goes to `unreadable`."""
     groups = batches(examples, seed=seed)
     conversations = [batch_messages(explanation, group, tokens) for group in groups]
     try:
@@ -76,16 +78,20 @@ def judge_examples(judge, explanation: str, examples: list[dict], tokens: dict[i
         answers = [Answer.failed(f"judge failed: {type(e).__name__}: {e}")] * len(groups)
     predictions, errors = [], []
     for group, answer in zip(groups, answers):
-        values, error = (None, answer.error) if answer.error else read_answer(answer.text, len(group))
-        if error:
-            errors.append(error)
+        # an answer that cannot be read leaves its excerpts unanswered (counted); only a failed
+        # request is an error of the row
+        values, unread = (None, None) if answer.error else read_answer(answer.text, len(group))
+        if answer.error:
+            errors.append(answer.error)
+        elif unread:
+            unreadable.append(unread)
         predictions += values or [None] * len(group)
     scores = scores_from_answers([example for group in groups for example in group], predictions)
     return scores, total(answer.usage for answer in answers), errors
 
 
 def judge_explanation(base: dict, explanation: str, kinds: dict, tokens: dict[int, list[str]], judge, seed: int,
-                      clock: ModelClock) -> dict:
+                      clock: ModelClock, unreadable: list[str]) -> dict:
     """The row of SCHEMA of one explanation of a neuron with records `kinds`: accuracies of both
     scorers, counts of positives and negatives as detection saw them, unanswered excerpts of both."""
     try:
@@ -94,7 +100,8 @@ def judge_explanation(base: dict, explanation: str, kinds: dict, tokens: dict[in
         return unjudged_row(base, f"not enough records: {e}")
     scores, usages, errors = {}, [], []
     for scorer, scorer_examples in examples.items():
-        scores[scorer], usage, scorer_errors = judge_examples(judge, explanation, scorer_examples, tokens, seed, clock)
+        scores[scorer], usage, scorer_errors = judge_examples(judge, explanation, scorer_examples, tokens, seed, clock,
+                                                                unreadable)
         usages.append(usage)
         errors += [f"{scorer}: {error}" for error in scorer_errors]
     usage = total(usages)
@@ -102,7 +109,7 @@ def judge_explanation(base: dict, explanation: str, kinds: dict, tokens: dict[in
             **{n: scores["detection"][n] for n in ("n_positive", "n_random", "n_hard_negative")},
             "n_unanswered": sum(s["n_unanswered"] for s in scores.values()),
             "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out, "cost_usd": usage.cost_usd,
-            "error": f"{len(errors)} unanswered batches; first: {errors[0]}" if errors else None}
+            "error": f"{len(errors)} failed judge requests; first: {errors[0]}" if errors else None}
 
 
 def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[str]], judge, seed: int,
@@ -114,7 +121,7 @@ def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[s
     `unit_seed(seed, layer, neuron)`, whatever else is judged with it."""
     progress = Progress(report, explained.height, what, "explanations")
     clock = ModelClock()
-    rows = []
+    rows, unreadable = [], []
     for e in explained.iter_rows(named=True):
         base = {"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
                 "explanation_id": e["explanation_id"], "judge_model": judge.label, "code_version": code_version}
@@ -122,6 +129,6 @@ def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[s
             rows.append(unjudged_row(base, f"no explanation: {e['error']}"))
         else:
             rows.append(judge_explanation(base, e["text"], records.get(e["neuron"], {}), tokens, judge,
-                                          unit_seed(seed, e["layer"], e["neuron"]), clock))
+                                          unit_seed(seed, e["layer"], e["neuron"]), clock, unreadable))
         progress.advance()
-    return Judged(rows, progress.seconds, clock.seconds)
+    return Judged(rows, progress.seconds, clock.seconds, unreadable)

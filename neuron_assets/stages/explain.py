@@ -57,9 +57,31 @@ def explanation_text(answer: Answer, what: str) -> tuple[str | None, str | None]
     return (text, None) if text else (None, f"explainer returned an empty {what}")
 
 
+def previous_units(previous: pl.DataFrame | None) -> list[int]:
+    """The units the table's previous rows explain (whose records a run also needs: `kept_units`)."""
+    return [] if previous is None else sorted(set(previous["neuron"].to_list()))
+
+
+def kept_units(selected: list[int], records: dict, previous: pl.DataFrame | None, inputs: str,
+               code_version: str) -> list[int]:
+    """The units outside the selection whose earlier llm explanation is still valid (same records,
+    explainer version, seed, prompt and code): a narrower selection never throws a result away; an
+    outdated one goes."""
+    kept = []
+    for unit in (u for u in previous_units(previous) if u not in set(selected) and u in records):
+        try:
+            train = split_top(records[unit].get("top", []))["train"]
+        except ValueError:
+            continue
+        if reusable_explanation(previous, unit, records_hash(train), inputs, code_version):
+            kept.append(unit)
+    return kept
+
+
 @dataclass
 class Explained:
     rows: list[dict]  # rows of SCHEMA, code_version and inputs_version filled in
+    kept: int  # units outside the selection whose valid rows stay
     reused: int  # llm explanations taken from the previous rows
     asked: int  # llm explanations asked of the explainer (from its response cache or not)
     cache_hits: int
@@ -71,12 +93,14 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
                   previous: pl.DataFrame | None, explainer, fewshot: list[dict], prompt_version: str, seed: int,
                   code_version: str, report: Callable[[ProgressState], None] = print,
                   what: str = "explaining") -> Explained:
-    """Explain `units` of `layer` from their `records` ({unit: {kind: [(seq_id, activations)]}}) and
-    the corpus `tokens`; `explainer` is an LLM (resources/llm.py) and `previous` the table's rows
-    from its last run (reused where records, explainer version, seed, prompt and code are the same)."""
+    """Explain `units` of `layer` from their `records` ({unit: {kind: [(seq_id, activations)]}}, also
+    for the `previous_units`) and the corpus `tokens`; `explainer` is an LLM (resources/llm.py) and
+    `previous` the table's rows from its last run (reused where records, explainer version, seed,
+    prompt and code are the same; kept for units the selection left out, `kept_units`)."""
     inputs = digest([explainer.version("explainer"), seed])
+    kept = kept_units(units, records, previous, inputs, code_version)
     rows, pending, reused, hits = [], [], 0, 0
-    for unit in units:
+    for unit in sorted([*units, *kept]):
         kinds = records[unit]
         try:
             train = split_top(kinds.get("top", []))["train"]
@@ -120,4 +144,4 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
                                         answer.usage, error))
         progress.advance(len(batch))
     rows = [{**row, "code_version": code_version, "inputs_version": inputs} for row in rows]
-    return Explained(rows, reused, len(pending), hits, progress.seconds, clock.seconds)
+    return Explained(rows, len(kept), reused, len(pending), hits, progress.seconds, clock.seconds)

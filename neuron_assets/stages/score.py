@@ -19,7 +19,7 @@ SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanat
           "records_hash": pl.String, "donor_neuron": pl.Int32, "error": pl.String}
 SCORES = ("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained")
 GOOD = 0.8  # the paper's bar for a well-explained neuron
-REPORT_COLUMNS = ("layer", "variant", "method", "neurons", "mean_score_all", "share_at_least_0.8",
+REPORT_COLUMNS = ("layer", "variant", "method", "neurons", "errors", "mean_score_all", "share_at_least_0.8",
                   "control_mean_score_all", "margin_over_control", "gain_over_llm", "mean_detection_random",
                   "mean_detection_hard_negative", "mean_fuzzing_random", "mean_fuzzing_hard_negative", "cost_usd")
 BALANCED_ACCURACIES = ("detection", "detection_random", "detection_hard_negative",
