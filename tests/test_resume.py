@@ -191,6 +191,8 @@ def test_a_rerun_after_an_interrupt_asks_the_model_only_for_unfinished_units(sub
         time.sleep(0.02)
     os.killpg(demo.pid, interrupt)
     assert demo.wait(timeout=120) != 0, log.read_text()[-2000:]
+    if interrupt == signal.SIGINT:  # one line says what was kept and how to go on
+        assert "neuron-assets: interrupted. Every partition that finished is stored" in log.read_text()
     storage = TableStorage(root=settings.storage)
     assert not storage.exists(asset, SHARD), "the interrupted step must not have written its table"
     kept = cached(cache, task)
