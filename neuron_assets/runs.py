@@ -147,8 +147,23 @@ def _run_in_subprocesses(instance_ref, job_name: str, selection, tags: dict) -> 
 
 
 def _raise_if_failed(result) -> None:
-    if not result.success:
-        raise SystemExit(_failure(result))
+    if result.success:
+        return
+    # Ctrl-C inside a step reaches us as a failed run: it is an interrupt, for the CLI to say so
+    if any(error.cls_name == "DagsterExecutionInterruptedError" for error in _errors(result)):
+        raise KeyboardInterrupt
+    raise SystemExit(_failure(result))
+
+
+def _errors(result) -> list:
+    """Every error of the run's events, with the errors that caused them."""
+    out = []
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        while error is not None:
+            out.append(error)
+            error = error.cause
+    return out
 
 
 def _failure(result) -> str:
