@@ -56,15 +56,19 @@ def test_pooled_correlation_differs_from_mean_of_per_sequence():
     assert correlation(real, sim) == pytest.approx(1 / math.sqrt(101))
 
 
-def test_correlation_nan_cases_and_nan_dropping():
+def test_correlation_nan_cases_and_failed_tokens():
     assert math.isnan(correlation([np.array([1.0, 2.0, 3.0])], [np.array([4.0, 4.0, 4.0])]))
     assert math.isnan(correlation([np.array([0.1] * 10)], [np.arange(10.0)]))  # constant, inexact mean
     assert math.isnan(correlation([], []))
     assert math.isnan(correlation([np.array([1.0])], [np.array([2.0])]))
     real = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 5.0])]
     sim = [np.array([1.0, np.nan, 2.0, 5.0]), np.array([0.5, np.nan])]
-    expected = np.corrcoef([1.0, 3.0, 4.0, 0.0], [1.0, 2.0, 5.0, 0.5])[0, 1]
-    assert correlation(real, sim) == pytest.approx(expected)
+    dropped = np.corrcoef([1.0, 3.0, 4.0, 0.0], [1.0, 2.0, 5.0, 0.5])[0, 1]
+    assert correlation(real, sim, "drop") == pytest.approx(dropped)
+    zeroed = np.corrcoef([1.0, 2.0, 3.0, 4.0, 0.0, 5.0], [1.0, 0.0, 2.0, 5.0, 0.5, 0.0])[0, 1]
+    assert correlation(real, sim) == pytest.approx(zeroed)  # the default: a failed token counts as 0
+    with pytest.raises(ValueError, match="failed-token rule 'skip'"):
+        correlation(real, sim, "skip")
     with pytest.raises(ValueError):
         correlation([np.zeros(3)], [np.zeros(2)])
 
@@ -88,13 +92,19 @@ def test_score_neuron():
     scores = score_neuron(real_top, sim_top, real_random, sim_random)
     assert set(scores) == {"score_all", "score_top", "score_random", "rsquared", "abs_dev_explained", "n_failed_tokens"}
     assert scores["n_failed_tokens"] == 1
+    # the failed token (real 4) is scored as an expected value of 0
     assert scores["score_all"] == pytest.approx(
-        np.corrcoef([0, 5, 1, 0, 0, 0, 0.5, 0], [0, 9, 2, 1, 0, 0, 0, 1])[0, 1]
+        np.corrcoef([0, 5, 1, 4, 0, 0, 0, 0.5, 0], [0, 9, 2, 0, 1, 0, 0, 0, 1])[0, 1]
     )
-    assert scores["score_top"] == pytest.approx(np.corrcoef([0, 5, 1, 0, 0], [0, 9, 2, 1, 0])[0, 1])
+    assert scores["score_top"] == pytest.approx(np.corrcoef([0, 5, 1, 4, 0, 0], [0, 9, 2, 0, 1, 0])[0, 1])
     assert scores["score_random"] == pytest.approx(-0.5)
     assert scores["rsquared"] == rsquared(real_top + real_random, sim_top + sim_random)
     assert scores["abs_dev_explained"] == absolute_dev_explained(real_top + real_random, sim_top + sim_random)
+    dropped = score_neuron(real_top, sim_top, real_random, sim_random, "drop")
+    assert dropped["n_failed_tokens"] == 1
+    assert dropped["score_all"] == pytest.approx(
+        np.corrcoef([0, 5, 1, 0, 0, 0, 0.5, 0], [0, 9, 2, 1, 0, 0, 0, 1])[0, 1]
+    )
 
 
 def test_vectorised_correlations_agree_with_loop():
@@ -106,7 +116,8 @@ def test_vectorised_correlations_agree_with_loop():
     real[3] = -1.0  # constant real
     sim[4, 1:] = np.nan  # a single token left
     got = correlations(real, sim)
-    loop = [correlation([real[i, :20], real[i, 20:]], [sim[i, :20], sim[i, 20:]]) for i in range(6)]
+    # `correlations` leaves NaN positions out: the "drop" rule
+    loop = [correlation([real[i, :20], real[i, 20:]], [sim[i, :20], sim[i, 20:]], "drop") for i in range(6)]
     np.testing.assert_allclose(got, loop, rtol=1e-12)
     assert np.isnan(got[2:5]).all() and np.isfinite(got[[0, 1, 5]]).all()
     keep = ~np.isnan(sim[1])
@@ -148,12 +159,16 @@ def _neurons_with_edge_cases(rng):
     return neurons
 
 
-@pytest.mark.parametrize("rows_per_block", [5, 256])
-def test_vectorised_scores_equal_score_neuron_row_by_row(rows_per_block, monkeypatch):
+@pytest.mark.parametrize("rows_per_block,failed_tokens", [(5, "zero"), (256, "zero"), (5, "drop")])
+def test_vectorised_scores_equal_score_neuron_row_by_row(rows_per_block, failed_tokens, monkeypatch):
     monkeypatch.setattr(scoring, "ROWS_PER_BLOCK", rows_per_block)
     neurons = _neurons_with_edge_cases(np.random.default_rng(1))
-    got = score_neurons(*(_padded([n[k] for n in neurons]) for k in range(4)))
-    expected = [score_neuron(*n) for n in neurons]
+    # every third explanation calibrated, the others not (NaN)
+    calibration = np.full((len(neurons), 2), np.nan)
+    calibration[::3] = np.random.default_rng(4).uniform(-1, 2, size=(len(calibration[::3]), 2))
+    got = score_neurons(*(_padded([n[k] for n in neurons]) for k in range(4)), failed_tokens, calibration)
+    expected = [score_neuron(*n, failed_tokens, None if np.isnan(c[0]) else tuple(c))
+                for n, c in zip(neurons, calibration)]
     assert set(got) == set(expected[0])
     for key, values in got.items():
         assert values.shape == (len(neurons),)
@@ -161,7 +176,9 @@ def test_vectorised_scores_equal_score_neuron_row_by_row(rows_per_block, monkeyp
     assert got["n_failed_tokens"].dtype.kind == "i"
     assert np.isfinite(got["score_all"][:30]).all() and got["n_failed_tokens"][:30].sum() > 0
     assert np.isnan(got["score_all"][30:34]).all() and np.isnan(got["score_top"][35])
-    assert np.isnan(got["rsquared"][32:35]).all() and np.isnan(got["abs_dev_explained"][32:35]).all()
+    # no scale (mean(r^2) = 0) is NaN under both rules; failed tokens are NaN only when dropped
+    assert np.isnan(got["rsquared"][33]) and np.isnan(got["abs_dev_explained"][33])
+    assert np.isnan(got["rsquared"][[32, 34]]).all() == (failed_tokens == "drop")
     assert got["n_failed_tokens"][32] == 7 and got["n_failed_tokens"][35] == 0  # padding is not a failure
 
 
