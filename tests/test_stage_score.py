@@ -83,12 +83,14 @@ def test_scores_are_the_pooled_correlation_of_simulated_with_real_activations(ex
     assert all(math.isnan(constant[c]) for c in ("score_all", "score_top", "score_random"))
     assert constant["error"] is None
 
-    # one failed sequence and one failed token: scored on the rest, and both are counted
+    # one failed sequence and one failed token: scored on the other sequences, the failed token as
+    # an expected value of 0 (the default rule), and both are counted
     partial = by[(1, "token_baseline")]
     assert partial["error"] == "1 of 4 sequences failed to simulate" and partial["n_failed_tokens"] == 1
-    keep = np.arange(4) != 2
-    real = np.concatenate([REAL[1][0][keep], REAL[1][5], REAL[1][6]])
-    assert partial["score_all"] == pytest.approx(np.corrcoef(real, 4 - real)[0, 1])
+    real = np.concatenate([REAL[1][0], REAL[1][5], REAL[1][6]])
+    expected = np.where(np.arange(12) == 2, 0.0, 4 - real)
+    assert partial["score_all"] == pytest.approx(np.corrcoef(real, expected)[0, 1])
+    assert not any(by[key]["calibrated"] for key in by)  # no calibration rows
     assert partial["records_hash"] == records_hash([(s, REAL[1][s]) for s in (0, 5, 6)])
 
     failed = by[(2, "llm")]

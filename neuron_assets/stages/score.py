@@ -8,15 +8,15 @@ import polars as pl
 
 from neuron_assets.method.controls import SUFFIX
 from neuron_assets.method.revision import revision_gain
-from neuron_assets.method.scoring import score_neurons
+from neuron_assets.method.scoring import linear_calibration, score_neurons
 from neuron_assets.stages.records import records_hash
 from neuron_assets.stages.variants import CONTROL_ROWS
 
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
           "score_all": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64,
-          "rsquared": pl.Float64, "abs_dev_explained": pl.Float64, "n_failed_tokens": pl.Int64,
-          "cost_usd": pl.Float64, "simulator_model": pl.String, "method": pl.String, "explanation_id": pl.String,
-          "records_hash": pl.String, "donor_neuron": pl.Int32, "error": pl.String}
+          "rsquared": pl.Float64, "abs_dev_explained": pl.Float64, "calibrated": pl.Boolean,
+          "n_failed_tokens": pl.Int64, "cost_usd": pl.Float64, "simulator_model": pl.String, "method": pl.String,
+          "explanation_id": pl.String, "records_hash": pl.String, "donor_neuron": pl.Int32, "error": pl.String}
 SCORES = ("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained")
 GOOD = 0.8  # the paper's bar for a well-explained neuron
 REPORT_COLUMNS = ("layer", "variant", "method", "neurons", "errors", "mean_score_all", "share_at_least_0.8",
@@ -36,16 +36,45 @@ def _padded(groups: list[list[np.ndarray]]) -> np.ndarray:
     return out
 
 
-def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: dict) -> pl.DataFrame:
-    """The scores table (SCHEMA): one row per (unit, variant) of `simulations`, scored against the
-    units' `records` ({unit: {kind: [(seq_id, activations)]}}); `explanations` (explanation_variants)
-    give the text, donor and explainer cost. Every simulated variant is scored in one
-    `score_neurons` call; one without any simulated sequence has NaN scores and the simulation's
-    error, one with some failed sequences is scored on the others and says how many failed."""
+# Rows of the calibration split; every other row (valid, or an error row without a sequence) is scored.
+CALIBRATION_ROWS = (pl.col("split") == "calibration").fill_null(False)
+
+
+def _sequences(rows: pl.DataFrame, truth: dict) -> tuple[dict, dict]:
+    """Real and simulated sequences by kind of the simulated `rows`; truth: {kind: {seq_id: activations}}."""
+    real, sim = {"top": [], "random": []}, {"top": [], "random": []}
+    for kind, seq_id, expected in rows.filter(pl.col("expected").is_not_null()).select(
+            "kind", "seq_id", "expected").iter_rows():
+        activations = truth[kind][seq_id]
+        if len(activations) != len(expected):  # concatenated rows would misalign silently
+            raise ValueError("real and simulated sequences differ in length")
+        real[kind].append(activations)
+        sim[kind].append(np.asarray(expected, dtype=np.float32))
+    return real, sim
+
+
+def _failures(rows: pl.DataFrame, what: str) -> str | None:
+    failed = rows["expected"].null_count()
+    return f"{failed} of {rows.height} {what} failed to simulate" if failed else None
+
+
+def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: dict,
+                failed_tokens: str = "zero") -> pl.DataFrame:
+    """The scores table (SCHEMA): one row per (unit, variant) of `simulations`, its valid split
+    scored against the units' `records` ({unit: {kind: [(seq_id, activations)]}}); `explanations`
+    (explanation_variants) give the text, donor and explainer cost. Every simulated variant is
+    scored in one `score_neurons` call, failed tokens by the `failed_tokens` rule. rsquared and
+    abs_dev_explained are of the valid simulation calibrated by `linear_calibration` of the
+    variant's calibration split (`calibrated`); without calibration rows (a table without a
+    `split` column is all valid), or with a constant calibration simulation, of the 0-10 values.
+    A variant without any simulated valid sequence has NaN scores and the simulation's error; one
+    with some failed sequences is scored (or calibrated) on the others and says how many failed."""
+    if "split" not in simulations.columns:
+        simulations = simulations.with_columns(split=pl.lit("valid"))
     text = dict(zip(explanations["explanation_id"], explanations["text"]))
     explain_cost = dict(zip(explanations["explanation_id"], explanations["cost_usd"]))
     donor = dict(zip(explanations["explanation_id"], explanations["donor_neuron"]))
-    rows, scored = [], []  # scored: (index in rows, real and simulated sequences by kind)
+    rows, scored = [], []  # scored: (index in rows, real and simulated sequences by kind, calibration)
     for (unit, variant), group in simulations.group_by("neuron", "variant", maintain_order=True):
         first = group.row(0, named=True)
         explanation_id = first["explanation_id"]
@@ -53,29 +82,29 @@ def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: 
                "donor_neuron": donor.get(explanation_id), "simulator_model": first["simulator_model"],
                "method": first["method"], "explanation_id": explanation_id,
                "cost_usd": explain_cost.get(explanation_id, 0.0) + float(group["cost_usd"].sum())}
-        simulated = group.filter(pl.col("expected").is_not_null())
-        if simulated.height == 0:
-            rows.append({**row, **dict.fromkeys(SCORES, float("nan")), "n_failed_tokens": 0, "records_hash": None,
-                         "error": first["error"]})
+        valid, calibration = group.filter(~CALIBRATION_ROWS), group.filter(CALIBRATION_ROWS)
+        if valid["expected"].null_count() == valid.height:
+            rows.append({**row, **dict.fromkeys(SCORES, float("nan")), "calibrated": False, "n_failed_tokens": 0,
+                         "records_hash": None, "error": valid["error"][0] if valid.height else first["error"]})
             continue
         truth = {kind: dict(pairs) for kind, pairs in records[unit].items()}
-        real, sim, used = {"top": [], "random": []}, {"top": [], "random": []}, []
-        for kind, seq_id, expected in simulated.select("kind", "seq_id", "expected").iter_rows():
-            activations = truth[kind][seq_id]
-            if len(activations) != len(expected):  # concatenated rows would misalign silently
-                raise ValueError("real and simulated sequences differ in length")
-            real[kind].append(activations)
-            sim[kind].append(np.asarray(expected, dtype=np.float32))
-            used.append((seq_id, activations))
-        failed = group.height - simulated.height
-        error = f"{failed} of {group.height} sequences failed to simulate" if failed else None
-        scored.append((len(rows), real, sim))
-        rows.append({**row, "records_hash": records_hash(used), "error": error})
-    scores = score_neurons(_padded([real["top"] for _, real, _ in scored]),
-                           _padded([sim["top"] for _, _, sim in scored]),
-                           _padded([real["random"] for _, real, _ in scored]),
-                           _padded([sim["random"] for _, _, sim in scored]))
-    for i, (row, _, _) in enumerate(scored):
+        real, sim = _sequences(valid, truth)
+        calibration_real, calibration_sim = _sequences(calibration, truth)
+        fit = linear_calibration([*calibration_real["top"], *calibration_real["random"]],
+                                 [*calibration_sim["top"], *calibration_sim["random"]], failed_tokens)
+        # every sequence the score rests on, in the table's order
+        used = [(seq_id, truth[kind][seq_id]) for kind, seq_id in
+                group.filter(pl.col("expected").is_not_null()).select("kind", "seq_id").iter_rows()]
+        errors = [e for e in (_failures(valid, "sequences"), _failures(calibration, "calibration sequences")) if e]
+        scored.append((len(rows), real, sim, fit))
+        rows.append({**row, "calibrated": not np.isnan(fit[0]), "records_hash": records_hash(used),
+                     "error": "; ".join(errors) or None})
+    scores = score_neurons(_padded([real["top"] for _, real, _, _ in scored]),
+                           _padded([sim["top"] for _, _, sim, _ in scored]),
+                           _padded([real["random"] for _, real, _, _ in scored]),
+                           _padded([sim["random"] for _, _, sim, _ in scored]),
+                           failed_tokens, np.array([fit for _, _, _, fit in scored]).reshape(-1, 2))
+    for i, (row, _, _, _) in enumerate(scored):
         rows[row].update({name: values[i].item() for name, values in scores.items()})
     return pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant")
 
