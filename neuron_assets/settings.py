@@ -35,6 +35,7 @@ SOURCES = {
     "simulator": "the simulator LLM (also the detection judge): backend, model (with its files, for a local "
                  "model), endpoint and simulation method",
     "controls": "whether every variant is also scored on shuffled explanations (NEURON_ASSETS_CONTROL)",
+    "scoring": "how simulations are scored: what a failed token counts as (NEURON_ASSETS_FAILED_TOKENS)",
     "import_source": "the imported explanations: NEURON_ASSETS_IMPORT_FROM and the content of its files",
 }
 
@@ -232,6 +233,10 @@ SETTINGS = (
     Setting("NEURON_ASSETS_CONTROL", "shuffled",
             "'shuffled': every variant also scored on explanations of other neurons of the shard (its "
             "control; doubles simulation cost); 'none' skips controls", enters="controls", choices=("shuffled", "none")),
+    Setting("NEURON_ASSETS_FAILED_TOKENS", "zero",
+            "a failed token (the simulator gave no value 0-10; counted either way): 'zero' scores it as an "
+            "expected value of 0, the published reference's rule; 'drop' leaves it out of every score",
+            enters="scoring", choices=("zero", "drop")),
     Setting("NEURON_ASSETS_DETECTION", "on",
             "'on': detection and fuzzing scores (the simulator LLM judges whole excerpts, with random and "
             "hard negatives); 'off' skips them", enters=GRAPH, choices=("on", "off")),
@@ -331,6 +336,7 @@ class Settings:
     control: str
     detection: str
     import_from: str
+    failed_tokens: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

@@ -303,6 +303,7 @@ CHANGES = [
     ("simulation_method", lambda w: {"simulation_method": "all_at_once"},
      {"simulations", "revised_explanations", "detection_scores"}, "none", "simulator", None),
     ("control", lambda w: {"control": "none"}, {"simulations", "scores"}, "none", "controls", None),
+    ("failed_tokens", lambda w: {"failed_tokens": "drop"}, {"scores"}, "none", "scoring", None),
     ("revision", lambda w: {"revision": "off"}, {"simulations", "scores", "detection_scores"}, "none",
      "revised_explanations", None),
     ("detection", lambda w: {"detection": "off"}, {"layer_summary"}, "none", "detection_scores", None),
@@ -317,7 +318,7 @@ CHANGES = [
 # test_each_setting_enters_exactly_its_source (refreshing them too would repeat the same runs).
 # New weights are test_new_weights_in_one_layer_rerun_exactly_that_layer's.
 REFRESHED = ("corpus", "seq_len", "seed", "top_records", "neurons", "explainer_model", "simulation_method",
-             "control", "revision", "detection", "import_from")
+             "control", "failed_tokens", "revision", "detection", "import_from")
 
 
 def test_each_setting_enters_exactly_its_source(world):

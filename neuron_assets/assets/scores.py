@@ -19,6 +19,7 @@ from neuron_assets.stages.variants import CONTROL_ROWS, explanation_variants
 SCORES_IN_RANGE = "scores_in_range"
 LINEAGE = dg.TableColumnLineage(deps_by_column={
     **{c: [dg.TableColumnDep("simulations", "expected"), dg.TableColumnDep("neuron_records", "activations")] for c in SCORES},
+    "calibrated": [dg.TableColumnDep("simulations", "split"), dg.TableColumnDep("simulations", "expected")],
     "n_failed_tokens": [dg.TableColumnDep("simulations", "expected")],
     "explanation": [dg.TableColumnDep("explanations", "text")],
     "explanation_id": [dg.TableColumnDep("simulations", "explanation_id")],
@@ -29,25 +30,30 @@ LINEAGE = dg.TableColumnLineage(deps_by_column={
 })
 
 
-def build_scores(layout: Layout, sources: list[str], control: bool):
+def build_scores(layout: Layout, sources: list[str], control: bool, failed_tokens: str):
     @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=["simulations", *sources,
               dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
-              "sampling", "controls"],
+              "sampling", "controls", "scoring"],
         # 2: scored in one vectorised call; where a group has failed tokens or sequences, sums run
         # in another order, so scores can differ from version 1's in the last bits (< 1e-14).
         # 3: controls (donor_neuron) and several explanation sources. 4: column cost -> cost_usd.
-        code_version="4",
+        # 5: failed tokens scored as 0 (NEURON_ASSETS_FAILED_TOKENS); rsquared and abs_dev_explained
+        # calibrated on the calibration split (column calibrated).
+        code_version="5",
         automation_condition=ON_CHANGE,
         kinds={"numpy", "parquet"},
         owners=OWNERS,
         group_name="scores",
         check_specs=[dg.AssetCheckSpec(SCORES_IN_RANGE, asset="scores",
                                        description="scores lie in [-1, 1] or are NaN, and NaNs are counted")],
-        description="Correlation of simulated with real activations, pooled over all tokens: "
-        "score_all (5 top + 5 random, the headline), score_top, score_random; rsquared and "
-        "abs_dev_explained (meaningful only after calibration). NaN when the simulation is constant.",
+        description="Correlation of simulated with real activations over the valid split, pooled over all "
+        "tokens: score_all (5 top + 5 random, the headline), score_top, score_random, of the simulator's 0-10 "
+        "values (NaN when the simulation is constant). rsquared and abs_dev_explained are calibrated: of the "
+        "simulation mapped by the least-squares line fitted on the calibration split (5 top + 5 random), where "
+        "`calibrated` is true; else of the 0-10 values. Failed tokens are counted (n_failed_tokens) and "
+        f"{'scored as 0' if failed_tokens == 'zero' else 'left out'} (NEURON_ASSETS_FAILED_TOKENS={failed_tokens}).",
     )
     def scores(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key, _ = layer_and_shard(context)
@@ -56,7 +62,7 @@ def build_scores(layout: Layout, sources: list[str], control: bool):
                                             context.partition_key, study.seed, control)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              simulations["neuron"].unique().to_list())
-        df = score_units(simulations, explanations, records)
+        df = score_units(simulations, explanations, records, failed_tokens)
         version = storage.write(df, "scores", context.partition_key)
         best = df.filter(pl.col("score_all").is_not_nan()).sort("score_all", descending=True)
         return dg.MaterializeResult(
