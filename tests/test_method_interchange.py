@@ -117,14 +117,14 @@ def test_simulation_results_scores_match_exported_sequences():
     for item, given in zip(raw["scored_explanations"], scored):
         sim = item["scored_simulation"]
         sequences = sim["scored_sequence_simulations"]
-        expected = [np.array([np.nan if v is None else v for v in s["simulation"]["expected_activations"]]) for s in sequences]
+        expected = [np.array(s["simulation"]["expected_activations"]) for s in sequences]  # numbers only
         true = [np.array(s["true_activations"]) for s in sequences]
         assert sim["ev_correlation_score"] == pytest.approx(correlation(true, expected), abs=1e-12)
         assert sim["ev_correlation_score"] == pytest.approx(given["scores"]["score_all"], abs=1e-12)
         for s, e, t, g in zip(sequences, expected, true, given["sequences"]):
             np.testing.assert_array_equal(np.array(s["true_activations"], np.float32), g["true"])
-            np.testing.assert_array_equal(e.astype(np.float32), g["expected"])
-            assert s["simulation"]["activation_scale"] == "simulated_activations"
+            np.testing.assert_array_equal(e.astype(np.float32), np.where(np.isnan(g["expected"]), 0, g["expected"]))
+            assert s["simulation"]["activation_scale"] == "simulated_normalized_activations"
             assert s["simulation"]["distribution_values"] == [[]] * len(e)
             assert s["simulation"]["distribution_probabilities"] == [[]] * len(e)
             for key, fn in (("ev_correlation_score", correlation), ("rsquared_score", rsquared)):
@@ -133,7 +133,7 @@ def test_simulation_results_scores_match_exported_sequences():
     second = raw["scored_explanations"][1]["scored_simulation"]
     assert second["rsquared_score"] is None
     assert second["scored_sequence_simulations"][0]["ev_correlation_score"] is None  # constant simulation
-    assert second["scored_sequence_simulations"][2]["simulation"]["expected_activations"][3] is None
+    assert second["scored_sequence_simulations"][2]["simulation"]["expected_activations"][3] == 0.0  # failed token
 
     # explanations are published as continuations, and read back cleaned
     assert raw["scored_explanations"][0]["explanation"] == " years in dates"
@@ -161,7 +161,7 @@ PUBLISHED_STYLE = (
     '{"dataclass_name": "ScoredSimulation", "scored_sequence_simulations": [{"dataclass_name": '
     '"ScoredSequenceSimulation", "simulation": {"dataclass_name": "SequenceSimulation", "tokens": '
     '[" the", " cat"], "expected_activations": [0.5, 0.1], "activation_scale": '
-    '"simulated_activations", "distribution_values": [[0, 1], [0]], "distribution_probabilities": '
+    '"simulated_normalized_activations", "distribution_values": [[0, 1], [0]], "distribution_probabilities": '
     '[[0.5, 0.5], [1.0]]}, "true_activations": [1.2, 0.0], "ev_correlation_score": 1.0, '
     '"rsquared_score": 0.2, "absolute_dev_explained_score": 0.3}], "ev_correlation_score": 0.42, '
     '"rsquared_score": 0.2, "absolute_dev_explained_score": 0.3}}]}'

@@ -63,7 +63,9 @@ def build_exported_neurons(layout: Layout):
         # the automation export new records beside old scores before the scores rerun.
         deps=[dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))
               for name in ("scores", "simulations")],
-        code_version="1",
+        # 2: activation_scale "simulated_normalized_activations" (the published value); a failed token
+        # written as 0, not null; the calibration split is not exported.
+        code_version="2",
         automation_condition=ON_CHANGE,
         kinds={"json"},
         owners=OWNERS,
@@ -71,7 +73,7 @@ def build_exported_neurons(layout: Layout):
         description="Every scored neuron of the layer in the published layout: "
         "`collated-activations/<layer>/<neuron>.json` (records and stats) and "
         "`explanations/<layer>/<neuron>.jsonl` (each variant's explanation, llm first, with its "
-        "valid-split simulation and scores). Controls are not exported.",
+        "valid-split simulation and scores: the scores table's). Controls are not exported.",
     )
     def exported_neurons(context: dg.AssetExecutionContext, storage: TableStorage) -> dg.MaterializeResult:
         layer_key = context.partition_key

@@ -5,6 +5,8 @@ Two files per neuron, under the same relative paths as the published data:
 - `explanations/{layer}/{neuron}.jsonl`: one line holding a NeuronSimulationResults
   (explanations with their simulations and scores).
 Every object carries a `"dataclass_name"` field naming its class, as the published files do.
+Activations and expected values are numbers only: a failed token is written as an expected value
+of 0, the published reference's rule (its aggregation reads no null).
 
 This module builds those objects from plain data and reads them back; it does no file I/O (the
 caller reads and writes the text). `dumps` writes strict JSON: NaN and infinities become null.
@@ -18,10 +20,11 @@ import math
 import numpy as np
 
 from neuron_assets.method.prompts import clean_explanation
-from neuron_assets.method.scoring import absolute_dev_explained, correlation, rsquared
+from neuron_assets.method.scoring import absolute_dev_explained, correlation, fill_failed, rsquared
 
-# The unit of SequenceSimulation.expected_activations: the simulator's 0-10 scale.
-ACTIVATION_SCALE = "simulated_activations"
+# The unit of SequenceSimulation.expected_activations: the simulator's 0-10 scale (the published
+# enum's other value, "neuron_activations", is for real or calibrated activations).
+ACTIVATION_SCALE = "simulated_normalized_activations"
 
 
 def file_paths(layer: int, neuron: int) -> tuple[str, str]:
@@ -77,12 +80,13 @@ def neuron_record(layer: int, neuron: int, top: list, random: list, quantiles: l
 
 
 def _scored_sequence(tokens: list[str], expected, true) -> dict:
-    """One ScoredSequenceSimulation; its three scores are those of this sequence alone. Only
-    expected values are kept: distribution_values and distribution_probabilities hold one empty
-    list per token."""
+    """One ScoredSequenceSimulation; its three scores are those of this sequence alone, of the
+    0-10 values written (a failed token as 0). Only expected values are kept: distribution_values
+    and distribution_probabilities hold one empty list per token."""
     expected, true = np.asarray(expected, np.float32).ravel(), np.asarray(true, np.float32).ravel()
     if not len(tokens) == len(expected) == len(true):
         raise ValueError(f"{len(tokens)} tokens, {len(expected)} expected and {len(true)} true activations")
+    expected = fill_failed(true, expected, "zero")
     simulation = {
         "dataclass_name": "SequenceSimulation",
         "tokens": [str(t) for t in tokens],
@@ -112,9 +116,10 @@ def simulation_results(layer: int, neuron: int, scored: list[dict]) -> dict:
     """The NeuronSimulationResults of one neuron, for `explanations/{layer}/{neuron}.jsonl`.
 
     scored: one item per explanation, {"explanation": str, "sequences": [{"tokens": [str],
-    "expected": array [T] (simulated, 0-10; NaN = failed token), "true": array [T]}], "scores":
-    {"score_all", "rsquared", "abs_dev_explained"}}. The explanation-level scores are the given
-    pooled ones (docs/method.md, Scores); each sequence's scores are computed here on that sequence alone.
+    "expected": array [T] (simulated, 0-10; NaN = failed token, written as 0), "true": array [T]}],
+    "scores": {"score_all", "rsquared", "abs_dev_explained"}}. The explanation-level scores are the
+    given pooled ones (the scores table's; docs/method.md, Scores); each sequence's scores are
+    computed here on that sequence alone.
     The explanation is written stripped, with one leading space (see `_continuation`)."""
     explanations = []
     for item in scored:

@@ -18,6 +18,7 @@ from neuron_assets.method.interchange import dumps, file_paths, neuron_record, r
 from neuron_assets.resources.files import s3_errors
 from neuron_assets.stages.explain import explanation_row
 from neuron_assets.stages.records import records_of
+from neuron_assets.stages.score import CALIBRATION_ROWS, with_split
 from neuron_assets.stages.variants import CONTROL_ROWS
 
 IMPORT_SETTING = "NEURON_ASSETS_IMPORT_FROM"
@@ -73,10 +74,12 @@ def variant_order(variant: str) -> tuple[int, str]:
 
 def _scored(scores: pl.DataFrame, sims: pl.DataFrame, truth: dict, tokens: dict) -> list[dict]:
     """One neuron's explanations with their valid-split simulations (top records first), in
-    EXPORT_ORDER; `truth` holds its real activations as {kind: {seq_id: activations}}."""
+    EXPORT_ORDER; `truth` holds its real activations as {kind: {seq_id: activations}}. The
+    calibration split is not exported: it is not scored."""
     out = []
     for row in sorted(scores.iter_rows(named=True), key=lambda r: variant_order(r["variant"])):
-        mine = sims.filter((pl.col("variant") == row["variant"]) & pl.col("expected").is_not_null())
+        mine = with_split(sims).filter((pl.col("variant") == row["variant"]) & pl.col("expected").is_not_null()
+                                       & ~CALIBRATION_ROWS)
         if row["explanation"] is None or mine.height == 0:
             continue
         sequences = [{"tokens": tokens[s], "expected": np.asarray(e, np.float32), "true": truth[kind][s]}

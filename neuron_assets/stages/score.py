@@ -40,6 +40,12 @@ def _padded(groups: list[list[np.ndarray]]) -> np.ndarray:
 CALIBRATION_ROWS = (pl.col("split") == "calibration").fill_null(False)
 
 
+def with_split(simulations: pl.DataFrame) -> pl.DataFrame:
+    """The simulations with their split column: a table written before the calibration split has
+    none, and all its rows are valid."""
+    return simulations if "split" in simulations.columns else simulations.with_columns(split=pl.lit("valid"))
+
+
 def _sequences(rows: pl.DataFrame, truth: dict) -> tuple[dict, dict]:
     """Real and simulated sequences by kind of the simulated `rows`; truth: {kind: {seq_id: activations}}."""
     real, sim = {"top": [], "random": []}, {"top": [], "random": []}
@@ -69,8 +75,7 @@ def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: 
     `split` column is all valid), or with a constant calibration simulation, of the 0-10 values.
     A variant without any simulated valid sequence has NaN scores and the simulation's error; one
     with some failed sequences is scored (or calibrated) on the others and says how many failed."""
-    if "split" not in simulations.columns:
-        simulations = simulations.with_columns(split=pl.lit("valid"))
+    simulations = with_split(simulations)
     text = dict(zip(explanations["explanation_id"], explanations["text"]))
     explain_cost = dict(zip(explanations["explanation_id"], explanations["cost_usd"]))
     donor = dict(zip(explanations["explanation_id"], explanations["donor_neuron"]))
