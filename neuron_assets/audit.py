@@ -836,6 +836,7 @@ def locate(defs, settings, layer, neuron) -> tuple[str, str]:
     layer or neuron outside the model, outside NEURON_ASSETS_LAYERS, or not selected."""
     from neuron_assets.resources.models import model_shape
     from neuron_assets.resources.study import Study
+    from neuron_assets.settings import NeuronSelection
 
     shape = model_shape(settings.model, settings.cache)
     try:
@@ -849,7 +850,10 @@ def locate(defs, settings, layer, neuron) -> tuple[str, str]:
     shard_keys = partitions.get_partitions_def_for_dimension("shard").get_partition_keys()
     shard_key = next(k for k in shard_keys if int(k.split("-")[0]) <= neuron <= int(k.split("-")[1]))
     first, last = (int(x) for x in shard_key.split("-"))
-    if neuron not in Study(neurons=settings.neurons).selected(range(first, last + 1)):
+    # 'top:N:<statistic>' ranks by the layer's stats; the other selections need none
+    stats = (_read(TableStorage(root=settings.storage), "neuron_records", layer_key, "stats")
+             if NeuronSelection.parse(settings.neurons).mode == "top" else None)
+    if neuron not in Study(neurons=settings.neurons).selected(range(first, last + 1), stats):
         raise AuditError(
             f"neuron {neuron} is not selected for explanation (NEURON_ASSETS_NEURONS={settings.neurons}): "
             f"set NEURON_ASSETS_NEURONS to include it and run `dagster asset materialize -m neuron_assets.definitions "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from neuron_assets.method.selection import RANKINGS
+
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_CORPUS = "python-docs"
 
@@ -104,13 +106,20 @@ def _whole(text: str) -> int | None:
     return int(text) if re.fullmatch(r"[0-9]+", text) else None
 
 
+_TOP = [f"'top:N:{ranking}'" for ranking in RANKINGS]
+TOP_FORMS = f"{', '.join(_TOP[:-1])} or {_TOP[-1]}"  # the accepted forms, as an error message names them
+
+
 @dataclass(frozen=True)
 class NeuronSelection:
-    """NEURON_ASSETS_NEURONS, parsed: every neuron of a shard ('all'), its first N ('first:N'), or the
-    listed layer indices that fall in it ('list:3,17,1200')."""
+    """NEURON_ASSETS_NEURONS, parsed: every neuron of a shard ('all'), its first N ('first:N'), the
+    listed layer indices that fall in it ('list:3,17,1200'), or its N neurons ranked first by an
+    activation statistic of neuron_records' stats ('top:N:max', 'top:N:kurtosis', 'top:N:sparsity';
+    method/selection.py says how each ranks)."""
 
-    mode: str  # "all", "first" or "list"
-    numbers: tuple[int, ...] = ()  # first: (N,); list: the neurons, ascending
+    mode: str  # "all", "first", "list" or "top"
+    numbers: tuple[int, ...] = ()  # first and top: (N,); list: the neurons, ascending
+    ranking: str = ""  # top: a name of method/selection.py RANKINGS
 
     @classmethod
     def parse(cls, spec: str) -> "NeuronSelection":
@@ -136,15 +145,30 @@ class NeuronSelection:
             if twice:
                 raise ValueError(f"names neuron(s) {', '.join(map(str, twice))} more than once: name each neuron once")
             return cls("list", tuple(numbers))
-        raise ValueError("write 'all', 'first:N' (the first N neurons of each shard) or 'list:3,17,1200' "
-                         "(neurons by layer index)")
+        if mode == "top" and colon:
+            count, _, ranking = (part.strip() for part in rest.partition(":"))
+            if not _whole(count):
+                raise ValueError(f"N of 'top:N:<statistic>' must be a whole number of at least 1: write {TOP_FORMS}, "
+                                 "as in 'top:10:kurtosis'")
+            if ranking not in RANKINGS:
+                named = f"{ranking!r} is not a statistic to rank neurons by" if ranking else "names no statistic"
+                raise ValueError(f"{named}: write {TOP_FORMS}")
+            return cls("top", (_whole(count),), ranking)
+        raise ValueError("write 'all', 'first:N' (the first N neurons of each shard), 'list:3,17,1200' "
+                         "(neurons by layer index) or 'top:N:<statistic>' (the N neurons of each shard ranked "
+                         f"first by an activation statistic: {TOP_FORMS})")
 
     def __str__(self) -> str:
         """The canonical text, which `parse` gives back (what the neuron_selection version hashes)."""
+        if self.mode == "top":
+            return f"top:{self.numbers[0]}:{self.ranking}"
         return self.mode if self.mode == "all" else f"{self.mode}:{','.join(map(str, self.numbers))}"
 
     def of_shard(self, shard_neurons: range) -> list[int]:
-        """The neurons of a shard that are explained and scored."""
+        """The neurons of a shard that are explained and scored ('top' ranks them by their stats:
+        `Study.selected`)."""
+        if self.mode == "top":
+            raise ValueError(f"NEURON_ASSETS_NEURONS={self} ranks neurons by their stats: select with Study.selected")
         if self.mode == "all":
             return list(shard_neurons)
         if self.mode == "first":
@@ -206,7 +230,9 @@ SETTINGS = (
             grammar=_layers),
     Setting("NEURON_ASSETS_SHARDS", "8", "neuron shards per layer (under 100)", enters=PARTITIONS, low=1, high=99),
     Setting("NEURON_ASSETS_NEURONS", "all",
-            "neurons explained and scored per shard: 'all', 'first:N', or 'list:3,17,1200' (layer indices)", enters="neuron_selection",
+            "neurons explained and scored per shard: 'all', 'first:N', 'list:3,17,1200' (layer indices), or the N "
+            "ranked first by an activation statistic: 'top:N:max' (highest max activation), 'top:N:kurtosis' "
+            "(highest kurtosis), 'top:N:sparsity' (fewest tokens at or above 10% of the max)", enters="neuron_selection",
             grammar=_neurons),
     Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)", enters="sampling", low=20),
     Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)", enters="sampling", low=15),

@@ -53,7 +53,9 @@ def test_every_bad_value_is_one_line_naming_the_variable_and_what_to_write():
     ]
 
 
-FIX = "write 'all', 'first:N' (the first N neurons of each shard) or 'list:3,17,1200' (neurons by layer index)"
+TOP = "'top:N:max', 'top:N:kurtosis' or 'top:N:sparsity'"
+FIX = ("write 'all', 'first:N' (the first N neurons of each shard), 'list:3,17,1200' (neurons by layer index) "
+       f"or 'top:N:<statistic>' (the N neurons of each shard ranked first by an activation statistic: {TOP})")
 
 
 @pytest.mark.parametrize("spec, problem", [
@@ -67,6 +69,15 @@ FIX = "write 'all', 'first:N' (the first N neurons of each shard) or 'list:3,17,
     ("list:3,,5", "an empty entry is not a neuron index: list whole numbers from 0, as in 'list:3,17,1200'"),
     ("list:-1,2.5", "'-1', '2.5' are not neuron indices: list whole numbers from 0, as in 'list:3,17,1200'"),
     ("list:5,3,5", "names neuron(s) 5 more than once: name each neuron once"),
+    ("top", FIX),
+    ("top:3", f"names no statistic: write {TOP}"),
+    ("top:3:", f"names no statistic: write {TOP}"),
+    ("top:3:mean", f"'mean' is not a statistic to rank neurons by: write {TOP}"),
+    ("top:3:Max", f"'Max' is not a statistic to rank neurons by: write {TOP}"),
+    ("top:0:max", f"N of 'top:N:<statistic>' must be a whole number of at least 1: write {TOP}, as in 'top:10:kurtosis'"),
+    ("top:kurtosis", f"N of 'top:N:<statistic>' must be a whole number of at least 1: write {TOP}, "
+                     "as in 'top:10:kurtosis'"),
+    ("top:3:max:x", f"'max:x' is not a statistic to rank neurons by: write {TOP}"),
 ])
 def test_a_bad_neuron_selection_fails_with_the_settings(spec, problem):
     with pytest.raises(SettingsError) as e:
@@ -82,6 +93,17 @@ def test_a_neuron_selection_is_kept_in_one_spelling_and_selects_per_shard():
     assert NeuronSelection.parse("first:2").of_shard(shard) == [16, 17]
     assert NeuronSelection.parse("first:99").of_shard(shard) == list(shard)
     assert NeuronSelection.parse("list:3,17,31,32").of_shard(shard) == [17, 31]
+
+
+@pytest.mark.parametrize("spec,canonical", [("top:3:kurtosis", "top:3:kurtosis"), (" top: 10 :max ", "top:10:max"),
+                                            ("top:007:sparsity", "top:7:sparsity")])
+def test_a_ranked_selection_is_kept_in_one_spelling_that_parses_back(spec, canonical):
+    assert Settings.from_env({"NEURON_ASSETS_NEURONS": spec}).neurons == canonical
+    selection = NeuronSelection.parse(spec)
+    assert (selection.mode, selection.numbers) == ("top", (int(canonical.split(":")[1]),))
+    assert str(NeuronSelection.parse(str(selection))) == canonical
+    with pytest.raises(ValueError, match="ranks neurons by their stats"):  # the ranking needs the shard's stats
+        selection.of_shard(range(0, 16))
 
 
 def test_every_other_setting_parsed_downstream_is_checked_with_the_others():

@@ -38,6 +38,10 @@ def test_top_records_and_stats_are_those_of_the_activations(run):
         assert tables.records.schema == pl.Schema(RECORDS_SCHEMA) and tables.stats.schema == pl.Schema(STATS_SCHEMA)
         n_neurons = acts.shape[2]
         np.testing.assert_allclose(tables.stats["max_activation"].to_numpy(), acts.max(axis=(0, 1)), rtol=1e-6)
+        # 48 windows, fewer than the pool of 50 it is counted on: the share of every token, exactly
+        peak = tables.stats["max_activation"].to_numpy()
+        shown = ((acts >= HARD_FRACTION * peak) & (peak > 0)).mean(axis=(0, 1))
+        assert tables.stats["active_share"].to_list() == shown.tolist() and 0 < shown.min() < shown.max() < 1
         top = tables.records.filter(pl.col("kind") == "top").sort("neuron", "rank")
         assert top.height == n_neurons * N_TOP
         for neuron, rows in top.group_by("neuron", maintain_order=True):

@@ -42,7 +42,7 @@ def build_neuron_records(layout: Layout):
         backfill_policy=dg.BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
-        code_version="4",  # 4: the stats column max is max_activation
+        code_version="5",  # 4: the stats column max is max_activation. 5: the stats column active_share
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,

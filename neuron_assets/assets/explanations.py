@@ -37,7 +37,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         context: dg.AssetExecutionContext, storage: TableStorage, explainer: LLM, study: Study
     ) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
-        neurons = study.selected(layout.shard_neurons(shard_key))
+        neurons = study.selected(layout.shard_neurons(shard_key), storage.read("neuron_records", layer_key, "stats"))
         previous = previous_rows(storage, "explanations", context.partition_key)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              sorted({*neurons, *previous_units(previous)}))

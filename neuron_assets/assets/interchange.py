@@ -20,7 +20,9 @@ from neuron_assets.stages.records import tokens_by_seq
 def build_imported_explanations(layout: Layout, root: str):
     @dg.asset(
         partitions_def=layer_shard_partitions(layout),
-        deps=["import_source", "neuron_selection"],
+        # neuron_records: a 'top:N:<statistic>' selection ranks the shard's neurons by its stats
+        deps=["import_source", "neuron_selection",
+              dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))],
         code_version="1",
         kinds={"json", "parquet"},
         owners=OWNERS,
@@ -33,7 +35,7 @@ def build_imported_explanations(layout: Layout, root: str):
     def imported_explanations(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
         # a narrower selection keeps the neurons imported before: their files are read again
-        neurons = {*study.selected(layout.shard_neurons(shard_key)),
+        neurons = {*study.selected(layout.shard_neurons(shard_key), storage.read("neuron_records", layer_key, "stats")),
                    *previous_units(previous_rows(storage, "imported_explanations", context.partition_key))}
         result = import_explanations(root, int(layer_key), sorted(neurons),
                                      context.assets_def.code_versions_by_key[context.asset_key])

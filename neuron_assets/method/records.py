@@ -34,7 +34,12 @@ class RecordSampler:
       above the 0.99 quantile are usually empty.
     - stats: mean, population variance, skewness m3 / m2^1.5 and excess kurtosis
       m4 / m2^2 - 3 over all tokens, merged batch by batch with Pebay's pairwise formulas
-      (numerically stable, unlike raw power sums); max_activation, the max over all tokens.
+      (numerically stable, unlike raw power sums); max_activation, the max over all tokens;
+      active_share, the share of tokens at or above 10% of max_activation (those the explainer's
+      0-10 scale shows as 1 or more; 0 when max_activation <= 0). The threshold is known only once
+      every token was seen, so the share is counted over the tokens of the pool: a uniform sample
+      of windows of T tokens each, hence an unbiased estimate (exact when the pool holds every
+      window), resolution 1 / (quantile_pool * T).
     """
 
     def __init__(
@@ -202,9 +207,9 @@ class RecordSampler:
             "seq_id": seq[order],
             "activations": acts[order].reshape(-1, T),
         }
-        return records, self._stats(boundaries)
+        return records, self._stats(boundaries, self.pool_acts[:, :n_pool])
 
-    def _stats(self, boundaries):
+    def _stats(self, boundaries, pool_acts):
         N, n = self.n_neurons, self.n_windows * self.seq_len
         empty = np.full(N, np.nan)
         constant = self.max == self.min
@@ -212,6 +217,8 @@ class RecordSampler:
             variance = np.where(constant, 0.0, self.m2 / n) if n else empty
             skewness = np.where(constant, np.nan, self.m3 / n / variance**1.5) if n else empty
             kurtosis = np.where(constant, np.nan, self.m4 / n / variance**2 - 3.0) if n else empty
+        shown = (pool_acts >= HARD_FRACTION * self.max[:, None, None]) & (self.max > 0)[:, None, None]
+        active_share = shown.mean(axis=(1, 2)) if n else empty
         return {
             "neuron": list(range(N)),
             "mean": (self.mean if n else empty).tolist(),
@@ -219,6 +226,7 @@ class RecordSampler:
             "skewness": skewness.tolist(),
             "kurtosis": kurtosis.tolist(),
             "max_activation": (self.max if n else empty).tolist(),
+            "active_share": active_share.tolist(),
             "n_tokens": [n] * N,
             "quantile_boundaries": boundaries.tolist(),
         }
@@ -230,7 +238,7 @@ class RecordSampler:
 HARD_NEGATIVE = "hard_negative"
 N_HARD = 10  # hard negatives kept per neuron
 CANDIDATES_PER_HARD = 4  # candidates searched per hard negative
-HARD_FRACTION = 0.1  # the explainer shows anything under 10% of the peak as 0
+HARD_FRACTION = 0.1  # the explainer shows anything under 10% of the peak as 0 (also active_share's threshold)
 N_TOP_TOKENS = 3
 MAX_SEARCH_WINDOWS = 20_000
 

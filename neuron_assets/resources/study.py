@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import polars as pl
 from dagster import ConfigurableResource
 
+from neuron_assets.method.selection import RANKINGS, top_neurons
 from neuron_assets.settings import NeuronSelection
 
 PROMPTS = Path(__file__).resolve().parents[2] / "resources" / "prompts"
@@ -18,7 +20,20 @@ class Study(ConfigurableResource):
     seed: int = 0
     prompts: str = str(PROMPTS)
 
-    def selected(self, shard_neurons: range) -> list[int]:
-        """The neurons of a shard that are explained and scored (`neurons` was checked with the
-        other settings, before any run)."""
-        return NeuronSelection.parse(self.neurons).of_shard(shard_neurons)
+    def selected(self, shard_neurons: range, stats: pl.DataFrame | None) -> list[int]:
+        """The neurons of a shard that are explained and scored, ascending (`neurons` was checked
+        with the other settings, before any run). `stats`, neuron_records' stats table of the layer
+        (or of the shard), ranks them for 'top:N:<statistic>'; the other selections ignore it."""
+        selection = NeuronSelection.parse(self.neurons)
+        if selection.mode != "top":
+            return selection.of_shard(shard_neurons)
+        if stats is None:
+            raise ValueError(f"NEURON_ASSETS_NEURONS={selection} ranks the neurons by their stats: "
+                             "materialize neuron_records for the layer first")
+        column, highest_first = RANKINGS[selection.ranking]
+        if column not in stats.columns:  # a table written before the column existed
+            raise ValueError(f"NEURON_ASSETS_NEURONS={selection} ranks by {column}, which these neuron_records stats "
+                             "lack: materialize neuron_records for the layer again")
+        shard = stats.filter(pl.col("neuron").is_between(shard_neurons.start, shard_neurons.stop - 1))
+        return sorted(top_neurons(shard["neuron"].to_list(), shard[column].to_list(),
+                                  shard["max_activation"].to_list(), selection.numbers[0], highest_first))
