@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from neuron_assets.method.scoring import FAILED_TOKEN_RULES, correlation, linear_calibration, score_neuron, score_neurons
+from neuron_assets.method.scoring import (FAILED_TOKEN_RULES, correlation, linear_calibration, score_neuron,
+                                          score_neurons)
 from neuron_assets.settings import SETTINGS, SOURCES
 from neuron_assets.stages.capture import RECORDS_SCHEMA, STATS_SCHEMA
 from neuron_assets.stages.interchange import export_neurons, import_explanations
