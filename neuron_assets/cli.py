@@ -24,7 +24,8 @@ DEMO_LAYERS = ("00", "01", "02")
 REPORT = (("errors", "errors", 7), ("mean_score_all", "mean", 7), ("share_at_least_0.8", ">=0.8", 6), ("control_mean_score_all", "control", 8),
           ("margin_over_control", "margin", 7), ("gain_over_llm", "gain", 7),
           ("mean_detection_random", "det.rnd", 8), ("mean_detection_hard_negative", "det.hard", 9),
-          ("mean_fuzzing_random", "fuz.rnd", 8), ("mean_fuzzing_hard_negative", "fuz.hard", 9))
+          ("mean_fuzzing_random", "fuz.rnd", 8), ("mean_fuzzing_hard_negative", "fuz.hard", 9),
+          ("mean_embedding_auroc", "emb", 7), ("control_mean_embedding_auroc", "emb.ctl", 8))
 
 
 def score_table(storage_root: str) -> str:

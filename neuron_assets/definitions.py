@@ -11,6 +11,7 @@ from dagster import Definitions, EnvVar, definitions, map_asset_specs
 from neuron_assets.assets.activations import build_neuron_records
 from neuron_assets.assets.corpus import corpus_documents, corpus_tokens
 from neuron_assets.assets.detection import build_detection_scores
+from neuron_assets.assets.embedding import build_embedding_scores
 from neuron_assets.assets.explanations import build_explanations
 from neuron_assets.assets.interchange import build_exported_neurons, build_imported_explanations
 from neuron_assets.assets.revisions import build_revised_explanations
@@ -24,12 +25,14 @@ from neuron_assets.method import detection, prompts, revision
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
 from neuron_assets.resources.corpus import CorpusSource
+from neuron_assets.resources.embedder import Embedder, embedder_identity
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.models import model_shape
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
 from neuron_assets.settings import Settings, api_key_variable, check_neurons
+from neuron_assets.versions import digest
 
 K8S_EXECUTOR = Path(__file__).resolve().parents[1] / "resources" / "k8s" / "executor.yaml"
 
@@ -66,7 +69,9 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
         build_scores(layout, sources, control, settings.failed_tokens),
         *([build_detection_scores(layout, prompt_version(inspect.getsource(detection), wording), sources)]
           if settings.detection == "on" else []),
-        build_layer_summary(layout, detection=settings.detection == "on"),
+        *([build_embedding_scores(layout, digest(embedder_identity()), sources, control)]
+          if settings.embedding == "on" else []),
+        build_layer_summary(layout, detection=settings.detection == "on", embedding=settings.embedding == "on"),
         build_model_summary(layout),
         build_exported_neurons(layout),
         build_neuron_viewer(layout),
@@ -90,6 +95,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
             "study": study,
             "explainer": _llm(settings, "explainer"),
             "simulator": _llm(settings, "simulator"),
+            "embedder": Embedder(device=settings.device),
         },
     )
 

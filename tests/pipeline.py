@@ -28,7 +28,7 @@ def tiny_settings(model: Path, tmp: Path, **overrides) -> Settings:
         neurons="first:2", top_records=20, random_records=15, device="cpu", explainer_model=model,
         simulator_model=model, storage=tmp / "data", cache=tmp / "cache",
         # the extra stages are tested on their own (test_quality.py); off here to keep plumbing tests fast
-        revision="off", control="none", detection="off",
+        revision="off", control="none", detection="off", embedding="off",
     )
     values.update(overrides)
     env = {s.env: str(values[s.field]) for s in SETTINGS if s.field in values}

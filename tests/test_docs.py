@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from neuron_assets.assets.corpus import DOCUMENT_SCHEMA, TOKENS_SCHEMA
-from neuron_assets.stages import capture, detect, explain, revise, score, simulate
+from neuron_assets.stages import capture, detect, embed, explain, revise, score, simulate
 
 METHOD = Path(__file__).resolve().parents[1] / "docs" / "method.md"
 TABLES = {
@@ -19,6 +19,7 @@ TABLES = {
     "simulations": simulate.SCHEMA,
     "scores": score.SCHEMA,
     "detection_scores": detect.SCHEMA,
+    "embedding_scores": embed.SCHEMA,
 }
 
 

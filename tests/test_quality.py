@@ -31,7 +31,8 @@ def study(tmp_path_factory):
     model, _ = build_token_neuron_model(tmp / "model", WORDS, n_layers=1)
     with OracleServer() as server:
         settings = replace(remote(tiny_settings(model, tmp, neurons="first:3", shards=1), server),
-                           simulation_method="json", revision="on", control="shuffled", detection="on")
+                           simulation_method="json", revision="on", control="shuffled", detection="on",
+                           embedding="on")
         with instance_for_test() as instance:
             storage = run_graph(settings, instance, ("00",))
             yield settings, storage, instance
@@ -96,11 +97,29 @@ def test_detection_and_fuzzing_are_high_with_random_negatives(study):
     assert summary["mean_detection_random"] >= 0.9 and np.isnan(summary["mean_detection_hard_negative"])
 
 
+def test_embedding_scores_every_variant_and_its_control(study):
+    _, storage, _ = study
+    embedded = storage.read("embedding_scores", SHARD)
+    # 3 neurons x (llm, revised, token_baseline), each with its shuffled control
+    assert embedded.height == 18 and embedded["error"].is_null().all()
+    assert embedded.filter(pl.col("variant").str.ends_with("_shuffled"))["donor_neuron"].is_not_null().all()
+    assert ((embedded["auroc"] >= 0) & (embedded["auroc"] <= 1)).all() and (embedded["n_positive"] == 10).all()
+    assert embedded["auroc_hard_negative"].is_nan().all()  # no hard negatives (above): NaN, not 0
+    summary = storage.read("layer_summary", "00")
+    for variant in ("llm", "revised", "token_baseline"):
+        row = summary.filter(pl.col("variant") == variant).row(0, named=True)
+        assert row["mean_embedding_auroc"] == pytest.approx(
+            embedded.filter(pl.col("variant") == variant)["auroc"].mean())
+        assert row["control_mean_embedding_auroc"] == pytest.approx(
+            embedded.filter(pl.col("variant") == f"{variant}_shuffled")["auroc"].mean())
+
+
 def test_quality_report_lists_layers_by_variants(study):
     settings, _, _ = study
     lines = score_table(settings.storage).splitlines()
     assert lines[0].split()[:9] == ["layer", "variant", "method", "neurons", "errors", "mean", ">=0.8", "control",
                                     "margin"]
+    assert lines[0].split()[-4:] == ["emb", "emb.ctl", "cost", "$"]
     assert [line.split()[1] for line in lines[1:]] == ["llm", "revised", "token_baseline"]
     assert all(line.split()[2] == "json" and line.split()[3:5] == ["3", "0"] for line in lines[1:])
 

@@ -10,6 +10,9 @@ import pytest
 
 from neuron_assets.resources.embedder import Embedder
 from neuron_assets.stages.embed import SCHEMA, embed_units
+from neuron_assets.stages.score import quality_report, summarize
+
+NAN = float("nan")
 
 CAT = ["My cat sleeps on the sofa all day", "The cat chased a mouse across the kitchen", "She fed the cat before work",
        "A black cat crossed the road", "Our cat likes to sit by the window", "The neighbour's cat climbed the tree",
@@ -103,3 +106,28 @@ def test_a_failed_model_call_fails_the_units_rows_not_the_shard():
                          report=lambda _: None)
     [row] = result.rows
     assert row["error"] == "embedding failed: RuntimeError: out of memory" and math.isnan(row["auroc"])
+
+
+def test_the_summary_gives_each_variant_its_mean_auroc_and_its_controls():
+    # score_all per (neuron, variant); the controls' rows are scored too
+    scores = pl.DataFrame([{"layer": 0, "neuron": n, "variant": v, "method": "json", "score_all": 0.5,
+                            "score_top": 0.5, "score_random": 0.5, "error": None, "cost_usd": 0.0}
+                           for n in (0, 1, 2) for v in ("llm", "llm_shuffled", "revised")],
+                          schema_overrides={"layer": pl.Int32, "neuron": pl.Int32})
+    embedding = pl.DataFrame(
+        [{"layer": 0, "neuron": n, "variant": v, "auroc": a, "auroc_random": r, "auroc_hard_negative": h}
+         for n, v, a, r, h in [(0, "llm", 0.9, 1.0, 0.8), (1, "llm", 0.7, 0.8, NAN), (2, "llm", NAN, NAN, NAN),
+                               (0, "llm_shuffled", 0.4, 0.5, 0.3), (1, "llm_shuffled", 0.6, 0.5, NAN),
+                               (0, "revised", NAN, NAN, NAN)]],
+        schema_overrides={"layer": pl.Int32, "neuron": pl.Int32})
+    by = {r["variant"]: r for r in summarize(scores, embedding=embedding).iter_rows(named=True)}
+    assert set(by) == {"llm", "revised"}  # the control folds into its variant's row
+    llm = by["llm"]
+    assert llm["mean_embedding_auroc"] == pytest.approx(0.8)  # NaN left out
+    assert llm["mean_embedding_auroc_random"] == pytest.approx(0.9)
+    assert llm["mean_embedding_auroc_hard_negative"] == pytest.approx(0.8)
+    assert llm["control_mean_embedding_auroc"] == pytest.approx(0.5)
+    revised = by["revised"]  # no finite AUROC: NaN, not null; no control: null
+    assert math.isnan(revised["mean_embedding_auroc"]) and revised["control_mean_embedding_auroc"] is None
+    report = quality_report(summarize(scores, embedding=embedding))
+    assert {"mean_embedding_auroc", "control_mean_embedding_auroc"} <= set(report.columns)

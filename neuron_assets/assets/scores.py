@@ -125,8 +125,8 @@ def viewer_link(root: str, layer: str | None = None) -> dg.MetadataValue:
     return dg.MetadataValue.url(page) if "://" in root else dg.MetadataValue.path(os.path.abspath(page))
 
 
-def build_layer_summary(layout: Layout, detection: bool):
-    inputs = ["scores", "detection_scores"] if detection else ["scores"]
+def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
+    inputs = ["scores", *(["detection_scores"] if detection else []), *(["embedding_scores"] if embedding else [])]
 
     @dg.asset(
         partitions_def=layer_partitions(layout),
@@ -134,15 +134,16 @@ def build_layer_summary(layout: Layout, detection: bool):
         # 2: controls, gain over llm, detection and fuzzing. 3: metadata only (score histogram,
         # worst neurons, viewer link); the table is the same. 4: columns mean_detection_hard and
         # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative; the
-        # quality report shows errors.
-        code_version="4",
+        # quality report shows errors. 5: mean embedding AUROCs and their control's.
+        code_version="5",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
         group_name="summaries",
         description="Scores of one layer per explanation variant, over every shard materialized so far: "
         "mean score, share >= 0.8, margin over the shuffled control, gain over llm, detection and "
-        "fuzzing accuracies and their correlation with the simulation score, cost.",
+        "fuzzing accuracies and their correlation with the simulation score, mean embedding AUROC and "
+        "its shuffled control's, cost.",
     )
     def layer_summary(context: dg.AssetExecutionContext, storage: TableStorage) -> dg.MaterializeResult:
         layer_key = context.partition_key
@@ -153,7 +154,10 @@ def build_layer_summary(layout: Layout, detection: bool):
         scores = pl.concat([storage.read("scores", f"{layer_key}|{s}") for s in present])
         judged = [s for s in present if detection and storage.exists("detection_scores", f"{layer_key}|{s}")]
         detected = pl.concat([storage.read("detection_scores", f"{layer_key}|{s}") for s in judged]) if judged else None
-        summary = summarize(scores, detected)
+        embedded = [s for s in present if embedding and storage.exists("embedding_scores", f"{layer_key}|{s}")]
+        embedding_scores = (pl.concat([storage.read("embedding_scores", f"{layer_key}|{s}") for s in embedded])
+                            if embedded else None)
+        summary = summarize(scores, detected, embedding_scores)
         version = storage.write(summary, "layer_summary", layer_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
@@ -161,6 +165,7 @@ def build_layer_summary(layout: Layout, detection: bool):
                 "dagster/row_count": summary.height,
                 "shards present": f"{len(present)}/{len(shards)}",
                 "shards with detection scores": f"{len(judged)}/{len(shards)}" if detection else "off",
+                "shards with embedding scores": f"{len(embedded)}/{len(shards)}" if embedding else "off",
                 "neurons scored": scores["neuron"].n_unique(),
                 **_summary_metadata(summary.drop("layer"), scores, ["neuron", "variant", "score_all", "explanation"],
                                     viewer_link(storage.root, layer_key)),
@@ -176,7 +181,8 @@ def build_model_summary(layout: Layout):
         deps=["layer_summary", "scores"],
         # 3: metadata only (plots, best and worst neurons, viewer link); the table is the same.
         # 4: the layer summaries' columns ..._hard -> ..._hard_negative; the quality report shows errors.
-        code_version="4",
+        # 5: the quality report shows the mean embedding AUROC and its control's.
+        code_version="5",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,

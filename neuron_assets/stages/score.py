@@ -21,9 +21,11 @@ SCORES = ("score_all", "score_top", "score_random", "rsquared", "abs_dev_explain
 GOOD = 0.8  # the paper's bar for a well-explained neuron
 REPORT_COLUMNS = ("layer", "variant", "method", "neurons", "errors", "mean_score_all", "share_at_least_0.8",
                   "control_mean_score_all", "margin_over_control", "gain_over_llm", "mean_detection_random",
-                  "mean_detection_hard_negative", "mean_fuzzing_random", "mean_fuzzing_hard_negative", "cost_usd")
+                  "mean_detection_hard_negative", "mean_fuzzing_random", "mean_fuzzing_hard_negative",
+                  "mean_embedding_auroc", "control_mean_embedding_auroc", "cost_usd")
 BALANCED_ACCURACIES = ("detection", "detection_random", "detection_hard_negative",
                        "fuzzing", "fuzzing_random", "fuzzing_hard_negative")
+EMBEDDING_AUROCS = ("auroc", "auroc_random", "auroc_hard_negative")  # columns of embedding_scores
 
 
 def _padded(groups: list[list[np.ndarray]]) -> np.ndarray:
@@ -130,7 +132,8 @@ def _gains_over_llm(real: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
                         orient="row")
 
 
-def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None) -> pl.DataFrame:
+def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None,
+              embedding: pl.DataFrame | None = None) -> pl.DataFrame:
     """One row per (layer, variant, method) of the explanation variants; controls fold into the row
     of their variant, and scores of different simulation methods are never pooled.
 
@@ -143,6 +146,9 @@ def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None) -> pl
     - with `detection`: mean balanced accuracies (detection, fuzzing; with random and with hard
       negatives) and r_detection / r_fuzzing, the Pearson r over neurons between score_all and the
       balanced accuracy over all negatives;
+    - with `embedding` (embedding_scores): mean_embedding_auroc (over all negatives),
+      mean_embedding_auroc_random / _hard_negative, and control_mean_embedding_auroc, the mean AUROC
+      of the variant's shuffled control;
     - cost_usd: explainer + simulator for the variant, its control and its detection scores.
     """
     keys = ["layer", "variant", "method"]
@@ -168,6 +174,8 @@ def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None) -> pl
     if detection is not None:
         out = out.join(_detection_summary(real, detection), on=keys, how="left").with_columns(
             cost_usd=pl.col("cost_usd") + pl.col("detection_cost").fill_null(0.0)).drop("detection_cost")
+    if embedding is not None:
+        out = out.join(_embedding_summary(scores, embedding), on=keys, how="left")
     return out.sort(keys)
 
 
@@ -184,6 +192,19 @@ def _detection_summary(real: pl.DataFrame, detection: pl.DataFrame) -> pl.DataFr
     accuracies = [_finite_mean(c).fill_null(float("nan")).alias(f"mean_{c}") for c in BALANCED_ACCURACIES]
     return joined.group_by("layer", "variant", "method").agg(
         *accuracies, r("detection"), r("fuzzing"), pl.col("cost_usd").sum().alias("detection_cost"))
+
+
+def _embedding_summary(scores: pl.DataFrame, embedding: pl.DataFrame) -> pl.DataFrame:
+    """Per (layer, variant, method): the variant's mean embedding AUROCs and its control's mean AUROC
+    (NaN, not null, where no neuron has a finite one)."""
+    keys = ["layer", "variant", "method"]
+    joined = scores.select("layer", "neuron", "variant", "method").join(
+        embedding.select("layer", "neuron", "variant", *EMBEDDING_AUROCS), on=["layer", "neuron", "variant"])
+    means = joined.filter(~CONTROL_ROWS).group_by(keys).agg(
+        _finite_mean(c).fill_null(float("nan")).alias(f"mean_embedding_{c}") for c in EMBEDDING_AUROCS)
+    controls = joined.filter(CONTROL_ROWS).with_columns(pl.col("variant").str.strip_suffix(SUFFIX)).group_by(keys).agg(
+        _finite_mean("auroc").fill_null(float("nan")).alias("control_mean_embedding_auroc"))
+    return means.join(controls, on=keys, how="left")
 
 
 def quality_report(summary: pl.DataFrame) -> pl.DataFrame:
