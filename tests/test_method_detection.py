@@ -5,6 +5,7 @@ import pytest
 
 from neuron_assets.method.detection import (
     BATCH_SIZE,
+    answer_probabilities,
     DETECTION_INSTRUCTION,
     FUZZING_INSTRUCTION,
     HIGHLIGHT_CLOSE,
@@ -112,6 +113,33 @@ def test_read_answer_rejects(text, got):
     assert got in error
 
 
+def _tokens(pieces: list[str], p_one: float = 0.75) -> list[tuple[str, dict[str, float]]]:
+    """An answer's tokens as an endpoint reports them: each digit with "1" at p_one, "0" at the rest."""
+    digits = {"1": math.log(p_one), "0": math.log(1 - p_one)}
+    return [(t, digits if t.strip() in digits else {t: 0.0}) for t in pieces]
+
+
+def test_answer_probabilities_read_each_value_of_the_list_read():
+    # prose with a digit before the list, a space inside a digit token: only the list's digits count
+    pieces = ["Excerpt", " 1", ":", " [", "1", ",", " 0", ",", "1", "]"]
+    assert read_answer("".join(pieces), 3) == ([1, 0, 1], None)
+    assert answer_probabilities("".join(pieces), _tokens(pieces), 3) == pytest.approx([0.75] * 3)
+    # renormalised over the two digits: other alternatives do not count
+    tokens = [("[", {"[": 0.0}), ("1", {"1": math.log(0.3), "0": math.log(0.1), "yes": math.log(0.5)}), ("]", {})]
+    assert answer_probabilities("[1]", tokens, 1) == pytest.approx([0.75])
+    # a digit missing from the alternatives counts as probability 0
+    assert answer_probabilities("[0]", [("[", {}), ("0", {"0": -0.1}), ("]", {})], 1) == [0.0]
+
+
+@pytest.mark.parametrize("text, pieces", [
+    ("[1,0]", ["[", "1", ",", "0", "]"]),  # 2 values where 3 are asked: no list read
+    ("[true,0,1]", ["[", "true", ",", "0", ",", "1", "]"]),  # a value that is no digit token
+    ("[1, 0, 1]", ["[", "1", ",", "0", ",", "1", "]"]),  # tokens that spell another text
+])
+def test_answer_probabilities_are_unknown_unless_every_value_has_its_digit(text, pieces):
+    assert answer_probabilities(text, _tokens(pieces), 3) == [None] * 3
+
+
 def test_balanced_accuracy():
     labels = [1, 1, 0, 0, 0]
     assert balanced_accuracy(labels, labels) == 1.0
@@ -143,6 +171,10 @@ def test_scores_from_answers_per_kind_and_unanswered():
     assert math.isnan(no_hard["hard_negative"]) and no_hard["random"] == 0.75
     unanswered = scores_from_answers(examples, [None] * 6)
     assert math.isnan(unanswered["all"]) and unanswered["n_unanswered"] == 6
+    assert math.isnan(scores["auroc"])  # no p("1") given
+    # the AUROC of the known p("1"), positives against all negatives: 0.9 beats all 3, 0.2 beats 0.1 only
+    with_p = scores_from_answers(examples, [1, 0, 0, 0, 1, None], [0.9, 0.2, 0.3, 0.1, 0.6, None])
+    assert with_p["auroc"] == pytest.approx((3 + 1) / 6)
 
 
 MAX_ACTIVATION = 10.0

@@ -1,5 +1,6 @@
 """The detect stage as plain code, without Dagster: its loop over explanations with a fake judge that
-answers from the excerpts it is shown (the LLM interface of resources/llm.py, nothing else)."""
+answers from the excerpts it is shown (the LLM interface of resources/llm.py, nothing else). The real
+judges, local and remote, are in test_local_judge.py."""
 
 import json
 import math
@@ -10,7 +11,8 @@ import polars as pl
 import pytest
 
 from neuron_assets.stages.detect import SCHEMA, judge_units
-from neuron_assets.stages.results import Answer, Usage
+from neuron_assets.method.detection import read_answer
+from neuron_assets.stages.results import Usage, Verdict
 from neuron_assets.stages.seeds import unit_seed
 
 SEED = 7
@@ -44,18 +46,24 @@ def correct(conversation: list[dict]) -> str:
 
 
 class FakeJudge:
-    """An LLM as the stage uses it: `label` and `complete`, one Answer per conversation from
-    `answer(conversation)`; it records each call's conversations and seeds."""
+    """An LLM as the stage uses it: `label`, `judge_method` and `judge`, one Verdict per conversation
+    read, as a remote judge's, from the text `answer(conversation)`, with p("1") = 0.8 where it says 1
+    and 0.3 where it says 0; it records each call's conversations and seed."""
 
-    label = "fake judge"
+    label, judge_method = "fake judge", "text"
 
     def __init__(self, answer=correct):
         self.answer, self.calls = answer, []
 
-    def complete(self, conversations, seeds, temperature=None, max_tokens=None) -> list[Answer]:
-        assert temperature == 0.0 and len(seeds) == len(conversations)
-        self.calls.append((conversations, seeds))
-        return [Answer(self.answer(c), USAGE) for c in conversations]
+    def judge(self, conversations, sizes, seed) -> list[Verdict]:
+        assert len(sizes) == len(conversations)
+        self.calls.append((conversations, seed))
+        verdicts = []
+        for conversation, n in zip(conversations, sizes):
+            decisions, unreadable = read_answer(self.answer(conversation), n)
+            p_one = [0.8 if d else 0.3 for d in decisions] if decisions else [None] * n
+            verdicts.append(Verdict(decisions or [None] * n, p_one, USAGE, unreadable))
+        return verdicts
 
 
 def judge(rows: pl.DataFrame, recs: dict, judge_llm) -> dict:
@@ -74,6 +82,7 @@ def test_a_judge_that_answers_correctly_scores_1_on_every_kind():
     # 3 batches of at most 10 excerpts per scorer, each with its usage
     assert (row["tokens_in"], row["tokens_out"], row["cost_usd"]) == (60, 12, pytest.approx(0.006))
     assert row["error"] is None and row["judge_model"] == "fake judge" and row["code_version"] == "c1"
+    assert row["judge_method"] == "text" and row["detection_auroc"] == row["fuzzing_auroc"] == 1.0
 
 
 def test_a_judge_that_answers_the_opposite_scores_0():
@@ -82,12 +91,14 @@ def test_a_judge_that_answers_the_opposite_scores_0():
 
     row = judge(explained((3, "llm", "the word cat", None)), {3: records()}, FakeJudge(opposite))[3, "llm"]
     assert row["detection"] == row["fuzzing_hard_negative"] == 0.0 and row["n_unanswered"] == 0
+    assert row["detection_auroc"] == 0.0
 
 
 def test_garbage_answers_are_counted_unanswered_with_nan_accuracies_never_0():
     row = judge(explained((3, "llm", "the word cat", None)), {3: records()}, FakeJudge(lambda c: "cats!"))[3, "llm"]
     assert all(math.isnan(row[c]) for c in ("detection", "detection_random", "detection_hard_negative",
-                                            "fuzzing", "fuzzing_random", "fuzzing_hard_negative"))
+                                            "fuzzing", "fuzzing_random", "fuzzing_hard_negative",
+                                            "detection_auroc", "fuzzing_auroc"))
     assert (row["n_positive"], row["n_random"], row["n_hard_negative"]) == (0, 0, 0)
     assert row["n_unanswered"] == 2 * EXAMPLES
     assert row["error"] is None  # the judge answered, unreadably: counted, not a failure of the row
@@ -107,7 +118,7 @@ def test_garbage_answers_are_counted_unanswered_with_nan_accuracies_never_0():
 
 def test_a_failing_judge_or_a_missing_explanation_is_an_error_row():
     class Broken(FakeJudge):
-        def complete(self, conversations, seeds, temperature=None, max_tokens=None):
+        def judge(self, conversations, sizes, seed):
             raise RuntimeError("out of memory")
 
     rows = explained((3, "llm", "the word cat", None), (3, "token_baseline", None, "no token has a positive mean"),
@@ -129,7 +140,6 @@ def test_a_neurons_requests_do_not_depend_on_what_else_is_judged():
     judge(explained((3, "llm", "the word cat", None), (4, "llm", "the word cat", None)), recs, both)
     judge(explained((4, "llm", "the word cat", None)), recs, alone)
     assert len(both.calls) == 4 and both.calls[2:] == alone.calls  # detection, fuzzing of neuron 4
-    seeds = [set(seeds) for _, seeds in both.calls]
-    assert seeds == [{unit_seed(SEED, 0, 3)}] * 2 + [{unit_seed(SEED, 0, 4)}] * 2
+    assert [seed for _, seed in both.calls] == [unit_seed(SEED, 0, 3)] * 2 + [unit_seed(SEED, 0, 4)] * 2
     # the seeded order mixes positives and negatives: the first batch is not all positives
     assert set(windows_shown(alone.calls[0][0][0])) - FIRING

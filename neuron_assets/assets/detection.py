@@ -17,8 +17,9 @@ from neuron_assets.stages.records import records_of, tokens_by_seq
 from neuron_assets.stages.variants import explanation_variants
 
 # bump when the judging logic changes; the prompt version is appended. 2: columns cost_usd and
-# *_hard_negative (were cost and *_hard). 3: an answer that cannot be read is unanswered, not an error
-CODE_VERSION = "3"
+# *_hard_negative (were cost and *_hard). 3: an answer that cannot be read is unanswered, not an error.
+# 4: a local judge decides from its logits; columns detection_auroc, fuzzing_auroc, judge_method
+CODE_VERSION = "4"
 
 
 def build_detection_scores(layout: Layout, prompt_version: str, sources: list[str]):
@@ -35,7 +36,9 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
         pool="llm",
         description="Balanced accuracy of the simulator LLM, as a judge at temperature 0, on whole "
         "excerpts: detection (does the neuron fire on this excerpt?) and fuzzing (are the highlighted "
-        "tokens what the explanation describes?). Positives: the 10 valid + test top records; "
+        "tokens what the explanation describes?), deciding from its logits where it runs in this process "
+        "and by the JSON list it writes where it is remote; AUROC of its p(\"1\") where known. Positives: "
+        "the 10 valid + test top records; "
         f"negatives: up to {NEGATIVES} random windows that do not activate, and up to {NEGATIVES} hard "
         "negatives (windows with the neuron's top tokens that do not activate). NaN where a kind has "
         "no example; unanswered excerpts are counted, never guessed.",
@@ -64,6 +67,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
                 "unreadable answers": len(result.unreadable),
                 "first unreadable answer": result.unreadable[0] if result.unreadable else "none",
                 "judge": simulator.label,
+                "judge method": simulator.judge_method,
                 **llm_metadata(df, result.seconds, result.model_seconds),
                 "preview": markdown_table(df.select("neuron", "variant", "detection_random", "detection_hard_negative",
                                                     "fuzzing_random", "fuzzing_hard_negative").head(10)),

@@ -5,6 +5,10 @@ JSON list of 0/1, one per excerpt:
 - detection: 1 = the neuron fires somewhere in this excerpt;
 - fuzzing: the excerpt has tokens highlighted as `<<...>>`; 1 = the highlighted tokens are what the
   explanation describes.
+A judge that writes the list is read with `read_answer`, and where its endpoint reports the
+logprobs of the answer's tokens, p("1") of each value with `answer_probabilities`; a judge in this
+process does not write: it decides each value from the logits of "0" and "1"
+(resources/local_judge.py), so every excerpt gets a decision and a p("1").
 
 Examples are plain dicts `{"kind": "positive" | "random" | "hard_negative", "seq_id": int, "label": 0 | 1}`
 (fuzzing adds `"highlight": list[bool]`, one flag per token). Positives are the neuron's top records
@@ -14,8 +18,9 @@ activation m, i.e. its 0-10 value `min(10, floor(10 * max(a, 0) / m))` is >= 1
 (`prompts.normalized_values`).
 
 Flow for one neuron and explanation: `detection_examples` / `fuzzing_examples` -> `batches` ->
-`batch_messages` per batch -> LLM -> `read_answer` (None for each example of a failed batch) ->
-`scores_from_answers` (balanced accuracy per negative kind).
+`batch_messages` per batch -> judge -> a decision (None where the answer could not be read or the
+request failed) and p("1") (None where unknown) per example -> `scores_from_answers` (balanced
+accuracy per negative kind; AUROC of p("1")).
 """
 
 import json
@@ -24,6 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from neuron_assets.method import records
+from neuron_assets.method.embedding import auroc
 from neuron_assets.method.prompts import (
     EXPLANATION_PREFIX,
     display_token,
@@ -127,29 +133,60 @@ def _binary(values) -> list[int] | None:
     return [int(v) for v in values]
 
 
-def read_answer(text: str, n: int) -> tuple[list[int] | None, str | None]:
-    """The first JSON list in `text` of exactly n items, each 0 or 1 (true/false read as 1/0), with
-    anything around it (prose, a ```json fence) ignored: (values, None). Else (None, error) naming
-    the first list found or saying none was; never a default answer."""
+def _find_answer(text: str, n: int) -> tuple[list[int] | None, int, int, str | None]:
+    """(values, start, end, None) for the first JSON list in `text` of exactly n items 0/1 (true/false
+    read as 1/0), text[start:end] being the list; else (None, -1, -1, error)."""
     decoder = json.JSONDecoder()
     first = None
     start = text.find("[")
     while start != -1:
         try:
-            value, _ = decoder.raw_decode(text, start)
+            value, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             value = None
         if isinstance(value, list):
             values = _binary(value)
             if values is not None and len(values) == n:
-                return values, None
+                return values, start, end, None
             if first is None:
                 first = value
         start = text.find("[", start + 1)
     expected = f"expected a JSON list of {n} values 0 or 1"
     if first is not None:
-        return None, f"{expected}, got {json.dumps(first)[:200]} ({len(first)} values)"
-    return None, f"{expected}, got no JSON list in {text.strip()[:200]!r}"
+        return None, -1, -1, f"{expected}, got {json.dumps(first)[:200]} ({len(first)} values)"
+    return None, -1, -1, f"{expected}, got no JSON list in {text.strip()[:200]!r}"
+
+
+def read_answer(text: str, n: int) -> tuple[list[int] | None, str | None]:
+    """The first JSON list in `text` of exactly n items, each 0 or 1 (true/false read as 1/0), with
+    anything around it (prose, a ```json fence) ignored: (values, None). Else (None, error) naming
+    the first list found or saying none was; never a default answer."""
+    values, _, _, error = _find_answer(text, n)
+    return values, error
+
+
+def answer_probabilities(text: str, tokens: list[tuple[str, dict[str, float]]], n: int) -> list[float | None]:
+    """p("1") of each of the n values of the answer list `read_answer` reads in `text`, from the
+    answer's tokens: (token text, {alternative text: logprob}) each, the token among its alternatives.
+
+    The k-th token inside the list whose text, stripped, is "0" or "1" holds value k; there
+    p = e^l1 / (e^l1 + e^l0), l_d the largest logprob of an alternative that is d once stripped, a
+    digit missing from the alternatives counting as probability 0. All None where the tokens do not
+    spell `text`, the list holds other than n such tokens, or a token has neither digit."""
+    if "".join(token for token, _ in tokens) != text:
+        return [None] * n
+    _, start, end, _ = _find_answer(text, n)
+    probabilities, position = [], 0
+    for token, alternatives in tokens:
+        if start <= position < end and token.strip() in ("0", "1"):
+            best = {d: max((lp for t, lp in alternatives.items() if t.strip() == d), default=-np.inf) for d in "01"}
+            if np.isinf(best["0"]) and np.isinf(best["1"]):
+                return [None] * n
+            top = max(best.values())
+            weights = {d: np.exp(lp - top) for d, lp in best.items()}
+            probabilities.append(float(weights["1"] / (weights["0"] + weights["1"])))
+        position += len(token)
+    return probabilities if start >= 0 and len(probabilities) == n else [None] * n
 
 
 # --- scores --------------------------------------------------------------------------------------
@@ -169,13 +206,17 @@ def balanced_accuracy(labels: list[int], predictions: list[int]) -> float:
     return float((tpr + tnr) / 2)
 
 
-def scores_from_answers(examples: list[dict], predictions: list[int | None]) -> dict:
+def scores_from_answers(examples: list[dict], predictions: list[int | None],
+                        p_one: list[float | None] | None = None) -> dict:
     """Balanced accuracy of positives against all negatives ("all"), random negatives ("random") and
     hard negatives ("hard_negative"); predictions align with examples, None = unanswered (excluded and
     counted in n_unanswered). n_positive / n_random / n_hard_negative count the answered examples of
-    each kind."""
-    if len(examples) != len(predictions):
-        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    each kind. "auroc": `embedding.auroc` of the judge's p("1") (aligned with examples; None = unknown,
+    left out), positives against all negatives: the probability that a random positive gets a
+    higher p("1") than a random negative, ties 1/2; NaN without p_one."""
+    p_one = [None] * len(examples) if p_one is None else p_one
+    if not len(examples) == len(predictions) == len(p_one):
+        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions and {len(p_one)} p_one")
     answered = [(e, p) for e, p in zip(examples, predictions) if p is not None]
 
     def accuracy(kinds: tuple[str, ...]) -> float:
@@ -183,10 +224,12 @@ def scores_from_answers(examples: list[dict], predictions: list[int | None]) -> 
         return balanced_accuracy([label for label, _ in pairs], [p for _, p in pairs])
 
     counts = {f"n_{kind}": sum(e["kind"] == kind for e, _ in answered) for kind in KINDS}
+    known = [(e["label"], p) for e, p in zip(examples, p_one) if p is not None]
     return {
         "all": accuracy(KINDS),
         "random": accuracy(("positive", "random")),
         "hard_negative": accuracy(("positive", "hard_negative")),
+        "auroc": auroc([p for label, p in known if label == 1], [p for label, p in known if label == 0]),
         **counts,
         "n_unanswered": len(examples) - len(answered),
     }

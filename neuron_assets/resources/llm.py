@@ -21,17 +21,22 @@ from neuron_assets.method.remote import (
     read_chat_logprobs,
     read_json_simulation,
 )
+from neuron_assets.method.detection import answer_probabilities, read_answer
 from neuron_assets.method.simulation import expected_values
+from neuron_assets.resources.local_judge import JUDGE_METHOD, judge_conversations
 from neuron_assets.resources.local_llm import LocalSimulator, generate_texts
 from neuron_assets.resources.models import describe_model, load_causal_lm, pick_device
-from neuron_assets.resources.openai_client import LLMRequestError, OpenAIEndpoint, load_prices
+from neuron_assets.resources.openai_client import UNSUPPORTED_STATUSES, LLMRequestError, OpenAIEndpoint, load_prices
 from neuron_assets.resources.response_cache import ResponseCache
-from neuron_assets.stages.results import Answer, Simulation, Usage
+from neuron_assets.stages.results import Answer, Simulation, Usage, Verdict
 from neuron_assets.versions import llm_version, model_identity
 
 BACKENDS = ("local", "openai")
 PRICES = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 TOP_LOGPROBS = 15  # what the reference requests; OpenAI allows up to 20
+JUDGE_TOP_LOGPROBS = 5  # "0" and "1" are all a judge's value needs
+# (base_url, model) of endpoints that rejected chat logprobs: their judge asks for text only.
+_NO_CHAT_LOGPROBS: set[tuple[str, str]] = set()
 # Named in the (unlikely) error of a local model file that vanished while it was being identified.
 LOCAL_MODEL_SETTINGS = "NEURON_ASSETS_EXPLAINER_MODEL or NEURON_ASSETS_SIMULATOR_MODEL"
 
@@ -188,7 +193,7 @@ class LLM(ConfigurableResource):
     def complete(self, conversations: list[list[dict]], seeds: list[int], temperature: float | None = None,
                  max_tokens: int | None = None) -> list[Answer]:
         """One answer per chat conversation.
-        `temperature` and `max_tokens` default to the resource's (a judge answers at temperature 0).
+        `temperature` and `max_tokens` default to the resource's.
 
         Remote requests carry their conversation's seed, so a request (and its cache key) does not
         depend on which other neurons share the batch; a local batch samples from its first seed.
@@ -234,6 +239,63 @@ class LLM(ConfigurableResource):
                                     for a in answers]}, **request)
         return answers
 
+    @property
+    def judge_method(self) -> str:
+        """How `judge` decides: "logits" (local: from the logits of "0" and "1") or "text" (the
+        JSON list the remote model writes)."""
+        return "logits" if self.backend == "local" else "text"
+
+    def judge(self, conversations: list[list[dict]], sizes: list[int], seed: int) -> list[Verdict]:
+        """One Verdict per judge conversation (method/detection.py, `batch_messages`) on sizes[i]
+        excerpts, at temperature 0.
+
+        local: every excerpt decided from the logits (resources/local_judge.py), each conversation's
+        verdict kept in the response cache. openai: the JSON list the model writes (`read_answer`;
+        an answer that cannot be read leaves its excerpts undecided), with p("1") from the answer's
+        logprobs where the endpoint gives them; requests carry `seed`.
+        """
+        if self.backend == "local":
+            return self._judge_locally(conversations, sizes)
+        endpoint = self.endpoint()
+
+        def one(messages, n):
+            try:
+                reply = _judge_request(endpoint, messages, seed, max_tokens=4 * n + 8)  # "[1, 0, ...]" and slack
+            except LLMRequestError as e:
+                return Verdict.failed(f"request failed: {e}", n)
+            choice = reply.body["choices"][0]
+            text = choice["message"]["content"] or ""
+            decisions, unreadable = read_answer(text, n)
+            content = (choice.get("logprobs") or {}).get("content") or []
+            tokens = [(c["token"], {t["token"]: t["logprob"] for t in [c, *(c.get("top_logprobs") or [])]})
+                      for c in content]
+            p_one = answer_probabilities(text, tokens, n) if decisions and tokens else [None] * n
+            return Verdict(decisions or [None] * n, p_one, reply.usage, unreadable)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
+            return list(pool.map(one, conversations, sizes))
+
+    def _judge_locally(self, conversations: list[list[dict]], sizes: list[int]) -> list[Verdict]:
+        """`judge_conversations` through the response cache, one entry per conversation: a rerun
+        reads what it finds there and asks the model for the rest only."""
+        cache = ResponseCache(self.response_cache)
+        requests = [self._local_request(task="judge", method=JUDGE_METHOD, conversation=c, size=n)
+                    for c, n in zip(conversations, sizes)]
+        keys = [cache.key(request) for request in requests]
+        found = {key: cache.get(key) for key in keys}
+        todo = [i for i, key in enumerate(keys) if found[key] is None]
+        if todo:
+            lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
+            judged = judge_conversations(lm, tokenizer, [conversations[i] for i in todo], [sizes[i] for i in todo],
+                                         batch_size=self.batch_size)
+            for i, judgement in zip(todo, judged):
+                found[keys[i]] = {"decisions": judgement.decisions, "p_one": judgement.p_one,
+                                  "tokens_in": judgement.prompt_tokens}
+                cache.put(keys[i], found[keys[i]], **requests[i])
+        return [Verdict(found[key]["decisions"], found[key]["p_one"],
+                        Usage(found[key]["tokens_in"], len(found[key]["decisions"]), cache_hit=i not in todo))
+                for i, key in enumerate(keys)]
+
     def simulation(self, fewshot: list[dict], log=None) -> LocalSimulation | RemoteSimulation:
         """The simulator for this backend; 'auto' probes the endpoint for the best method."""
         if self.backend == "local":
@@ -253,6 +315,21 @@ class LLM(ConfigurableResource):
         elif method not in METHODS:
             raise ValueError(f"simulation method {method!r} is not one of auto, {', '.join(METHODS)}")
         return RemoteSimulation(endpoint, method, fewshot, self.max_concurrency)
+
+
+def _judge_request(endpoint: OpenAIEndpoint, messages: list[dict], seed: int, max_tokens: int):
+    """A judge's chat request at temperature 0, with the logprobs of its answer unless the endpoint
+    rejected them before: then, and from then on in this process, without."""
+    params = {"temperature": 0.0, "top_p": 1, "max_tokens": max_tokens, "seed": seed}
+    name = (endpoint.base_url, endpoint.model)
+    if name not in _NO_CHAT_LOGPROBS:
+        try:
+            return endpoint.chat(messages, logprobs=True, top_logprobs=JUDGE_TOP_LOGPROBS, **params)
+        except LLMRequestError as e:
+            if e.status not in UNSUPPORTED_STATUSES:
+                raise
+            _NO_CHAT_LOGPROBS.add(name)
+    return endpoint.chat(messages, **params)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,7 +1,9 @@
 """The detect stage: per explanation of a shard, a judge LLM at temperature 0 reads the explanation
 and batches of whole excerpts, and says which make the neuron fire (detection) and whether their
 highlighted tokens are what it describes (fuzzing); rows of the detection_scores table
-(method/detection.py). An explanation that cannot be judged is a row with an error and NaN
+(method/detection.py). The judge (`LLM.judge`) decides each excerpt from its logits when it runs in
+this process, and by the JSON list it writes when it is remote, with p("1") from the logprobs where
+the endpoint gives them. An explanation that cannot be judged is a row with an error and NaN
 accuracies; excerpts the judge left unanswered are counted, never guessed."""
 
 from collections.abc import Callable
@@ -14,26 +16,26 @@ from neuron_assets.method.detection import (
     batches,
     detection_examples,
     fuzzing_examples,
-    read_answer,
     scores_from_answers,
     top_token_texts,
 )
 from neuron_assets.method.records import split_top
 from neuron_assets.stages.records import max_activation
-from neuron_assets.stages.results import Answer, Usage, total
+from neuron_assets.stages.results import Usage, Verdict, total
 from neuron_assets.stages.seeds import unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
 # balanced accuracy per scorer and negative kind: column -> (scorer, key of `scores_from_answers`)
 ACCURACIES = {f"{scorer}{suffix}": (scorer, key) for scorer in ("detection", "fuzzing")
               for suffix, key in (("", "all"), ("_random", "random"), ("_hard_negative", "hard_negative"))}
+AUROCS = {f"{scorer}_auroc": scorer for scorer in ("detection", "fuzzing")}  # of p("1"), all negatives
 COUNTS = ("n_positive", "n_random", "n_hard_negative", "n_unanswered")
 SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
-          **dict.fromkeys(ACCURACIES, pl.Float64), **dict.fromkeys(COUNTS, pl.Int32),
-          "judge_model": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
-          "code_version": pl.String, "error": pl.String}
+          **dict.fromkeys(ACCURACIES, pl.Float64), **dict.fromkeys(AUROCS, pl.Float64),
+          **dict.fromkeys(COUNTS, pl.Int32), "judge_model": pl.String, "judge_method": pl.String,
+          "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64, "code_version": pl.String,
+          "error": pl.String}
 NEGATIVES = 10  # random and hard negatives per neuron, each; positives: the 10 valid + test top records
-ANSWER_TOKENS = 48  # a JSON list of 10 values 0/1 with some slack
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Judged:
 
 def unjudged_row(base: dict, error: str) -> dict:
     """The row of an explanation that could not be judged: NaN accuracies (never 0), zero counts."""
-    return {**base, **dict.fromkeys(ACCURACIES, float("nan")), **dict.fromkeys(COUNTS, 0),
+    return {**base, **dict.fromkeys(ACCURACIES, float("nan")), **dict.fromkeys(AUROCS, float("nan")),
+            **dict.fromkeys(COUNTS, 0),
             "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "error": error}
 
 
@@ -65,35 +68,34 @@ def neuron_examples(kinds: dict, tokens: dict[int, list[str]], seed: int) -> dic
 
 def judge_examples(judge, explanation: str, examples: list[dict], tokens: dict[int, list[str]], seed: int,
                    clock: ModelClock, unreadable: list[str]) -> tuple[dict, Usage, list[str]]:
-    """`scores_from_answers` of the judge's answers on `examples` (batches in a seeded order, every
+    """`scores_from_answers` of the judge's verdicts on `examples` (batches in a seeded order, every
     batch asked with `seed`), their usage, and the error of each failed request; why an answer could
     not be read goes to `unreadable`."""
     groups = batches(examples, seed=seed)
     conversations = [batch_messages(explanation, group, tokens) for group in groups]
     try:
         with clock.running():
-            answers = judge.complete(conversations, [seed] * len(groups), temperature=0.0,
-                                     max_tokens=ANSWER_TOKENS) if groups else []
+            verdicts = judge.judge(conversations, [len(g) for g in groups], seed) if groups else []
     except Exception as e:  # a failed call leaves its excerpts unanswered, never a failed shard
-        answers = [Answer.failed(f"judge failed: {type(e).__name__}: {e}")] * len(groups)
-    predictions, errors = [], []
-    for group, answer in zip(groups, answers):
+        verdicts = [Verdict.failed(f"judge failed: {type(e).__name__}: {e}", len(g)) for g in groups]
+    decisions, p_one, errors = [], [], []
+    for verdict in verdicts:
         # an answer that cannot be read leaves its excerpts unanswered (counted); only a failed
         # request is an error of the row
-        values, unread = (None, None) if answer.error else read_answer(answer.text, len(group))
-        if answer.error:
-            errors.append(answer.error)
-        elif unread:
-            unreadable.append(unread)
-        predictions += values or [None] * len(group)
-    scores = scores_from_answers([example for group in groups for example in group], predictions)
-    return scores, total(answer.usage for answer in answers), errors
+        if verdict.error:
+            errors.append(verdict.error)
+        elif verdict.unreadable:
+            unreadable.append(verdict.unreadable)
+        decisions += verdict.decisions
+        p_one += verdict.p_one
+    scores = scores_from_answers([example for group in groups for example in group], decisions, p_one)
+    return scores, total(verdict.usage for verdict in verdicts), errors
 
 
 def judge_explanation(base: dict, explanation: str, kinds: dict, tokens: dict[int, list[str]], judge, seed: int,
                       clock: ModelClock, unreadable: list[str]) -> dict:
-    """The row of SCHEMA of one explanation of a neuron with records `kinds`: accuracies of both
-    scorers, counts of positives and negatives as detection saw them, unanswered excerpts of both."""
+    """The row of SCHEMA of one explanation of a neuron with records `kinds`: accuracies and AUROCs of
+    both scorers, counts of positives and negatives as detection saw them, unanswered excerpts of both."""
     try:
         examples = neuron_examples(kinds, tokens, seed)
     except ValueError as e:
@@ -106,6 +108,7 @@ def judge_explanation(base: dict, explanation: str, kinds: dict, tokens: dict[in
         errors += [f"{scorer}: {error}" for error in scorer_errors]
     usage = total(usages)
     return {**base, **{column: scores[scorer][key] for column, (scorer, key) in ACCURACIES.items()},
+            **{column: scores[scorer]["auroc"] for column, scorer in AUROCS.items()},
             **{n: scores["detection"][n] for n in ("n_positive", "n_random", "n_hard_negative")},
             "n_unanswered": sum(s["n_unanswered"] for s in scores.values()),
             "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out, "cost_usd": usage.cost_usd,
@@ -124,7 +127,8 @@ def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[s
     rows, unreadable = [], []
     for e in explained.iter_rows(named=True):
         base = {"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
-                "explanation_id": e["explanation_id"], "judge_model": judge.label, "code_version": code_version}
+                "explanation_id": e["explanation_id"], "judge_model": judge.label,
+                "judge_method": judge.judge_method, "code_version": code_version}
         if e["error"] is not None:
             rows.append(unjudged_row(base, f"no explanation: {e['error']}"))
         else:

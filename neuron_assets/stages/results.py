@@ -66,3 +66,21 @@ class Simulation:
     def failed(cls, error: str, n_tokens: int = 0) -> "Simulation":
         """A sequence that could not be simulated: no values, its error, every token failed."""
         return cls(None, n_tokens, error)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's answer on one batch of excerpts: a 0/1 decision per excerpt (None where it gave
+    none), p("1") per excerpt where known (renormalised over "0" and "1"), why its answer could not
+    be read (`unreadable`: its excerpts are unanswered) or the error that kept it from answering."""
+
+    decisions: list[int | None]
+    p_one: list[float | None]
+    usage: Usage = field(default_factory=Usage)
+    unreadable: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str, n: int) -> "Verdict":
+        """A batch of n excerpts the judge could not be asked about: all unanswered, its error."""
+        return cls([None] * n, [None] * n, Usage(), None, error)
