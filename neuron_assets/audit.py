@@ -45,7 +45,7 @@ from neuron_assets.method.records import split_top
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.stages.records import records_hash, records_of
 from neuron_assets.stages.revise import held_out
-from neuron_assets.stages.simulate import valid_split
+from neuron_assets.stages.simulate import simulated_sequences
 from neuron_assets.stages.variants import explanation_variants
 
 # The definitions, models and instance are imported where used: the CLI imports this module at start.
@@ -443,11 +443,12 @@ def _simulation_id_check(checks, variant: str, group: pl.DataFrame, expected_id:
 
 
 def _records_checks(checks, variant, score, group, records) -> None:
-    """Recompute the score's records_hash from neuron_records over the simulated rows (the rows
-    the score stage used, in the simulations table's order), and compare the simulated
-    sequences with the valid split."""
+    """Recompute the score's records_hash from neuron_records over the simulated rows of the valid
+    split (the rows the score stage used, in the simulations table's order), and compare the
+    simulated sequences with the splits the simulate stage simulates."""
     truth = {kind: dict(pairs) for kind, pairs in records.items()}
-    simulated = group.filter(pl.col("expected").is_not_null())
+    valid = group.filter(pl.col("split") == "valid") if "split" in group.columns else group
+    simulated = valid.filter(pl.col("expected").is_not_null())
     if simulated.height == 0:
         _equal(checks, "score_records_hash", score["records_hash"], None, "records_hash", variant)
     else:
@@ -465,18 +466,18 @@ def _records_checks(checks, variant, score, group, records) -> None:
                    "records_hash (stored, recomputed)", variant)
     rows = group.filter(pl.col("seq_id").is_not_null())
     if rows.height == 0:
-        _check(checks, "simulated_sequences_are_valid_split", NA, "no sequence was simulated", variant)
+        _check(checks, "simulated_sequences_are_splits", NA, "no sequence was simulated", variant)
         return
     try:
-        want = {(kind, seq_id) for kind, seq_id, _ in valid_split(records)}
+        want = set(simulated_sequences(records, calibrate=not is_control(variant)))
     except ValueError as e:
-        _check(checks, "simulated_sequences_are_valid_split", MISMATCH, f"neuron_records: {e}", variant)
+        _check(checks, "simulated_sequences_are_splits", MISMATCH, f"neuron_records: {e}", variant)
         return
-    have = set(rows.select("kind", "seq_id").iter_rows())
+    have = set(rows.select("split", "kind", "seq_id").iter_rows()) if "split" in rows.columns else set()
     status = OK if have == want else MISMATCH
-    _check(checks, "simulated_sequences_are_valid_split", status,
+    _check(checks, "simulated_sequences_are_splits", status,
            f"{len(have)} sequences" if status == OK else
-           f"simulated {sorted(have - want)} not in the valid split; valid {sorted(want - have)} not simulated",
+           f"simulated {sorted(have - want)} not in the splits; {sorted(want - have)} not simulated",
            variant)
 
 

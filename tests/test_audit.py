@@ -166,7 +166,7 @@ def test_audit_names_the_runs_and_versions_that_produced_each_partition(graph, c
     statuses = checks_of(result)
     for check in ("score_explanation_id", "simulation_explanation_id", "score_records_hash",
                   "prompt_version_matches_code_version", "explanation_records_hash",
-                  "simulated_sequences_are_valid_split"):
+                  "simulated_sequences_are_splits"):
         assert statuses[(check, "llm")] == statuses[(check, "token_baseline")] == "ok", check
     for edge in ("scores_uses_current_simulations", "simulations_uses_current_explanations",
                  "neuron_records_uses_current_subject_model_weights", "corpus_tokens_uses_current_corpus_documents"):
@@ -187,7 +187,7 @@ def test_every_variant_and_control_passes_and_controls_name_their_donor(graph, t
     statuses = checks_of(result)
     for variant in VARIANTS + CONTROLS:
         for check in ("score_explanation_id", "score_explanation_text", "simulation_explanation_id",
-                      "score_records_hash", "simulated_sequences_are_valid_split", "explanation_records_hash",
+                      "score_records_hash", "simulated_sequences_are_splits", "explanation_records_hash",
                       "prompt_version_matches_code_version", "explanation_code_version_matches_materialization"):
             assert statuses[(check, variant)] == "ok", (check, variant)
     for variant in VARIANTS:

@@ -13,7 +13,8 @@ from neuron_assets.resources.study import PROMPTS
 from neuron_assets.stages.explain import SCHEMA, explain_units
 from neuron_assets.stages.revise import REVISED_SCHEMA, revise_units
 from neuron_assets.stages.simulate import SCHEMA as SIMULATIONS, simulate_units
-from neuron_assets.stages.variants import explanation_variants
+from neuron_assets.stages import simulate
+from neuron_assets.stages.variants import CONTROL_ROWS, explanation_variants
 
 WORDS = ["the", " cat", " sat", " on", " a", " mat", "."]
 
@@ -94,12 +95,17 @@ def test_simulates_every_variant_and_control_reusing_unchanged_rows(explained, e
     first = simulate_units(variants, records, tokens, None, explainer, fewshot, "s1", report=quiet)
     sims = pl.DataFrame(first.rows, schema=SIMULATIONS)
     ok = variants.filter(pl.col("error").is_null())
-    # 10 sequences (5 valid top, then 5 valid random) per explanation that exists, one error row per other
-    assert sims.filter(pl.col("error").is_null()).height == 10 * ok.height
-    assert first.sequences == 10 * ok.height and first.reused == 0
+    # per explanation that exists: 10 valid sequences (5 top, then 5 random), and 10 of the
+    # calibration split except for controls; one error row per other explanation
+    n_sequences = 10 * ok.height + 10 * ok.filter(~CONTROL_ROWS).height
+    assert sims.filter(pl.col("error").is_null()).height == n_sequences
+    assert first.sequences == n_sequences and first.reused == 0
     one = sims.filter((pl.col("neuron") == 3) & (pl.col("variant") == "token_baseline"))
-    assert one["kind"].to_list() == ["top"] * 5 + ["random"] * 5
+    assert one["split"].to_list() == ["valid"] * 10 + ["calibration"] * 10
+    assert one["kind"].to_list() == (["top"] * 5 + ["random"] * 5) * 2
     assert all(len(e) == len(WORDS) and 0 <= min(e) and max(e) <= 10 for e in one["expected"])
+    control = sims.filter((pl.col("neuron") == 3) & (pl.col("variant") == "token_baseline_shuffled"))
+    assert control["split"].to_list() == ["valid"] * 10
     failed = sims.filter(pl.col("neuron") == 5)
     assert failed["expected"].is_null().all() and failed["error"].str.starts_with("no explanation").all()
     # the controls are simulated with their donor's text under their own explanation id
@@ -109,7 +115,30 @@ def test_simulates_every_variant_and_control_reusing_unchanged_rows(explained, e
     assert (again.reused, again.sequences) == (ok.height, 0)
     assert pl.DataFrame(again.rows, schema=SIMULATIONS).equals(sims)
     recoded = simulate_units(variants, records, tokens, sims, explainer, fewshot, "s2", report=quiet)
-    assert (recoded.reused, recoded.sequences) == (0, 10 * ok.height)
+    assert (recoded.reused, recoded.sequences) == (0, n_sequences)
+
+
+def test_batching_explanations_together_gives_the_rows_of_one_at_a_time(explained, model, tmp_path, monkeypatch):
+    """Sequences of several explanations share the model's batches; the rows (order, values) are those
+    of simulating one explanation at a time, each run on its own empty response cache."""
+    table, records, tokens = explained
+    variants = explanation_variants([table], "0|0-9", seed=0, control=True)
+    fewshot = load_fewshot(f"{PROMPTS}/simulator_fewshot.json")
+
+    def run(per_call: int, name: str) -> pl.DataFrame:
+        monkeypatch.setattr(simulate, "EXPLANATIONS_PER_CALL", per_call)
+        llm = LLM(backend="local", model=str(model), device="cpu", cache=str(tmp_path / "models"),
+                  response_cache=str(tmp_path / name))
+        result = simulate_units(variants, records, tokens, None, llm, fewshot, "s1", report=quiet)
+        assert result.cache_hits < result.sequences  # computed here, not read back
+        return pl.DataFrame(result.rows, schema=SIMULATIONS)
+
+    together, alone = run(8, "together"), run(1, "alone")
+    assert together.drop("expected").equals(alone.drop("expected"))
+    for a, b in zip(together["expected"], alone["expected"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-4)
 
 
 def test_an_unusable_simulator_is_an_error_row_per_explanation_not_a_failed_shard(explained, tmp_path):

@@ -66,8 +66,8 @@ class LocalSimulation:
     """All at once, from the logits of a model in this process (docs/method.md, Simulation).
 
     Each sequence's value distribution is kept in the response cache under what decides it (the
-    model, device, prompt prefix and the sequence's own prompt), written when the explanation's
-    sequences are done: a rerun computes only the sequences it does not find there.
+    model, device, prompt prefix and the sequence's own prompt), written when a call's sequences
+    are done: a rerun computes only the sequences it does not find there.
     """
 
     method = "all_at_once"
@@ -76,21 +76,32 @@ class LocalSimulation:
         self.engine, self.cache, self.request = engine, cache, request
 
     def simulate(self, explanation: str, sequences: list[list[str]]) -> list[Simulation]:
-        requests = [{**self.request, "segments": simulator_segments(explanation, tokens)} for tokens in sequences]
-        keys = [self.cache.key(request) for request in requests]
-        found = {key: self.cache.get(key) for key in keys}
-        # Each missing prompt once (a window can be among a neuron's top and its random records);
-        # a repeat is answered like a cache hit, as a remote repeat is.
-        todo = {key: request for key, request in zip(keys, requests) if found[key] is None}
+        return self.simulate_many([(explanation, sequences)])[0]
+
+    def simulate_many(self, jobs: list[tuple[str, list[list[str]]]]) -> list[list[Simulation]]:
+        """Per (explanation, sequences) job, its simulations: the sequences of every job missing from
+        the cache go to the model in one call, batched by length across explanations."""
+        requests = [[{**self.request, "segments": simulator_segments(explanation, tokens)} for tokens in sequences]
+                    for explanation, sequences in jobs]
+        keys = [[self.cache.key(request) for request in job] for job in requests]
+        found = {key: self.cache.get(key) for job in keys for key in job}
+        # Each missing prompt once (a window can be among a neuron's top and its random records, and
+        # two variants can share a text); a repeat is answered like a cache hit, as a remote repeat is.
+        todo = {key: request for job_keys, job in zip(keys, requests) for key, request in zip(job_keys, job)
+                if found[key] is None}
         for (key, request), probs in zip(todo.items(), self.engine.simulate([r["segments"] for r in todo.values()])):
             found[key] = _encode_array(probs)
             self.cache.put(key, found[key], **request)
-        results = []
-        for key in keys:
-            probs = _decode_array(found[key])
-            results.append(_simulation(probs, np.zeros(len(probs), dtype=bool), usage=Usage(cache_hit=key not in todo)))
-            todo.pop(key, None)  # computed for its first occurrence only
-        return results
+        out = []
+        for job_keys in keys:
+            results = []
+            for key in job_keys:
+                probs = _decode_array(found[key])
+                results.append(_simulation(probs, np.zeros(len(probs), dtype=bool),
+                                           usage=Usage(cache_hit=key not in todo)))
+                todo.pop(key, None)  # computed for its first occurrence only
+            out.append(results)
+        return out
 
 
 def _encode_array(values: np.ndarray) -> dict:
@@ -112,8 +123,16 @@ class RemoteSimulation:
         self.max_concurrency = max_concurrency
 
     def simulate(self, explanation: str, sequences: list[list[str]]) -> list[Simulation]:
+        return self.simulate_many([(explanation, sequences)])[0]
+
+    def simulate_many(self, jobs: list[tuple[str, list[list[str]]]]) -> list[list[Simulation]]:
+        """Per (explanation, sequences) job, its simulations; the requests of all jobs share one pool
+        of `max_concurrency` threads, so the endpoint stays busy across explanations."""
+        flat = [(explanation, tokens) for explanation, sequences in jobs for tokens in sequences]
         with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
-            return list(pool.map(lambda tokens: self._one(explanation, tokens), sequences))
+            results = list(pool.map(lambda job: self._one(*job), flat))
+        ends = np.cumsum([len(sequences) for _, sequences in jobs])
+        return [results[end - len(sequences):end] for end, (_, sequences) in zip(ends, jobs)]
 
     def _one(self, explanation: str, tokens: list[str]) -> Simulation:
         try:
