@@ -21,7 +21,7 @@ from neuron_assets.method.scoring import (FAILED_TOKEN_RULES, correlation, linea
 from neuron_assets.settings import SETTINGS, SOURCES
 from neuron_assets.stages.capture import RECORDS_SCHEMA, STATS_SCHEMA
 from neuron_assets.stages.interchange import export_neurons, import_explanations
-from neuron_assets.stages.records import records_of
+from neuron_assets.stages.records import records_hash, records_of
 from neuron_assets.stages.score import SCHEMA, score_units
 from neuron_assets.stages.simulate import SCHEMA as SIMULATIONS
 
@@ -139,6 +139,8 @@ def test_the_score_stage_calibrates_rsquared_and_abs_dev_on_the_calibration_spli
     assert by["imported"]["calibrated"] is True
     assert by["imported"]["rsquared"] == pytest.approx(1 - np.mean((real - mapped) ** 2) / 29)
     assert by["imported"]["n_failed_tokens"] == 0  # counted on the valid split only
+    # records_hash is of the scored (valid) records only, as the audit recomputes it
+    assert by["llm"]["records_hash"] == records_hash([(0, RECORDS[0]["top"][0][1]), (5, RECORDS[0]["random"][0][1])])
     # the calibration's simulations cost too: explainer 0.5 + 4 sequences x 0.01
     assert by["llm"]["cost_usd"] == pytest.approx(0.54) and by["token_baseline"]["cost_usd"] == pytest.approx(0.52)
 

@@ -99,9 +99,9 @@ def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: 
         calibration_real, calibration_sim = _sequences(calibration, truth)
         fit = linear_calibration([*calibration_real["top"], *calibration_real["random"]],
                                  [*calibration_sim["top"], *calibration_sim["random"]], failed_tokens)
-        # every sequence the score rests on, in the table's order
+        # the scored sequences, in the table's order (what the audit recomputes)
         used = [(seq_id, truth[kind][seq_id]) for kind, seq_id in
-                group.filter(pl.col("expected").is_not_null()).select("kind", "seq_id").iter_rows()]
+                valid.filter(pl.col("expected").is_not_null()).select("kind", "seq_id").iter_rows()]
         errors = [e for e in (_failures(valid, "sequences"), _failures(calibration, "calibration sequences")) if e]
         scored.append((len(rows), real, sim, fit))
         rows.append({**row, "calibrated": not np.isnan(fit[0]), "records_hash": records_hash(used),
