@@ -57,7 +57,7 @@ class Embedder(ConfigurableResource):
     scores do not depend on where they were computed beyond kernel rounding."""
 
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int = 32
 
     @property
     def label(self) -> str:
@@ -66,11 +66,14 @@ class Embedder(ConfigurableResource):
     def embed(self, texts: list[str]) -> np.ndarray:
         """float64 [len(texts), 384], each row of unit length."""
         model, tokenizer = _load(str(model_folder()), self.device)
-        out = []
+        # batches of texts of similar length, so little of each batch is padding
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), model.config.hidden_size))
         for start in range(0, len(texts), self.batch_size):
-            batch = tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                              max_length=MAX_TOKENS, return_tensors="pt").to(model.device)
+            rows = order[start:start + self.batch_size]
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=MAX_TOKENS,
+                              return_tensors="pt").to(model.device)
             with torch.inference_mode():
                 hidden = model(**batch).last_hidden_state
-            out.append(mean_pool(hidden.float().cpu().numpy(), batch["attention_mask"].cpu().numpy()))
-        return unit_length(np.concatenate(out)) if out else np.zeros((0, model.config.hidden_size))
+            out[rows] = mean_pool(hidden.float().cpu().numpy(), batch["attention_mask"].cpu().numpy())
+        return unit_length(out)
