@@ -52,7 +52,8 @@ def build_embedding_scores(layout: Layout, embedder_version: str, sources: list[
         layer_key, _ = layer_and_shard(context)
         explained = explanation_variants([storage.read(s, context.partition_key) for s in sources],
                                          context.partition_key, study.seed, control)
-        records = records_of(storage.read("neuron_records", layer_key, "records"), explained["neuron"].unique().to_list())
+        records = records_of(storage.read("neuron_records", layer_key, "records"),
+                             explained["neuron"].unique().to_list())
         result = embed_units(
             explained, records, tokens_by_seq(storage.read("corpus_tokens")), embedder,
             context.assets_def.code_versions_by_key[context.asset_key], report=progress_log(context),

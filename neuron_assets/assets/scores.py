@@ -126,7 +126,8 @@ def viewer_link(root: str, layer: str | None = None) -> dg.MetadataValue:
 
 
 def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
-    inputs = ["scores", *(["detection_scores"] if detection else []), *(["embedding_scores"] if embedding else [])]
+    inputs = ["scores", *(["detection_scores"] if detection else []),
+              *(["embedding_scores"] if embedding else [])]
 
     @dg.asset(
         partitions_def=layer_partitions(layout),
