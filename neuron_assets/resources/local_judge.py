@@ -4,10 +4,11 @@ write the JSON list of decisions would write something else.
 
 The judge's conversation is the prompt, and its answer is forced as the list "[d1, d2, ..., dn]":
 at slot k the next-token logits of the tokens "0" and "1" give p_k = p("1") renormalised over the
-two, d_k = 1 where p_k > 1/2 (the larger logit), and d_k and the separator ", " are fed before slot
-k + 1 is read. The prompt's keys and values stay in a cache (its part shared with other prompts,
-the instruction, is computed once), so a batch of n excerpts costs one pass over its prompt and n - 1
-steps of a few tokens. No sampling: the same prompt gets the same decisions.
+two, and d_k = 1 where p_k > 1/2 (the larger logit); slot k + 1 is read after d_k and the separator
+", ", as if the judge had written the list. The prompt's keys and values stay in a cache (its part
+shared with other prompts, the instruction, is computed once), and the list is read in a few passes
+of its ~3n tokens each (`_read_slots`), so a batch of n excerpts costs about one pass over its
+prompt. No sampling: the same prompt gets the same decisions.
 
 No Dagster import: the LLM resource (llm.py) wraps this and caches its answers.
 """
@@ -18,7 +19,6 @@ import torch
 
 from neuron_assets.resources.local_llm import (
     _decodes_rows_together,
-    _last_logits,
     _max_positions,
     _prefill_rows,
     _shared_prefix,
@@ -96,24 +96,37 @@ def judge_conversations(model, tokenizer, conversations: list[list[dict]], sizes
 
 def _read_slots(model, cache, logits: torch.Tensor, slots: int, zero: int, one: int,
                 separator: list[int]) -> list[list[float]]:
-    """p("1") at each of `slots` digit slots of every row, feeding each row's chosen digit and the
-    separator between slots; `logits` [rows, V] are those after each row's prompt."""
-    rows, device = logits.shape[0], model.device
-    tail = torch.tensor(separator, device=device).expand(rows, -1)
-    p_one = []
-    for slot in range(slots):
-        pair = logits[:, [zero, one]].double()
-        p_one.append(torch.softmax(pair, dim=-1)[:, 1])
-        if slot == slots - 1:
+    """p("1") at each of `slots` digit slots of every row; `logits` [rows, V] are those after each
+    row's prompt, slot 0's.
+
+    The list's later digits are guessed (all like the first), the whole list is fed after the prompt
+    in one pass that reads every slot, and the decisions are the next guess, until they agree with
+    it: then every slot was read after the digits decided before it, as if the list were written one
+    value at a time. Slot k is right from pass k on, so this ends within `slots` passes (usually two
+    or three, each about as costly as one step of a few tokens).
+    """
+    first = logits[:, [zero, one]].double()
+    decided = (first[:, 1] > first[:, 0]).long()[:, None].repeat(1, slots)  # p("1") > 1/2: the larger logit
+    pairs = first[:, None, :0]
+    lengths = list(cache.layers[0].lengths)
+    digits = torch.tensor([zero, one], device=model.device)
+    step = 1 + len(separator)
+    tail = torch.tensor(separator, device=model.device).expand(len(decided), slots - 1, -1)
+    while slots > 1:
+        ids = torch.cat([digits[decided[:, :-1]][:, :, None], tail], dim=2).flatten(1)
+        pairs = _forward(model, ids, cache)[:, step - 1::step][:, :, [zero, one]].double()  # [rows, slots - 1, 2]
+        for layer in cache.layers:  # back to the prompt alone: the next pass overwrites the list
+            layer.lengths = list(lengths)
+            layer._expose()
+        read = (pairs[..., 1] > pairs[..., 0]).long()
+        if torch.equal(read, decided[:, 1:]):
             break
-        # p("1") > 1/2 exactly where the "1" logit is the larger: the decision and the digit fed on
-        chosen = torch.where(pair[:, 1] > pair[:, 0], one, zero)
-        logits = _step(model, torch.cat([chosen[:, None], tail], dim=1), cache)
-    return torch.stack(p_one, dim=1).tolist()
+        decided[:, 1:] = read
+    return torch.softmax(torch.cat([first[:, None], pairs], dim=1), dim=-1)[..., 1].tolist()
 
 
-def _step(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Feed `ids` [rows, q] after each row's cached tokens; the logits [rows, V] after them.
+def _forward(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Feed `ids` [rows, q] after each row's cached tokens; the logits [rows, q, V] at them.
 
     Rows of one length need only the causal mask the model builds; rows of different lengths sit
     right-padded in the cache, so query t of row i may see key columns up to lengths[i] + t only.
@@ -127,4 +140,4 @@ def _step(model, ids: torch.Tensor, cache) -> torch.Tensor:
         visible = columns[None, None, :] <= positions[:, :, None]  # [rows, q, keys]
         mask = torch.zeros(visible.shape, dtype=model.dtype, device=model.device)
         mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)[:, None]
-    return _last_logits(model, ids, positions, cache, attention_mask=mask)
+    return model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True).logits
