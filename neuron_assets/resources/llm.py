@@ -285,9 +285,12 @@ class LLM(ConfigurableResource):
             choice = reply.body["choices"][0]
             text = choice["message"]["content"] or ""
             decisions, unreadable = read_answer(text, n)
-            content = (choice.get("logprobs") or {}).get("content") or []
-            tokens = [(c["token"], {t["token"]: t["logprob"] for t in [c, *(c.get("top_logprobs") or [])]})
-                      for c in content]
+            try:
+                content = (choice.get("logprobs") or {}).get("content") or []
+                tokens = [(c["token"], {t["token"]: t["logprob"] for t in [c, *(c.get("top_logprobs") or [])]})
+                          for c in content]
+            except (AttributeError, KeyError, TypeError):  # logprobs in another shape: decisions only
+                tokens = []
             p_one = answer_probabilities(text, tokens, n) if decisions and tokens else [None] * n
             return Verdict(decisions or [None] * n, p_one, reply.usage, unreadable)
 

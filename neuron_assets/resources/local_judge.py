@@ -27,7 +27,7 @@ from neuron_assets.resources.local_llm import (
 
 # Names this method in the response cache's keys: change it when the decisions or probabilities
 # it gives for a prompt change, so old entries are not reused.
-JUDGE_METHOD = "forced-list-logits-1"
+JUDGE_METHOD = "forced-list-logits-2"
 OPENING, SEPARATOR = "[", ", "
 
 
