@@ -45,6 +45,7 @@ from neuron_assets.method.records import split_top
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.stages.records import records_hash, records_of
 from neuron_assets.stages.revise import held_out
+from neuron_assets.stages.score import CALIBRATION_ROWS, with_split
 from neuron_assets.stages.simulate import simulated_sequences
 from neuron_assets.stages.variants import explanation_variants
 
@@ -572,14 +573,16 @@ def _explanation_entry(row: dict, partition: str) -> dict:
 
 def _simulation_summary(sims: pl.DataFrame) -> list[dict]:
     out = []
-    for (variant,), group in sims.group_by("variant", maintain_order=True):
-        simulated = group.filter(pl.col("expected").is_not_null())
+    for (variant,), group in with_split(sims).group_by("variant", maintain_order=True):
+        valid = group.filter(~CALIBRATION_ROWS)
+        simulated = valid.filter(pl.col("expected").is_not_null())
         out.append({
             "variant": variant,
             "simulator_model": group["simulator_model"][0],
             "method": ", ".join(sorted(set(group["method"].drop_nulls().to_list()))),
-            "sequences": group.height,
+            "sequences": valid.height,
             "simulated": simulated.height,
+            "calibration_sequences": group.height - valid.height,
             "failed_tokens": int(group["n_failed_tokens"].sum()),
             "explanation_ids": sorted(set(group["explanation_id"].drop_nulls().to_list())),
             "errors": sorted(set(group["error"].drop_nulls().to_list())),
@@ -769,7 +772,8 @@ def _format_scores(d: dict) -> list[str]:
     lines.append(f"Simulations (simulations[{d['partition']}]):")
     for s in d["simulations"]["variants"]:
         lines.append(f"  {s['variant']:<24} simulator {s['simulator_model']}  method {s['method']}  "
-                     f"{s['simulated']}/{s['sequences']} sequences simulated  {s['failed_tokens']} failed tokens"
+                     f"{s['simulated']}/{s['sequences']} scored sequences simulated (+{s['calibration_sequences']} calibration)  "
+                     f"{s['failed_tokens']} failed tokens"
                      + (f"  errors: {'; '.join(s['errors'])}" if s["errors"] else ""))
     return lines
 

@@ -64,8 +64,9 @@ def test_every_stage_writes_rows_for_the_selected_neurons(graph):
             sims = storage.read("simulations", f"{layer}|{shard}")
             for (neuron, variant), group in sims.group_by("neuron", "variant"):
                 if group["error"].is_null().all():
-                    assert group.height == 10  # the valid split: 5 top + 5 random
-                    assert group["kind"].to_list().count("top") == 5
+                    # the valid split, then the calibration split: each 5 top + 5 random
+                    assert group["split"].to_list() == ["valid"] * 10 + ["calibration"] * 10
+                    assert group["kind"].to_list().count("top") == 10
                     assert all(len(e) == settings.seq_len for e in group["expected"])
                     values = np.concatenate(group["expected"].to_list())
                     assert np.all((values >= 0) & (values <= 10))
@@ -85,7 +86,7 @@ def test_scores_match_a_recomputation_from_the_tables(graph):
     from neuron_assets.method.scoring import correlation
 
     _, storage, _ = graph
-    sims = storage.read("simulations", "00|00-31").filter(pl.col("error").is_null())
+    sims = storage.read("simulations", "00|00-31").filter(pl.col("error").is_null() & (pl.col("split") == "valid"))
     records = storage.read("neuron_records", "00", "records")
     scores = storage.read("scores", "00|00-31")
     neuron, variant = sims.row(0, named=True)["neuron"], sims.row(0, named=True)["variant"]

@@ -1,7 +1,7 @@
 """What reruns when something changes: one layer's weights, a code version, every setting that shapes
 results, a setting that does not, an asset added to the graph, nothing at all.
 
-One whole graph with every feature at its default (revision, shuffled controls, detection), the
+One whole graph with every feature at its default (revision, shuffled controls, detection, embedding), the
 explainer and simulator behind a real OpenAI-compatible HTTP server on loopback (so every LLM
 request is counted, and the response cache is the real one), a tiny Llama with 2 layers x 1 shard
 and 2 neurons per shard, is materialized once for the module. Each test changes one thing, checks
@@ -45,7 +45,8 @@ from neuron_assets.settings import SETTINGS, SOURCES
 from neuron_assets.versions import source_versions
 
 LAYERS = ("00", "01")
-SHARD_STAGE = ("explanations", "revised_explanations", "simulations", "scores", "detection_scores")
+SHARD_STAGE = ("explanations", "revised_explanations", "simulations", "scores", "detection_scores",
+               "embedding_scores")
 
 
 def quiet(_):
@@ -68,7 +69,7 @@ def world(tmp_path_factory):
     served = build_tiny_model("llama", tmp / "served", n_layers=1, max_positions=4096)
     with FakeOpenAIServer(served, digit_bias=6.0) as server, instance_for_test() as instance:
         settings = remote(tiny_settings(model, tmp, shards=1, neurons="first:2", max_windows=40, revision="on",
-                                        control="shuffled", detection="on"), server)
+                                        control="shuffled", detection="on", embedding="on"), server)
         defs = build_definitions(settings)
         materialize_runs(defs, instance, shape_of(defs).demo_runs(LAYERS, shard_keys(defs)), log=quiet)
         yield World(settings, defs, instance, server, tmp)
@@ -302,14 +303,17 @@ CHANGES = [
     # 'auto' probed all_at_once: the same requests, served by the cache
     ("simulation_method", lambda w: {"simulation_method": "all_at_once"},
      {"simulations", "revised_explanations", "detection_scores"}, "none", "simulator", None),
-    ("control", lambda w: {"control": "none"}, {"simulations", "scores"}, "none", "controls", None),
+    ("control", lambda w: {"control": "none"}, {"simulations", "scores", "embedding_scores"}, "none", "controls", None),
     ("failed_tokens", lambda w: {"failed_tokens": "drop"}, {"scores"}, "none", "scoring", None),
-    ("revision", lambda w: {"revision": "off"}, {"simulations", "scores", "detection_scores"}, "none",
+    ("revision", lambda w: {"revision": "off"}, {"simulations", "scores", "detection_scores", "embedding_scores"},
+     "none",
      "revised_explanations", None),
     ("detection", lambda w: {"detection": "off"}, {"layer_summary"}, "none", "detection_scores", None),
+    ("embedding", lambda w: {"embedding": "off"}, {"layer_summary"}, "none", "embedding_scores", None),
     # the import holds our own llm explanations: their simulations come from the cache
     ("import_from", lambda w: {"import_from": _exported_root(w)},
-     {"imported_explanations", "simulations", "scores", "detection_scores"}, "none", "imported_explanations", None),
+     {"imported_explanations", "simulations", "scores", "detection_scores", "embedding_scores"}, "none",
+     "imported_explanations", None),
 ]
 
 
@@ -318,7 +322,7 @@ CHANGES = [
 # test_each_setting_enters_exactly_its_source (refreshing them too would repeat the same runs).
 # New weights are test_new_weights_in_one_layer_rerun_exactly_that_layer's.
 REFRESHED = ("corpus", "seq_len", "seed", "top_records", "neurons", "explainer_model", "simulation_method",
-             "control", "failed_tokens", "revision", "detection", "import_from")
+             "control", "failed_tokens", "revision", "detection", "embedding", "import_from")
 
 
 def test_each_setting_enters_exactly_its_source(world):
@@ -480,7 +484,7 @@ def test_refresh_jobs_hold_the_assets_the_settings_add(world):
         "unpartitioned_assets": {"corpus_documents", "corpus_tokens", "model_summary", "neuron_viewer_index"},
         "layer_assets": {"neuron_records", "layer_summary", "exported_neurons", "neuron_viewer"},
         "layer_shard_assets": {"explanations", "revised_explanations", "imported_explanations", "simulations",
-                               "scores", "detection_scores"},
+                               "scores", "detection_scores", "embedding_scores"},
     }
     # every stage's assets fit in one of those jobs
     for stage in shape_of(defs).stages:

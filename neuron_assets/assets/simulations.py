@@ -29,8 +29,8 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
               dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
               corpus_tokens, "simulator", "sampling", "controls"],
         # 2: shuffled controls and several explanation sources. 3: simulator_version decides reuse.
-        # 4: columns split -> kind, cost -> cost_usd.
-        code_version=f"4-{prompt_version}",
+        # 4: columns split -> kind, cost -> cost_usd. 5: the calibration split (column split).
+        code_version=f"5-{prompt_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -39,9 +39,11 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
         check_specs=[dg.AssetCheckSpec(NO_SILENT_ZEROS, asset="simulations",
                                        description="a failed simulation is an error row, never zeros")],
         description="Expected activation (0-10) of each token of the valid split (5 top + 5 random "
-        "records), read all at once from the simulator's value distribution, for every explanation "
-        "variant and its shuffled control (`<variant>_shuffled`: another neuron's explanation). Failed "
-        "tokens are NaN and counted; failed sequences are rows with an error.",
+        "records, scored) and the calibration split (5 + 5, which calibrates rsquared and "
+        "abs_dev_explained), read all at once from the simulator's value distribution, for every "
+        "explanation variant and its shuffled control (`<variant>_shuffled`: another neuron's "
+        "explanation; valid split only). Failed tokens are NaN and counted; failed sequences are "
+        "rows with an error.",
     )
     def simulations(
         context: dg.AssetExecutionContext, storage: TableStorage, simulator: LLM, study: Study
@@ -55,7 +57,8 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
             tokens_by_seq(storage.read("corpus_tokens")), previous_rows(storage, "simulations", context.partition_key),
             simulator, fewshot, context.assets_def.code_versions_by_key[context.asset_key],
             report=progress_log(context), what=f"simulating {context.partition_key}", log=context.log.info)
-        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant", "kind", "seq_id")
+        # per explanation, the stage's order: valid then calibration split, top then random records
+        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant", maintain_order=True)
         version = storage.write(df, "simulations", context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
