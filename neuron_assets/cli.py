@@ -19,7 +19,7 @@ from neuron_assets.runs import materialize_runs, shard_keys
 from neuron_assets.settings import SECRETS, SETTINGS, Settings, SettingsError, effect, markdown_table, secret_shown
 from neuron_assets.versions import source_versions
 
-DEMO_LAYERS = ("00", "01", "02")
+DEMO_LAYERS = ("00", "01")
 # (column of the quality report, header, width); a column missing from the summary is not printed
 REPORT = (("errors", "errors", 7), ("mean_score_all", "mean", 7), ("share_at_least_0.8", ">=0.8", 6), ("control_mean_score_all", "control", 8),
           ("margin_over_control", "margin", 7), ("gain_over_llm", "gain", 7),
@@ -198,7 +198,8 @@ def main(argv=None) -> None:
                         help="show the traceback of a failed step (default: its error message only)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="materialize the whole graph for a small slice and print the scores")
-    p.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS), help="layer keys (default: 00 01 02)")
+    p.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS),
+                   help=f"layer keys (default: {' '.join(DEMO_LAYERS)})")
     p.add_argument("--shards", type=int, default=1, help="shards per layer, from the first (default: 1)")
     p.set_defaults(run=demo)
     p = sub.add_parser("settings", help="the environment variables in force, and what a change of each makes stale")

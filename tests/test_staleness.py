@@ -496,21 +496,21 @@ def test_refresh_runs_group_by_stage(world):
     defs = build_definitions(replace(world.settings, import_from=_exported_root(world)))
     shape = shape_of(defs)
     assert shape.stages == [("corpus_documents", "corpus_tokens"), ("neuron_records",),
-                            ("imported_explanations", "explanations", "revised_explanations", "detection_scores",
-                             "simulations", "scores"),
+                            ("explanations", "imported_explanations", "revised_explanations", "detection_scores",
+                             "embedding_scores", "simulations", "scores"),
                             ("exported_neurons", "layer_summary", "neuron_viewer"),
                             ("model_summary", "neuron_viewer_index")]
     stale = [("model_summary", None, ""), ("layer_summary", "01", ""), ("scores", "01|a", ""),
              ("simulations", "01|a", ""), ("explanations", "00|b", ""), ("neuron_records", "01", ""),
              ("neuron_records", "00", ""), ("corpus_tokens", None, ""),
              ("detection_scores", "01|c", ""), ("imported_explanations", "01|b", "")]
-    shard = ("explanations", "revised_explanations", "detection_scores", "simulations", "scores")
+    shard = ("explanations", "revised_explanations", "detection_scores", "embedding_scores", "simulations", "scores")
     assert refresh_runs(defs, stale) == [
         (("corpus_tokens",), None),
         (("neuron_records",), ("00", "01")),
         (shard, "00|b"),
         (("simulations", "scores"), "01|a"),
-        (("imported_explanations", "detection_scores", "simulations", "scores"), "01|b"),
+        (("imported_explanations", "detection_scores", "embedding_scores", "simulations", "scores"), "01|b"),
         (("detection_scores",), "01|c"),  # the judge reads explanations, not simulations
         (("layer_summary",), "01"),
         (("model_summary", "neuron_viewer_index"), None),  # the index reads model_summary
