@@ -105,7 +105,7 @@ class ScriptedJudge(FakeOpenAIServer):
         self.answers = answers
 
     def _chat(self, body: dict) -> dict:
-        text = self.answers[body["messages"][-1]["content"].count("\nExcerpt ")]
+        text = self.answers[body["messages"][-1]["content"].count("Excerpt ")]
 
         def entry(token, p_one=None):
             alternatives = [{"token": token, "logprob": 0.0}] if p_one is None else \

@@ -110,6 +110,26 @@ def test_simulate_matches_cache_free_reference(tiny, arch, ten_is_one_token, mod
     assert np.log(stacked).std(axis=0).min() > 0.05
 
 
+@pytest.mark.parametrize("custom_mask", [True, False])
+def test_a_shared_start_run_once_gives_the_reference_values(tiny, custom_mask):
+    """`shared` (an explanation's header) is run once after the prefix; every sequence then
+    continues from it, with the values of the whole prompt run without any cache."""
+    model, tokenizer = tiny("llama")
+    sim = LocalSimulator(model, tokenizer, PREFIX, batch_size=2)
+    sim._custom_mask = custom_mask
+    shared = "Neuron 4\nExplanation: the word cat.\n<start>\n"
+    start = sim.tokens_processed
+    got = sim.simulate(SEQUENCES, shared=shared)
+    with_shared = sim.tokens_processed - start
+    sim.simulate([[shared + s[0], *s[1:]] for s in SEQUENCES])
+    # the shared text ran once, not once per sequence
+    n_shared = len(tokenizer(shared, add_special_tokens=False)["input_ids"])
+    assert sim.tokens_processed - start - 2 * with_shared == (len(SEQUENCES) - 1) * n_shared
+    for segments, g in zip(SEQUENCES, got):
+        want = reference_simulation(model, tokenizer, PREFIX, [shared + segments[0], *segments[1:]])
+        np.testing.assert_allclose(g, want, atol=1e-5, rtol=1e-4)
+
+
 def test_chain_fallback_without_custom_mask_matches_reference(tiny):
     """The slower path kept for attention kernels that cannot take a custom 4D mask."""
     model, tokenizer = tiny("llama")

@@ -49,7 +49,8 @@ def test_detection_message_format():
         "Excerpt 2: <script>alert</script>",
         "Excerpt 3: I ❤️ 🐍",
     ]
-    assert lines.index(EXPLANATION_LINE) < lines.index(excerpt_lines[0])
+    # the excerpts first: every explanation of a neuron shares them as a prompt prefix
+    assert lines.index(excerpt_lines[-1]) < lines.index(EXPLANATION_LINE)
     closing = lines[-1]
     assert "JSON list of 3 integers" in closing and "0 or 1" in closing
     assert lines.index(excerpt_lines[-1]) < len(lines) - 1

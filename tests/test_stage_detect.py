@@ -4,6 +4,7 @@ judges, local and remote, are in test_local_judge.py."""
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -139,7 +140,23 @@ def test_a_neurons_requests_do_not_depend_on_what_else_is_judged():
     both, alone = FakeJudge(), FakeJudge()
     judge(explained((3, "llm", "the word cat", None), (4, "llm", "the word cat", None)), recs, both)
     judge(explained((4, "llm", "the word cat", None)), recs, alone)
-    assert len(both.calls) == 4 and both.calls[2:] == alone.calls  # detection, fuzzing of neuron 4
-    assert [seed for _, seed in both.calls] == [unit_seed(SEED, 0, 3)] * 2 + [unit_seed(SEED, 0, 4)] * 2
+    # one call per batch of detection and of fuzzing; neuron 4's are those of judging it alone
+    assert len(both.calls) == 2 * len(alone.calls) and both.calls[len(alone.calls):] == alone.calls
+    calls = len(alone.calls)
+    assert [seed for _, seed in both.calls] == [unit_seed(SEED, 0, 3)] * calls + [unit_seed(SEED, 0, 4)] * calls
     # the seeded order mixes positives and negatives: the first batch is not all positives
     assert set(windows_shown(alone.calls[0][0][0])) - FIRING
+
+
+def test_every_explanation_of_a_neuron_is_asked_each_batch_in_one_call_sharing_the_excerpts():
+    judge_llm = FakeJudge()
+    rows = judge(explained((3, "llm", "the word cat", None), (3, "revised", "cats and kittens", None),
+                           (3, "token_baseline", "the token ' cat'", None)), {3: records()}, judge_llm)
+    assert {r["error"] for r in rows.values()} == {None}
+    for conversations, _ in judge_llm.calls:
+        assert len(conversations) == 3  # llm, revised, token_baseline of neuron 3
+        users = [c[-1]["content"] for c in conversations]
+        shared = os.path.commonprefix(users)
+        # the prompts differ from the explanation on: every excerpt is in their common prefix
+        assert shared.count("Excerpt ") == users[0].count("Excerpt ") > 0
+        assert "the word cat" not in shared

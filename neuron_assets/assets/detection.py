@@ -19,7 +19,7 @@ from neuron_assets.stages.variants import explanation_variants
 # bump when the judging logic changes; the prompt version is appended. 2: columns cost_usd and
 # *_hard_negative (were cost and *_hard). 3: an answer that cannot be read is unanswered, not an error.
 # 4: a local judge decides from its logits; columns detection_auroc, fuzzing_auroc, judge_method
-CODE_VERSION = "4"
+CODE_VERSION = "5"
 
 
 def build_detection_scores(layout: Layout, prompt_version: str, sources: list[str]):

@@ -43,8 +43,8 @@ KINDS = ("positive", "random", "hard_negative")
 
 _PREAMBLE = (
     "You are helping to interpret the neurons of a language model. A neuron responds to one specific "
-    "feature of text. You are given a description of the feature one neuron detects, followed by "
-    "numbered excerpts of text. The excerpts are plain text; \\n and \\t stand for a line break and a "
+    "feature of text. You are given numbered excerpts of text, followed by a description of the "
+    "feature one neuron detects. The excerpts are plain text; \\n and \\t stand for a line break and a "
     "tab. "
 )
 
@@ -89,12 +89,13 @@ def excerpt_text(tokens: list[str], highlight: list[bool] | None = None) -> str:
 
 
 def _user_message(explanation: str, texts: list[str], meaning_of_one: str) -> str:
-    """`Neuron behavior: ...find {explanation}.`, a blank line, `Excerpt {i}: {text}` per excerpt
-    (i = 1..n), a blank line, the closing request for n values."""
+    """`Excerpt {i}: {text}` per excerpt (i = 1..n), a blank line, `Neuron behavior: ...find
+    {explanation}.`, the closing request for n values. The excerpts come first: the prompts of every
+    explanation of a neuron then share them, and a judge in this process computes them once."""
     n = len(texts)
     lines = "".join(f"Excerpt {i}: {text}\n" for i, text in enumerate(texts, 1))
     return (
-        f"Neuron behavior: {EXPLANATION_PREFIX} {explanation}.\n\n{lines}\n"
+        f"{lines}\nNeuron behavior: {EXPLANATION_PREFIX} {explanation}.\n"
         f"Answer with a JSON list of {n} integers, 0 or 1, one per excerpt in excerpt order "
         f"(1 = {meaning_of_one})."
     )

@@ -133,12 +133,19 @@ def simulator_prefix(fewshot: list[dict]) -> str:
     return "".join(parts)
 
 
+def simulator_target_header(explanation: str, neuron_label: str = "4") -> str:
+    """The start of the target neuron after `simulator_prefix`, up to its first token: the same for
+    every sequence simulated with this explanation."""
+    return _simulator_header(neuron_label, explanation) + "<start>\n"
+
+
 def simulator_segments(explanation: str, tokens: list[str], neuron_label: str = "4") -> list[str]:
     """The target neuron after `simulator_prefix`, cut so that segment i ends with the tab after
-    token i: the simulator's next-token distribution there is its prediction for token i."""
+    token i: the simulator's next-token distribution there is its prediction for token i. Segment
+    0 starts with `simulator_target_header`."""
     if not tokens:
         return []
-    first = _simulator_header(neuron_label, explanation) + "<start>\n" + display_token(tokens[0]) + "\t"
+    first = simulator_target_header(explanation, neuron_label) + display_token(tokens[0]) + "\t"
     return [first] + [f"unknown\n{display_token(t)}\t" for t in tokens[1:]]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from dagster import ConfigurableResource
 
-from neuron_assets.method.prompts import simulator_prefix, simulator_segments
+from neuron_assets.method.prompts import simulator_prefix, simulator_segments, simulator_target_header
 from neuron_assets.method.remote import (
     METHODS,
     all_at_once_prompt,
@@ -79,8 +79,9 @@ class LocalSimulation:
         return self.simulate_many([(explanation, sequences)])[0]
 
     def simulate_many(self, jobs: list[tuple[str, list[list[str]]]]) -> list[list[Simulation]]:
-        """Per (explanation, sequences) job, its simulations: the sequences of every job missing from
-        the cache go to the model in one call, batched by length across explanations."""
+        """Per (explanation, sequences) job, its simulations. The sequences missing from the cache go
+        to the model explanation by explanation: the text they share after the few-shot prefix (the
+        explanation's header) is computed once for all of them."""
         requests = [[{**self.request, "segments": simulator_segments(explanation, tokens)} for tokens in sequences]
                     for explanation, sequences in jobs]
         keys = [[self.cache.key(request) for request in job] for job in requests]
@@ -89,9 +90,15 @@ class LocalSimulation:
         # two variants can share a text); a repeat is answered like a cache hit, as a remote repeat is.
         todo = {key: request for job_keys, job in zip(keys, requests) for key, request in zip(job_keys, job)
                 if found[key] is None}
-        for (key, request), probs in zip(todo.items(), self.engine.simulate([r["segments"] for r in todo.values()])):
-            found[key] = _encode_array(probs)
-            self.cache.put(key, found[key], **request)
+        for (explanation, _), job_keys in zip(jobs, keys):
+            mine = {key: todo[key] for key in dict.fromkeys(job_keys) if found[key] is None}
+            if not mine:
+                continue
+            header = simulator_target_header(explanation)
+            rest = [[r["segments"][0][len(header):], *r["segments"][1:]] for r in mine.values()]
+            for (key, request), probs in zip(mine.items(), self.engine.simulate(rest, shared=header)):
+                found[key] = _encode_array(probs)
+                self.cache.put(key, found[key], **request)
         out = []
         for job_keys in keys:
             results = []

@@ -389,6 +389,14 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+@dataclass(frozen=True)
+class _Context:
+    """Keys and values (per layer, batch of 1) of the `length` tokens every row of a batch starts with."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+
 class LocalSimulator:
     """The "all at once" simulator on an in-process causal LM, with a cached prompt prefix.
 
@@ -420,7 +428,7 @@ class LocalSimulator:
                 f"the simulator's few-shot prefix has {self.prefix_tokens} tokens, more than its context "
                 f"of {self._max_positions}: use a simulator with a longer context or fewer few-shot examples"
             )
-        self._prefix_kv = self._encode_prefix(prefix_ids)
+        self._prefix = _Context(self._encode_prefix(prefix_ids), self.prefix_tokens)
 
     # -- the prefix cache
 
@@ -436,12 +444,25 @@ class LocalSimulator:
         self.tokens_processed += len(ids)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
-    def _batch_cache(self, n: int) -> DynamicCache:
-        """A fresh cache holding the prefix for `n` rows; the model appends to it in place, so
-        every batch needs its own (the stored prefix tensors are never modified)."""
-        if not self._prefix_kv:
+    def _batch_cache(self, n: int, context: "_Context | None" = None) -> DynamicCache:
+        """A fresh cache holding `context` (default: the prefix) for `n` rows; the model appends to
+        it in place, so every batch needs its own (the stored tensors are never modified)."""
+        context = context or self._prefix
+        if not context.layers:
             return DynamicCache()
-        return DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self._prefix_kv])
+        return DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in context.layers])
+
+    def _extend(self, text: str) -> "_Context":
+        """The prefix followed by `text`, run once (batch of 1): what several sequences share after
+        the prefix (a neuron's explanation) is then computed once for all of them."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        cache, start = self._batch_cache(1), self._prefix.length
+        skip = {"logits_to_keep": 1} if self._keep_logits else {}
+        self.model(input_ids=torch.tensor([ids], device=self.model.device),
+                   position_ids=torch.arange(start, start + len(ids), device=self.model.device)[None],
+                   cache=cache, use_cache=True, **skip)
+        self.tokens_processed += len(ids)
+        return _Context([(layer.keys, layer.values) for layer in cache.layers], start + len(ids))
 
     def _forward(self, keep: torch.Tensor | None = None, **inputs):
         """One model call; with `keep` (bool [B, Q]) only those positions get vocabulary logits,
@@ -454,15 +475,18 @@ class LocalSimulator:
     # -- public API
 
     @torch.inference_mode()
-    def simulate(self, sequences: list[list[str]]) -> list[np.ndarray]:
-        """Per sequence, a float64 [T, 11] array of p(value 0..10) at each segment's end."""
-        encoded = [self._encode(seq) for seq in sequences]
+    def simulate(self, sequences: list[list[str]], shared: str = "") -> list[np.ndarray]:
+        """Per sequence, a float64 [T, 11] array of p(value 0..10) at each segment's end. `shared`:
+        text every sequence starts with after the prefix, run once for all of them."""
+        context = self._extend(shared) if shared else self._prefix
+        encoded = [self._encode(seq, context.length) for seq in sequences]
         results: list[np.ndarray | None] = [np.zeros((0, 11)) if not r else None for _, r in encoded]
-        # Batch similar lengths together: less padding, same results.
+        # Batch similar lengths together: less padding, same results; batches of even size.
         todo = sorted((i for i, (_, r) in enumerate(encoded) if r), key=lambda i: len(encoded[i][0]))
-        for start in range(0, len(todo), self.batch_size):
-            batch = todo[start : start + self.batch_size]
-            for i, probs in zip(batch, self._simulate_batch([encoded[i] for i in batch])):
+        size = -(-len(todo) // max(1, -(-len(todo) // self.batch_size)))
+        for start in range(0, len(todo), max(size, 1)):
+            batch = todo[start : start + size]
+            for i, probs in zip(batch, self._simulate_batch([encoded[i] for i in batch], context)):
                 results[i] = probs
         return results
 
@@ -497,8 +521,10 @@ class LocalSimulator:
 
     # -- one batch
 
-    def _encode(self, segments: list[str]) -> tuple[list[int], list[int]]:
-        """Token ids of the concatenated segments and the index of each segment's last token."""
+    def _encode(self, segments: list[str], start: int | None = None) -> tuple[list[int], list[int]]:
+        """Token ids of the concatenated segments and the index of each segment's last token;
+        `start`: the tokens before them (default: the prefix's)."""
+        start = self.prefix_tokens if start is None else start
         if not segments:
             return [], []
         pieces = self.tokenizer(list(segments), add_special_tokens=False)["input_ids"]
@@ -508,17 +534,17 @@ class LocalSimulator:
                 raise ValueError(f"segment {i} ({segments[i]!r}) has no tokens: it has no read position")
             ids.extend(piece)
             reads.append(len(ids) - 1)
-        needed = self.prefix_tokens + len(ids) + (self.mode == "chain")
+        needed = start + len(ids) + (self.mode == "chain")
         if self._max_positions is not None and needed > self._max_positions:
             raise ValueError(
-                f"prompt of {needed} tokens (prefix {self.prefix_tokens}) exceeds the simulator's "
+                f"prompt of {needed} tokens (prefix {start}) exceeds the simulator's "
                 f"context of {self._max_positions} tokens"
             )
         return ids, reads
 
-    def _simulate_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
-        """Main pass over the right-padded batch, plus the chain pass for p(10) if needed."""
-        P, device = self.prefix_tokens, self.model.device
+    def _simulate_batch(self, batch: list[tuple[list[int], list[int]]], context: "_Context") -> list[np.ndarray]:
+        """Main pass over the right-padded batch after `context`, plus the chain pass for p(10) if needed."""
+        P, device = context.length, self.model.device
         n, width = len(batch), max(len(ids) for ids, _ in batch)
         ids = torch.full((n, width), self._pad_id, dtype=torch.long)
         attention = torch.zeros((n, P + width), dtype=torch.long)
@@ -531,7 +557,7 @@ class LocalSimulator:
         # Right padding: real tokens sit at the same positions as in an unpadded run, and
         # causality already hides the padding after them; the mask hides it from pad rows' view.
         positions = (P + torch.arange(width)).expand(n, width)
-        cache = self._batch_cache(n)
+        cache = self._batch_cache(n, context)
         logits = self._forward(input_ids=ids.to(device), attention_mask=attention.to(device),
                                position_ids=positions.to(device), cache=cache, keep=keep.to(device))
         self.tokens_processed += sum(len(row) for row, _ in batch)
@@ -539,7 +565,7 @@ class LocalSimulator:
         per_row = np.split(probs, np.cumsum([len(reads) for _, reads in batch])[:-1])
         if self.mode == "direct":
             return per_row
-        zeros = self._chain_zero_probs(batch, cache, width)
+        zeros = self._chain_zero_probs(batch, cache, width, P)
         return [value_distribution(d, z) for d, z in zip(per_row, zeros)]
 
     def _value_probs(self, logits: torch.Tensor) -> np.ndarray:
@@ -549,19 +575,19 @@ class LocalSimulator:
 
     # -- chain mode: p("0" | ... read position, "1")
 
-    def _chain_zero_probs(self, batch, cache: DynamicCache, width: int) -> list[np.ndarray]:
-        """z at every read position of the batch: the probability of "0" right after a "1"
-        written at that position."""
+    def _chain_zero_probs(self, batch, cache: DynamicCache, width: int, P: int) -> list[np.ndarray]:
+        """z at every read position of the batch (after P cached tokens): the probability of "0"
+        right after a "1" written at that position."""
         self.tokens_processed += sum(len(reads) for _, reads in batch)
         if self._custom_mask:
-            return self._chain_one_pass(batch, cache, width)
-        return self._chain_per_position(batch, cache, width)
+            return self._chain_one_pass(batch, cache, width, P)
+        return self._chain_per_position(batch, cache, width, P)
 
-    def _chain_one_pass(self, batch, cache: DynamicCache, width: int) -> list[np.ndarray]:
+    def _chain_one_pass(self, batch, cache: DynamicCache, width: int, P: int) -> list[np.ndarray]:
         """All z of the batch in one forward pass: after the cached prefix + sequence, append one
         "1" per read position; a custom 4D mask lets extra token j see only the prefix, the
         sequence up to and including its read position, and itself, at position id read + 1."""
-        P, device, dtype = self.prefix_tokens, self.model.device, self.model.dtype
+        device, dtype = self.model.device, self.model.dtype
         n, extra = len(batch), max(len(reads) for _, reads in batch)
         blocked = torch.finfo(dtype).min
         mask = torch.full((n, 1, extra, P + width + extra), blocked, dtype=dtype)
@@ -585,11 +611,11 @@ class LocalSimulator:
         z = self._value_probs(logits)[:, 0]
         return np.split(z, np.cumsum([len(reads) for _, reads in batch])[:-1])
 
-    def _chain_per_position(self, batch, cache: DynamicCache, width: int) -> list[np.ndarray]:
+    def _chain_per_position(self, batch, cache: DynamicCache, width: int, P: int) -> list[np.ndarray]:
         """Fallback for attention that cannot take a custom 4D mask: one forward of a single "1"
         per row for each read index j, with an ordinary 2D mask hiding the sequence after read
         position j; the cache is cropped back after each step. Correct but T times the calls."""
-        P, device = self.prefix_tokens, self.model.device
+        device = self.model.device
         n, extra = len(batch), max(len(reads) for _, reads in batch)
         z = [np.zeros(len(reads)) for _, reads in batch]
         ones = torch.full((n, 1), self.value_ids[1], dtype=torch.long, device=device)

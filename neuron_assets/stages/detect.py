@@ -1,5 +1,5 @@
-"""The detect stage: per explanation of a shard, a judge LLM at temperature 0 reads the explanation
-and batches of whole excerpts, and says which make the neuron fire (detection) and whether their
+"""The detect stage: per explanation of a shard, a judge LLM at temperature 0 reads batches of whole
+excerpts and the explanation, and says which make the neuron fire (detection) and whether their
 highlighted tokens are what it describes (fuzzing); rows of the detection_scores table
 (method/detection.py). The judge (`LLM.judge`) decides each excerpt from its logits when it runs in
 this process, and by the JSON list it writes when it is remote, with p("1") from the logprobs where
@@ -66,18 +66,9 @@ def neuron_examples(kinds: dict, tokens: dict[int, list[str]], seed: int) -> dic
                                         top_token_texts(kinds["top"], tokens), seed=seed)}
 
 
-def judge_examples(judge, explanation: str, examples: list[dict], tokens: dict[int, list[str]], seed: int,
-                   clock: ModelClock, unreadable: list[str]) -> tuple[dict, Usage, list[str]]:
-    """`scores_from_answers` of the judge's verdicts on `examples` (batches in a seeded order, every
-    batch asked with `seed`), their usage, and the error of each failed request; why an answer could
-    not be read goes to `unreadable`."""
-    groups = batches(examples, seed=seed)
-    conversations = [batch_messages(explanation, group, tokens) for group in groups]
-    try:
-        with clock.running():
-            verdicts = judge.judge(conversations, [len(g) for g in groups], seed) if groups else []
-    except Exception as e:  # a failed call leaves its excerpts unanswered, never a failed shard
-        verdicts = [Verdict.failed(f"judge failed: {type(e).__name__}: {e}", len(g)) for g in groups]
+def _scores(groups: list[list[dict]], verdicts: list[Verdict], unreadable: list[str]) -> tuple[dict, Usage, list[str]]:
+    """`scores_from_answers` of one explanation's verdicts on the batches `groups`, their usage, and
+    the error of each failed request; why an answer could not be read goes to `unreadable`."""
     decisions, p_one, errors = [], [], []
     for verdict in verdicts:
         # an answer that cannot be read leaves its excerpts unanswered (counted); only a failed
@@ -92,27 +83,51 @@ def judge_examples(judge, explanation: str, examples: list[dict], tokens: dict[i
     return scores, total(verdict.usage for verdict in verdicts), errors
 
 
-def judge_explanation(base: dict, explanation: str, kinds: dict, tokens: dict[int, list[str]], judge, seed: int,
-                      clock: ModelClock, unreadable: list[str]) -> dict:
-    """The row of SCHEMA of one explanation of a neuron with records `kinds`: accuracies and AUROCs of
-    both scorers, counts of positives and negatives as detection saw them, unanswered excerpts of both."""
+def _verdicts(judge, texts: list[str], groups: list[list[dict]], tokens: dict[int, list[str]], seed: int,
+              clock: ModelClock) -> list[list[Verdict]]:
+    """Per explanation in `texts`, the judge's verdict on each batch of `groups`. Each batch is asked
+    of every explanation in one call: their prompts share the instruction and the excerpts, which a
+    local judge then computes once."""
+    out: list[list[Verdict]] = [[] for _ in texts]
+    for group in groups:
+        try:
+            with clock.running():
+                verdicts = judge.judge([batch_messages(text, group, tokens) for text in texts],
+                                       [len(group)] * len(texts), seed)
+        except Exception as e:  # a failed call leaves its excerpts unanswered, never a failed shard
+            verdicts = [Verdict.failed(f"judge failed: {type(e).__name__}: {e}", len(group))] * len(texts)
+        for mine, verdict in zip(out, verdicts):
+            mine.append(verdict)
+    return out
+
+
+def judge_neuron(bases: list[dict], texts: list[str], kinds: dict, tokens: dict[int, list[str]], judge, seed: int,
+                 clock: ModelClock, unreadable: list[str]) -> list[dict]:
+    """The rows of SCHEMA of the explanations `texts` of one neuron with records `kinds` (`bases`: the
+    rows' identifying columns): accuracies and AUROCs of both scorers, counts of positives and
+    negatives as detection saw them, unanswered excerpts of both. Every explanation sees the same
+    batches (seeded by the neuron)."""
     try:
         examples = neuron_examples(kinds, tokens, seed)
     except ValueError as e:
-        return unjudged_row(base, f"not enough records: {e}")
-    scores, usages, errors = {}, [], []
+        return [unjudged_row(base, f"not enough records: {e}") for base in bases]
+    scores = [{} for _ in texts]
+    usages, errors = [[] for _ in texts], [[] for _ in texts]
     for scorer, scorer_examples in examples.items():
-        scores[scorer], usage, scorer_errors = judge_examples(judge, explanation, scorer_examples, tokens, seed, clock,
-                                                                unreadable)
-        usages.append(usage)
-        errors += [f"{scorer}: {error}" for error in scorer_errors]
-    usage = total(usages)
-    return {**base, **{column: scores[scorer][key] for column, (scorer, key) in ACCURACIES.items()},
-            **{column: scores[scorer]["auroc"] for column, scorer in AUROCS.items()},
-            **{n: scores["detection"][n] for n in ("n_positive", "n_random", "n_hard_negative")},
-            "n_unanswered": sum(s["n_unanswered"] for s in scores.values()),
-            "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out, "cost_usd": usage.cost_usd,
-            "error": f"{len(errors)} failed judge requests; first: {errors[0]}" if errors else None}
+        groups = batches(scorer_examples, seed=seed)
+        for i, verdicts in enumerate(_verdicts(judge, texts, groups, tokens, seed, clock)):
+            scores[i][scorer], usage, failed = _scores(groups, verdicts, unreadable)
+            usages[i].append(usage)
+            errors[i] += [f"{scorer}: {error}" for error in failed]
+    rows = []
+    for base, score, usage, error in zip(bases, scores, map(total, usages), errors):
+        rows.append({**base, **{column: score[scorer][key] for column, (scorer, key) in ACCURACIES.items()},
+                     **{column: score[scorer]["auroc"] for column, scorer in AUROCS.items()},
+                     **{n: score["detection"][n] for n in ("n_positive", "n_random", "n_hard_negative")},
+                     "n_unanswered": sum(s["n_unanswered"] for s in score.values()),
+                     "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out, "cost_usd": usage.cost_usd,
+                     "error": f"{len(error)} failed judge requests; first: {error[0]}" if error else None})
+    return rows
 
 
 def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[str]], judge, seed: int,
@@ -121,18 +136,26 @@ def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[s
     """Judge every row of `explained` (explanation_variants: layer, neuron, variant, explanation_id,
     text, error) on its neuron's `records` ({neuron: {kind: [(seq_id, activations)]}}) and the
     corpus `tokens`; `judge` is an LLM (resources/llm.py). The seed of a neuron's requests is
-    `unit_seed(seed, layer, neuron)`, whatever else is judged with it."""
+    `unit_seed(seed, layer, neuron)`, whatever else is judged with it. Rows come in the order of
+    `explained`."""
     progress = Progress(report, explained.height, what, "explanations")
     clock = ModelClock()
-    rows, unreadable = [], []
-    for e in explained.iter_rows(named=True):
-        base = {"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
-                "explanation_id": e["explanation_id"], "judge_model": judge.label,
-                "judge_method": judge.judge_method, "code_version": code_version}
-        if e["error"] is not None:
-            rows.append(unjudged_row(base, f"no explanation: {e['error']}"))
-        else:
-            rows.append(judge_explanation(base, e["text"], records.get(e["neuron"], {}), tokens, judge,
-                                          unit_seed(seed, e["layer"], e["neuron"]), clock, unreadable))
-        progress.advance()
-    return Judged(rows, progress.seconds, clock.seconds, unreadable)
+    rows, unreadable = {}, []
+    for (neuron,), group in explained.group_by("neuron", maintain_order=True):
+        bases, texts = [], []
+        for e in group.iter_rows(named=True):
+            base = {"layer": e["layer"], "neuron": neuron, "variant": e["variant"],
+                    "explanation_id": e["explanation_id"], "judge_model": judge.label,
+                    "judge_method": judge.judge_method, "code_version": code_version}
+            if e["error"] is not None:
+                rows[e["variant"], neuron] = unjudged_row(base, f"no explanation: {e['error']}")
+            else:
+                bases.append(base)
+                texts.append(e["text"])
+        if texts:
+            judged = judge_neuron(bases, texts, records.get(neuron, {}), tokens, judge,
+                                  unit_seed(seed, group["layer"][0], neuron), clock, unreadable)
+            rows.update({(row["variant"], neuron): row for row in judged})
+        progress.advance(group.height)
+    ordered = [rows[variant, neuron] for neuron, variant in explained.select("neuron", "variant").iter_rows()]
+    return Judged(ordered, progress.seconds, clock.seconds, unreadable)
