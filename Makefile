@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # The demo's slice; `make ui` uses the same settings so its runs match the demo's.
-DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-top:3:kurtosis}
+DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-top:3:sparsity}
 
 .PHONY: setup postgresql chromium demo ui test bench clean
 

@@ -72,10 +72,12 @@ def test_the_local_judge_decides_every_excerpt_deterministically_and_from_the_ca
 def test_the_cached_steps_give_what_a_full_pass_per_value_gives(arch, tmp_path):
     path = build_tiny_model(arch, tmp_path, n_layers=1, max_positions=1024)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    sizes = [10, 3, 7, 10]
+    sizes = [10, 3, 7, 10, 1]
     conversations = [detection_messages("cats", [["a", " cat", " sat"][: 1 + i % 3] * (i + 1)] * n)
                      for i, n in enumerate(sizes)]
-    judgements = judge_conversations(model, tokenizer, conversations, sizes, batch_size=4)
+    judgements = judge_conversations(model, tokenizer, conversations[:4], sizes[:4], batch_size=4)
+    # a batch of one excerpt, alone: a list of a single value
+    judgements += judge_conversations(model, tokenizer, conversations[4:], sizes[4:], batch_size=4)
     zero, one = digit_token_ids(tokenizer)
     for conversation, n, judgement in zip(conversations, sizes, judgements):
         ids = tokenizer(chat_text(tokenizer, conversation))["input_ids"] + tokenizer(OPENING, add_special_tokens=False)["input_ids"]

@@ -107,7 +107,7 @@ def _read_slots(model, cache, logits: torch.Tensor, slots: int, zero: int, one: 
     """
     first = logits[:, [zero, one]].double()
     decided = (first[:, 1] > first[:, 0]).long()[:, None].repeat(1, slots)  # p("1") > 1/2: the larger logit
-    pairs = first[:, None, :0]
+    pairs = first.new_zeros((len(first), 0, 2))  # no slot after the first when there is one excerpt
     lengths = list(cache.layers[0].lengths)
     digits = torch.tensor([zero, one], device=model.device)
     step = 1 + len(separator)
