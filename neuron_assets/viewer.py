@@ -19,13 +19,15 @@ import math
 from collections.abc import Iterable, Sequence
 
 from neuron_assets.method.controls import is_control
+from neuron_assets.stages.capture import STATS_SCHEMA
 
 # Shading: real activations in orange, simulated ones in blue, alpha = value / scale (0..1).
 REAL_RGB = "255,140,0"
 SIM_RGB = "40,110,255"
 TABLE_COLUMNS = ("layer", "neuron", "variant", "score_all", "score_top", "score_random", "explanation")
 NUMERIC = {"layer", "neuron", "score_all", "score_top", "score_random"}
-STAT_COLUMNS = ("mean", "variance", "skewness", "kurtosis", "max_activation", "n_tokens")
+# the scalar columns of the stats table, in its order
+STAT_COLUMNS = tuple(c for c, kind in STATS_SCHEMA.items() if c != "neuron" and kind.is_numeric())
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em;color:#222;max-width:1400px}
