@@ -58,7 +58,7 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
     label = f"{explainer.label} (revision; simulator {simulator.label})"
     inputs = digest([explainer.version("explainer"), simulator.version("simulator"), seed])
     rows, pending, reused, kept, engine = [], [], 0, 0, None
-    progress = Progress(report, first.height, what, "explanations")
+    progress = Progress(report, first.height, f"{what}: simulating held-out excerpts", "explanations")
     clock = ModelClock()
 
     def row(e: dict, text: str | None, rhash: str | None, usage: Usage = Usage(), error: str | None = None,
@@ -106,6 +106,8 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
             prefill=explainer.continues_assistant_turn)
         pending.append((e, rhash, messages, usage, len(misses), len(false_alarms)))
 
+    # the explainer's revisions, after the simulations: their own progress, so 100% above is not the end
+    asked = Progress(report, len(pending), f"{what}: asking the explainer", "revisions")
     for start in range(0, len(pending), explainer.batch_size):
         batch = pending[start : start + explainer.batch_size]
         seeds = [unit_seed(seed, layer, e["neuron"], REVISE) for e, *_ in batch]
@@ -119,4 +121,5 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
             spent = Usage(usage.tokens_in + answer.usage.tokens_in, usage.tokens_out + answer.usage.tokens_out,
                           usage.cost_usd + answer.usage.cost_usd, answer.usage.cache_hit)
             rows.append(row(e, text, rhash, spent, error, n_miss, n_false))
+        asked.advance(len(batch))
     return Revised(rows, len(pending), kept, reused, progress.seconds, clock.seconds)
