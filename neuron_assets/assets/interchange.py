@@ -35,7 +35,8 @@ def build_imported_explanations(layout: Layout, root: str):
     def imported_explanations(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
         # a narrower selection keeps the neurons imported before: their files are read again
-        neurons = {*study.selected(layout.shard_neurons(shard_key), storage.read("neuron_records", layer_key, "stats")),
+        stats = storage.read("neuron_records", layer_key, "stats") if study.ranks_by_stats else None
+        neurons = {*study.selected(layout.shard_neurons(shard_key), stats),
                    *previous_units(previous_rows(storage, "imported_explanations", context.partition_key))}
         result = import_explanations(root, int(layer_key), sorted(neurons),
                                      context.assets_def.code_versions_by_key[context.asset_key])

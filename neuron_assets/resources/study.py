@@ -20,6 +20,11 @@ class Study(ConfigurableResource):
     seed: int = 0
     prompts: str = str(PROMPTS)
 
+    @property
+    def ranks_by_stats(self) -> bool:
+        """Whether `selected` needs neuron_records' stats ('top:N:<statistic>')."""
+        return NeuronSelection.parse(self.neurons).mode == "top"
+
     def selected(self, shard_neurons: range, stats: pl.DataFrame | None) -> list[int]:
         """The neurons of a shard that are explained and scored, ascending (`neurons` was checked
         with the other settings, before any run). `stats`, neuron_records' stats table of the layer
