@@ -53,16 +53,21 @@ def unjudged_row(base: dict, error: str) -> dict:
             "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "error": error}
 
 
-def neuron_examples(kinds: dict, tokens: dict[int, list[str]], seed: int) -> dict[str, list[dict]]:
-    """Per scorer, the examples of one neuron from its records ({kind: [(seq_id, activations)]}):
-    the valid + test top records and up to NEGATIVES random and hard negatives. ValueError when
-    it has too few top records."""
+def scored_records(kinds: dict) -> tuple[list, list, list, float]:
+    """What the detection and embedding scorers read of one neuron's records ({kind: [(seq_id,
+    activations)]}): the valid + test top records, up to NEGATIVES random and hard negatives, and
+    the top records' max activation. ValueError when it has too few top records."""
     splits = split_top(kinds.get("top", []))
-    positives = splits["valid"] + splits["test"]
-    top_max = max_activation(kinds["top"])
-    negatives = (kinds.get("random", [])[:NEGATIVES], kinds.get("hard_negative", [])[:NEGATIVES])
-    return {"detection": detection_examples(positives, *negatives, top_max),
-            "fuzzing": fuzzing_examples(positives, *negatives, top_max, tokens,
+    return (splits["valid"] + splits["test"], kinds.get("random", [])[:NEGATIVES],
+            kinds.get("hard_negative", [])[:NEGATIVES], max_activation(kinds["top"]))
+
+
+def neuron_examples(kinds: dict, tokens: dict[int, list[str]], seed: int) -> dict[str, list[dict]]:
+    """Per scorer, the examples of one neuron from its records (`scored_records`). ValueError when
+    it has too few top records."""
+    positives, random, hard, top_max = scored_records(kinds)
+    return {"detection": detection_examples(positives, random, hard, top_max),
+            "fuzzing": fuzzing_examples(positives, random, hard, top_max, tokens,
                                         top_token_texts(kinds["top"], tokens), seed=seed)}
 
 

@@ -11,9 +11,7 @@ import polars as pl
 
 from neuron_assets.method.detection import KINDS, detection_examples, excerpt_text
 from neuron_assets.method.embedding import embedding_aurocs
-from neuron_assets.method.records import split_top
-from neuron_assets.stages.detect import NEGATIVES
-from neuron_assets.stages.records import max_activation
+from neuron_assets.stages.detect import scored_records
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
 # AUROC column -> key of `embedding_aurocs`
@@ -41,9 +39,7 @@ def unit_excerpts(kinds: dict, tokens: dict[int, list[str]]) -> tuple[list[str],
     picks them: the valid + test top records, then up to NEGATIVES random and hard negatives that do
     not activate; (texts as the judge reads them, kind of each). ValueError when it has too few
     top records."""
-    splits = split_top(kinds.get("top", []))
-    examples = detection_examples(splits["valid"] + splits["test"], kinds.get("random", [])[:NEGATIVES],
-                                  kinds.get("hard_negative", [])[:NEGATIVES], max_activation(kinds["top"]))
+    examples = detection_examples(*scored_records(kinds))
     return [excerpt_text(tokens[e["seq_id"]]) for e in examples], [e["kind"] for e in examples]
 
 
