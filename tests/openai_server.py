@@ -71,7 +71,7 @@ class _Engine:
         self.eos_ids = {eos} if eos is not None else set()
         self.max_positions = getattr(model.config, "max_position_embeddings", 4096)
         # decoded once: a prompt's logprobs name thousands of tokens
-        self.texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        self.texts = [tokenizer.decode([i]) for i in range(max(len(tokenizer), model.config.vocab_size))]
 
     def token_text(self, token_id: int) -> str:
         return self.texts[token_id] if 0 <= token_id < len(self.texts) else self.tokenizer.decode([token_id])
@@ -454,14 +454,14 @@ class FakeOpenAIServer:
                 offsets.append(position)
                 position += len(s)
 
+            texts = engine.texts
+
             def as_dict(top):
+                # `top` is sorted best first; tokens with the same text keep the best value, which
+                # inserting in reverse order gives (the last write wins).
                 if top is None:
                     return None
-                out: dict[str, float] = {}
-                for token_id, value in top:
-                    s = engine.token_text(token_id)
-                    out[s] = max(value, out.get(s, float("-inf")))
-                return out
+                return {texts[token_id]: value for token_id, value in reversed(top)}
 
             logprobs = {
                 "tokens": strings,

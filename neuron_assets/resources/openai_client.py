@@ -350,8 +350,8 @@ class OpenAIEndpoint:
                 self.stats["tokens_in"] += tokens_in
                 self.stats["tokens_out"] += tokens_out
                 self.stats["cost_usd"] += cost
-        body = json.loads(self._scrub(json.dumps(response)))  # a private deep copy for the caller
-        return Reply(body, Usage(tokens_in, tokens_out, cost, cache_hit))
+        # Every response is a fresh parse (of the scrubbed body, or of the scrubbed cache file): no copy needed.
+        return Reply(response, Usage(tokens_in, tokens_out, cost, cache_hit))
 
     def _send(self, endpoint: str, request: dict) -> dict:
         # The raw body, parsed as plain JSON: building the SDK's typed objects for a prompt's
@@ -359,7 +359,7 @@ class OpenAIEndpoint:
         api = self.client.chat.completions if endpoint == "chat" else self.client.completions
         raw = api.with_raw_response.create(model=self.model, **request)
         try:
-            response = json.loads(raw.http_response.content)
+            response = json.loads(self._scrub(raw.http_response.text))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _MalformedResponse(f"response is not a JSON object: {raw.http_response.text[:200]!r}") from None
         if not isinstance(response, dict):
