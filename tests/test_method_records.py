@@ -355,3 +355,21 @@ def test_hard_negatives_join_the_records_after_the_sampler_kinds():
         if k == HARD_NEGATIVE:
             assert np.isin(token_ids[s], tokens[n]).any() and s not in top_seq[n]
             assert a.max() < 0.1 * top_acts[n].max()
+
+
+def test_activation_frequency_is_the_exact_share_of_tokens_above_zero_over_every_batch():
+    """Two batches of two windows of three tokens, more windows than the pool holds: the count is
+    exact all the same. Neuron 0 is above 0 on 4 of 12 tokens (0 itself does not count), neuron 1
+    never (dead), neuron 2 always."""
+    first = np.zeros((2, 3, 3), np.float32)
+    first[:, :, 0] = [[0.5, 0, -1], [0, 2, 0]]
+    second = np.zeros((2, 3, 3), np.float32)
+    second[:, :, 0] = [[0, 0, 1e-6], [3, 0, 0]]
+    first[:, :, 1] = second[:, :, 1] = -0.25
+    first[:, :, 2] = second[:, :, 2] = 0.1
+    sampler = RecordSampler(3, 3, n_top=1, n_random=1, quantile_pool=1, n_maxima=2)
+    sampler.update(first, np.arange(2))
+    sampler.update(second, np.arange(2, 4))
+    stats = sampler.finalize()[1]
+    assert stats["activation_frequency"] == [4 / 12, 0.0, 1.0]
+    assert np.isnan(RecordSampler(2, 3).finalize()[1]["activation_frequency"]).all()  # no tokens: unknown

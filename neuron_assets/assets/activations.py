@@ -42,7 +42,7 @@ def build_neuron_records(layout: Layout):
         backfill_policy=dg.BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
-        code_version="5",  # 4: the stats column max is max_activation. 5: the stats column active_share
+        code_version="6",  # 4: the stats column max is max_activation. 5: the stats column active_share. 6: activation_frequency
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,

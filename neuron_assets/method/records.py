@@ -39,7 +39,8 @@ class RecordSampler:
       0-10 scale shows as 1 or more; 0 when max_activation <= 0). The threshold is known only once
       every token was seen, so the share is counted over the tokens of the pool: a uniform sample
       of windows of T tokens each, hence an unbiased estimate (exact when the pool holds every
-      window), resolution 1 / (quantile_pool * T).
+      window), resolution 1 / (quantile_pool * T); activation_frequency, the share of all tokens on
+      which the neuron is above 0 (exact: a count kept batch by batch; 0 for a dead neuron).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class RecordSampler:
         self.mean, self.m2, self.m3, self.m4 = (np.zeros(N) for _ in range(4))
         self.max = np.full(N, -np.inf)
         self.min = np.full(N, np.inf)  # max == min detects constant neurons exactly
+        self.n_active = np.zeros(N, np.int64)  # tokens above 0
 
     def update(self, acts: np.ndarray, seq_ids: np.ndarray) -> None:
         """Add a batch: acts float32 [B, T, N] (B windows of T tokens), seq_ids int [B]."""
@@ -97,6 +99,7 @@ class RecordSampler:
         for b, neurons, slots in _reservoir_writes(self.maxima_rng, n_seen, self.n_maxima, self.n_neurons):
             self.maxima[neurons, slots] = window_max[b, neurons]
         self._update_moments(acts.reshape(-1, self.n_neurons))
+        self.n_active += np.count_nonzero(acts > 0, axis=(0, 1))
         self.max = np.maximum(self.max, window_max.max(axis=0))
         self.n_windows += len(acts)
 
@@ -227,6 +230,7 @@ class RecordSampler:
             "kurtosis": kurtosis.tolist(),
             "max_activation": (self.max if n else empty).tolist(),
             "active_share": active_share.tolist(),
+            "activation_frequency": (self.n_active / n if n else empty).tolist(),
             "n_tokens": [n] * N,
             "quantile_boundaries": boundaries.tolist(),
         }

@@ -22,7 +22,8 @@ from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 RECORDS_SCHEMA = {"neuron": pl.Int32, "kind": pl.String, "rank": pl.Int32, "seq_id": pl.Int32,
                   "activations": pl.List(pl.Float32)}
 STATS_SCHEMA = {"neuron": pl.Int32, "mean": pl.Float64, "variance": pl.Float64, "skewness": pl.Float64,
-                "kurtosis": pl.Float64, "max_activation": pl.Float64, "active_share": pl.Float64, "n_tokens": pl.Int64,
+                "kurtosis": pl.Float64, "max_activation": pl.Float64, "active_share": pl.Float64,
+                "activation_frequency": pl.Float64, "n_tokens": pl.Int64,
                 "quantile_boundaries": pl.List(pl.Float64)}
 SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (docs/method.md)
 
