@@ -33,6 +33,8 @@ SOURCES = {
                     "files), window length and window count",
     "sampling": "what is sampled and with which seed: top and random records per neuron, NEURON_ASSETS_SEED",
     "neuron_selection": "which neurons of each shard are explained (NEURON_ASSETS_NEURONS)",
+    "rare_units": "which units are too rarely active to explain: an activation frequency under "
+                  "NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY",
     "explainer": "the explainer LLM: backend, model (with its files, for a local model) and endpoint",
     "simulator": "the simulator LLM (also the detection judge): backend, model (with its files, for a local "
                  "model), endpoint and simulation method",
@@ -201,6 +203,16 @@ def _neurons(spec: str) -> str:
     return str(NeuronSelection.parse(spec))
 
 
+def _share(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number: write a share of tokens from 0 up to (not including) 1, as in '1e-5'") from None
+    if not 0 <= value < 1:  # also rejects NaN
+        raise ValueError("must be at least 0 and under 1, as in '1e-5' (0: only dead units are skipped)")
+    return format(value, "g")
+
+
 def _device(spec: str) -> str:
     # the devices the help names (and Apple's mps); anything else would fail only when a step loads a model
     if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", spec):
@@ -234,6 +246,10 @@ SETTINGS = (
             "ranked first by an activation statistic: 'top:N:max' (highest max activation), 'top:N:kurtosis' "
             "(highest kurtosis), 'top:N:sparsity' (fewest tokens at or above 10% of the max)", enters="neuron_selection",
             grammar=_neurons),
+    Setting("NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY", "1e-5",
+            "units above 0 on a smaller share of the corpus's tokens than this are rare, and dead ones never; "
+            "both are counted and listed in layer_summary and get an explanation row saying why, not LLM work",
+            enters="rare_units", grammar=_share),
     Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)", enters="sampling", low=20),
     Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)", enters="sampling", low=15),
     Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling", enters="sampling", low=0),
@@ -340,6 +356,7 @@ class Settings:
     layers: str
     shards: int
     neurons: str
+    min_activation_frequency: str
     top_records: int
     random_records: int
     seed: int

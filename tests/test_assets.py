@@ -157,3 +157,8 @@ def test_a_neuron_that_never_activates_is_an_error_row(tmp_path):
     assert all(math.isnan(s) for s in scores["score_all"]) and scores["error"].is_not_null().all()
     alive = storage.read("scores", "00|00-63").filter(pl.col("neuron") == 0)
     assert alive["error"].is_null().any()  # the rest of the shard completed
+    # counted and listed as dead over the whole layer (64 neurons), the one dead neuron only
+    assert storage.read("neuron_records", "00", "stats")["activation_frequency"][1] == 0.0
+    summary = storage.read("layer_summary", "00")
+    assert summary["n_dead_units"].unique().to_list() == [1] and summary["dead_units"][0].to_list() == [1]
+    assert summary["n_rare_units"].unique().to_list() == [0]

@@ -11,12 +11,12 @@ from tiny_models import build_tiny_model
 
 from neuron_assets.method.prompts import load_fewshot, normalized_values
 from neuron_assets.method.records import RecordSampler
-from neuron_assets.method.selection import top_neurons
+from neuron_assets.method.selection import dead_and_rare, top_neurons
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.study import PROMPTS, Study
 from neuron_assets.settings import check_neurons
 from neuron_assets.stages.capture import STATS_SCHEMA
-from neuron_assets.stages.explain import SCHEMA, explain_units
+from neuron_assets.stages.explain import SCHEMA, explain_units, rare_reasons
 
 NAN = math.nan
 # a layer of 12 neurons; the shard is 4-11 (neurons 0-3 outrank every other and must not count)
@@ -124,3 +124,39 @@ def test_first_3_to_top_3_kurtosis_reuses_the_neurons_in_both_and_keeps_the_othe
     rows = pl.DataFrame(ranked.rows, schema=SCHEMA).filter(pl.col("variant") == "llm").sort("neuron")
     assert rows["neuron"].to_list() == [0, 1, 2, 4]
     assert rows.filter(pl.col("neuron") < 3).equals(table.filter(pl.col("variant") == "llm").sort("neuron"))
+
+
+def test_dead_units_never_fire_and_rare_ones_fire_on_fewer_tokens_than_the_threshold():
+    neurons = [7, 3, 5, 9, 4, 8]
+    frequencies = [0.0, 2e-6, 1e-5, float("nan"), 0.3, 9.99e-6]
+    assert dead_and_rare(neurons, frequencies, 1e-5) == ([7], [3, 8])  # 1e-5 itself is not under 1e-5
+    assert dead_and_rare(neurons, frequencies, 0.0) == ([7], [])  # only dead ones: nothing is under 0
+    assert dead_and_rare(neurons, frequencies, 0.5) == ([7], [3, 4, 5, 8])  # NaN (no tokens): neither
+    stats = pl.DataFrame({"neuron": neurons, "activation_frequency": frequencies})
+    assert Study(min_activation_frequency=1e-5).dead_and_rare(stats) == ([7], [3, 8])
+    with pytest.raises(ValueError, match="lack activation_frequency: materialize neuron_records"):
+        Study().dead_and_rare(stats.drop("activation_frequency"))
+
+
+def test_a_rare_unit_gets_a_row_saying_why_and_no_llm_work(explainer):
+    words = ["the", " cat", " sat", " on", " a", " mat", "."]
+    tokens = {i: list(words) for i in range(40)}
+    records = {unit: {"top": [(i, np.where(np.arange(7) == 1, 2.0 * (1 - i / 40), 0.0).astype(np.float32))
+                              for i in range(20)],
+                      "random": [(20 + i, np.zeros(7, np.float32)) for i in range(15)]} for unit in range(3)}
+    stats = pl.DataFrame({"neuron": [0, 1, 2], "activation_frequency": [0.2, 3e-6, 0.0]})
+    study = Study(min_activation_frequency=1e-5)
+    dead, rare = study.dead_and_rare(stats)
+    assert (dead, rare) == ([2], [1])
+    reasons = rare_reasons(stats, rare, study.min_activation_frequency)
+    assert reasons == {1: "rare unit: above 0 on 3e-06 of the corpus's tokens, under "
+                          "NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY=1e-05; not explained"}
+    fewshot = load_fewshot(f"{PROMPTS}/explainer_fewshot.json")
+    result = explain_units(0, [0, 1], records, tokens, None, explainer, fewshot, "p1", seed=0, code_version="c1",
+                           report=lambda _: None, rare=reasons)
+    assert result.asked == 1  # unit 0 only
+    rows = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
+    skipped = rows.filter(pl.col("neuron") == 1)
+    assert skipped["variant"].to_list() == ["llm", "token_baseline"]
+    assert skipped["text"].is_null().all() and skipped["error"].to_list() == [reasons[1]] * 2
+    assert rows.filter(pl.col("neuron") == 0)["error"].is_null().all()

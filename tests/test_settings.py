@@ -53,6 +53,25 @@ def test_every_bad_value_is_one_line_naming_the_variable_and_what_to_write():
     ]
 
 
+@pytest.mark.parametrize("value, problem", [
+    ("1", "must be at least 0 and under 1, as in '1e-5' (0: only dead units are skipped)"),
+    ("-0.1", "must be at least 0 and under 1, as in '1e-5' (0: only dead units are skipped)"),
+    ("nan", "must be at least 0 and under 1, as in '1e-5' (0: only dead units are skipped)"),
+    ("often", "not a number: write a share of tokens from 0 up to (not including) 1, as in '1e-5'"),
+])
+def test_a_bad_activation_frequency_says_what_a_share_is(value, problem):
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env({"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY": value})
+    assert e.value.problems == [f"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY={value!r}: {problem}"]
+
+
+def test_an_activation_frequency_is_versioned_in_one_spelling():
+    spellings = ("0.00001", "1e-5", " 1E-05 ")
+    assert {Settings.from_env({"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY": v}).min_activation_frequency
+            for v in spellings} == {"1e-05"}
+    assert Settings.from_env({"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY": "0"}).min_activation_frequency == "0"
+
+
 TOP = "'top:N:max', 'top:N:kurtosis' or 'top:N:sparsity'"
 FIX = ("write 'all', 'first:N' (the first N neurons of each shard), 'list:3,17,1200' (neurons by layer index) "
        f"or 'top:N:<statistic>' (the N neurons of each shard ranked first by an activation statistic: {TOP})")

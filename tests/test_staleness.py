@@ -294,6 +294,9 @@ CHANGES = [
      None),
     # a narrower selection keeps the valid rows of the neuron it leaves out: the same table (see below)
     ("neurons", lambda w: {"neurons": "first:1"}, {"explanations"}, "none", "neuron_selection", None),
+    # no unit of the tiny model is that rare: the same explanations, and the summary counts again
+    ("min_activation_frequency", lambda w: {"min_activation_frequency": "0.001"}, {"explanations", "layer_summary"},
+     "none", "rare_units", None),
     ("explainer_model", lambda w: {"explainer_model": "gpt-4o"}, {"explanations", "revised_explanations"}, "some",
      "explainer", None),
     ("explainer_backend", lambda w: {"explainer_backend": "local", "explainer_model": w.settings.model},
@@ -321,8 +324,8 @@ CHANGES = [
 # its settings; its other settings are shown to enter the same version, and no other, by
 # test_each_setting_enters_exactly_its_source (refreshing them too would repeat the same runs).
 # New weights are test_new_weights_in_one_layer_rerun_exactly_that_layer's.
-REFRESHED = ("corpus", "seq_len", "seed", "top_records", "neurons", "explainer_model", "simulation_method",
-             "control", "failed_tokens", "revision", "detection", "embedding", "import_from")
+REFRESHED = ("corpus", "seq_len", "seed", "top_records", "neurons", "min_activation_frequency", "explainer_model",
+             "simulation_method", "control", "failed_tokens", "revision", "detection", "embedding", "import_from")
 
 
 def test_each_setting_enters_exactly_its_source(world):

@@ -11,18 +11,19 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
-from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units
+from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units, rare_reasons
 from neuron_assets.stages.records import records_of, tokens_by_seq
 
-# bump when the explanation logic changes; the prompt version is appended. 3: inputs_version. 4: cost_usd
-CODE_VERSION = "4"
+# bump when the explanation logic changes; the prompt version is appended. 3: inputs_version. 4: cost_usd.
+# 5: rare units get a reason row
+CODE_VERSION = "5"
 
 
 def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict]):
     @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=[dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
-              corpus_tokens, "explainer", "sampling", "neuron_selection"],
+              corpus_tokens, "explainer", "sampling", "neuron_selection", "rare_units"],
         code_version=f"{CODE_VERSION}-{prompt_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
@@ -31,20 +32,23 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         pool="llm",
         description="Explanations per neuron: 'llm' (the explainer sees the 5 train top records) and "
         "'token_baseline' (no LLM: the tokens with the highest mean activation). A neuron that "
-        "cannot be explained is a row with an error.",
+        "cannot be explained (dead, rare, short of records) is a row with an error saying why.",
     )
     def explanations(
         context: dg.AssetExecutionContext, storage: TableStorage, explainer: LLM, study: Study
     ) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
-        neurons = study.selected(layout.shard_neurons(shard_key), storage.read("neuron_records", layer_key, "stats"))
+        stats = storage.read("neuron_records", layer_key, "stats")
+        neurons = study.selected(layout.shard_neurons(shard_key), stats)
+        rare = rare_reasons(stats, sorted(set(study.dead_and_rare(stats)[1]) & set(neurons)),
+                            study.min_activation_frequency)
         previous = previous_rows(storage, "explanations", context.partition_key)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              sorted({*neurons, *previous_units(previous)}))
         result = explain_units(
             int(layer_key), neurons, records, tokens_by_seq(storage.read("corpus_tokens")), previous, explainer,
             fewshot, prompt_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
-            report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}")
+            report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}", rare=rare)
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())
@@ -54,6 +58,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 "dagster/row_count": df.height,
                 "neurons": len(neurons),
                 "kept (valid, outside the selection)": result.kept,
+                "rare (not explained)": len(rare),
                 "errors": df.height - ok.height,
                 REUSED: result.reused,
                 CACHE_HITS: result.cache_hits,

@@ -13,7 +13,7 @@ from neuron_assets.plots import png_markdown, score_by_layer, score_histogram
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.records import records_of
-from neuron_assets.stages.score import SCHEMA, SCORES, quality_report, score_units, summarize
+from neuron_assets.stages.score import SCHEMA, SCORES, quality_report, score_units, summarize, with_unit_activity
 from neuron_assets.stages.variants import CONTROL_ROWS, explanation_variants
 
 SCORES_IN_RANGE = "scores_in_range"
@@ -115,7 +115,7 @@ def _summary_metadata(summary: pl.DataFrame, scores: pl.DataFrame, neuron_column
     """What both summaries show: the cost, the quality report and the whole `summary`, the best and
     the worst neurons (`neuron_columns` of `scores`), the score histogram and the viewer link."""
     return {"cost_usd": float(summary["cost_usd"].sum()),
-            "quality report": markdown_table(quality_report(summary)), "summary": markdown_table(summary),
+            "quality report": markdown_table(quality_report(summary)), "summary": markdown_table(summary.drop("dead_units", "rare_units", strict=False)),
             **_ranked_neurons(scores, neuron_columns), "score histogram": _score_histogram(scores), "viewer": viewer}
 
 
@@ -131,12 +131,13 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
 
     @dg.asset(
         partitions_def=layer_partitions(layout),
-        deps=[dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")) for name in inputs],
+        deps=[*(dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))
+                for name in inputs), "neuron_records", "rare_units"],
         # 2: controls, gain over llm, detection and fuzzing. 3: metadata only (score histogram,
         # worst neurons, viewer link); the table is the same. 4: columns mean_detection_hard and
         # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative; the
-        # quality report shows errors. 5: mean embedding AUROCs and their control's.
-        code_version="5",
+        # quality report shows errors. 5: mean embedding AUROCs and their control's. 6: dead and rare units.
+        code_version="6",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
@@ -144,9 +145,9 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
         description="Scores of one layer per explanation variant, over every shard materialized so far: "
         "mean score, share >= 0.8, margin over the shuffled control, gain over llm, detection and "
         "fuzzing accuracies and their correlation with the simulation score, mean embedding AUROC and "
-        "its shuffled control's, cost.",
+        "its shuffled control's, cost; the layer's dead and rare units.",
     )
-    def layer_summary(context: dg.AssetExecutionContext, storage: TableStorage) -> dg.MaterializeResult:
+    def layer_summary(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key = context.partition_key
         shards = layout.shard_keys()
         present = [s for s in shards if storage.exists("scores", f"{layer_key}|{s}")]
@@ -158,7 +159,8 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
         embedded = [s for s in present if embedding and storage.exists("embedding_scores", f"{layer_key}|{s}")]
         embedding_scores = (pl.concat([storage.read("embedding_scores", f"{layer_key}|{s}") for s in embedded])
                             if embedded else None)
-        summary = summarize(scores, detected, embedding_scores)
+        dead, rare = study.dead_and_rare(storage.read("neuron_records", layer_key, "stats"))
+        summary = with_unit_activity(summarize(scores, detected, embedding_scores), dead, rare)
         version = storage.write(summary, "layer_summary", layer_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
@@ -168,12 +170,20 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
                 "shards with detection scores": f"{len(judged)}/{len(shards)}" if detection else "off",
                 "shards with embedding scores": f"{len(embedded)}/{len(shards)}" if embedding else "off",
                 "neurons scored": scores["neuron"].n_unique(),
+                **{f"{name} units (not explained)": f"{len(units)}: {_listed(units)}" if units else "0"
+                   for name, units in (("dead", dead), ("rare", rare))},
                 **_summary_metadata(summary.drop("layer"), scores, ["neuron", "variant", "score_all", "explanation"],
                                     viewer_link(storage.root, layer_key)),
             },
         )
 
     return layer_summary
+
+
+def _listed(units: list[int], most: int = 30) -> str:
+    """'3, 17, 40' or, for more than `most`, the first ones and how many more."""
+    shown = ", ".join(map(str, units[:most]))
+    return shown if len(units) <= most else f"{shown}, ... ({len(units) - most} more)"
 
 
 def build_model_summary(layout: Layout):

@@ -28,3 +28,18 @@ def top_neurons(neurons: list[int], values: list[float], max_activations: list[f
 
     rows = sorted(zip(neurons, values, max_activations, strict=True), key=key)
     return [neuron for neuron, _, _ in rows[:n]]
+
+
+def dead_and_rare(neurons: list[int], frequencies: list[float], min_frequency: float) -> tuple[list[int], list[int]]:
+    """(dead, rare), ascending: dead units are never above 0 (activation frequency 0), rare ones are
+    above 0 on fewer than `min_frequency` of the tokens (0 < frequency < min_frequency). A unit
+    whose frequency is unknown (NaN or None: no tokens) is neither."""
+    dead, rare = [], []
+    for neuron, frequency in sorted(zip(neurons, frequencies, strict=True)):
+        if frequency is None or math.isnan(frequency):
+            continue
+        if frequency == 0:
+            dead.append(neuron)
+        elif frequency < min_frequency:
+            rare.append(neuron)
+    return dead, rare

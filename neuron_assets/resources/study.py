@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 from dagster import ConfigurableResource
 
-from neuron_assets.method.selection import RANKINGS, top_neurons
+from neuron_assets.method.selection import RANKINGS, dead_and_rare, top_neurons
 from neuron_assets.settings import NeuronSelection
 
 PROMPTS = Path(__file__).resolve().parents[2] / "resources" / "prompts"
@@ -17,6 +17,7 @@ class Study(ConfigurableResource):
     top_records: int = 40
     random_records: int = 20
     neurons: str = "all"
+    min_activation_frequency: float = 1e-5
     seed: int = 0
     prompts: str = str(PROMPTS)
 
@@ -42,3 +43,11 @@ class Study(ConfigurableResource):
         shard = stats.filter(pl.col("neuron").is_between(shard_neurons.start, shard_neurons.stop - 1))
         return sorted(top_neurons(shard["neuron"].to_list(), shard[column].to_list(),
                                   shard["max_activation"].to_list(), selection.numbers[0], highest_first))
+
+    def dead_and_rare(self, stats: pl.DataFrame) -> tuple[list[int], list[int]]:
+        """The (dead, rare) units of neuron_records' `stats` table (method/selection.py)."""
+        if "activation_frequency" not in stats.columns:  # a table written before the column existed
+            raise ValueError("these neuron_records stats lack activation_frequency: materialize neuron_records "
+                             "for the layer again")
+        return dead_and_rare(stats["neuron"].to_list(), stats["activation_frequency"].to_list(),
+                             self.min_activation_frequency)

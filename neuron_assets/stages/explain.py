@@ -89,18 +89,31 @@ class Explained:
     model_seconds: float
 
 
+def rare_reasons(stats: pl.DataFrame, rare: list[int], min_frequency: float) -> dict[int, str]:
+    """{unit: why it is not explained} for the `rare` units of neuron_records' `stats` table."""
+    frequency = dict(zip(stats["neuron"].to_list(), stats["activation_frequency"].to_list()))
+    return {unit: f"rare unit: above 0 on {frequency[unit]:.3g} of the corpus's tokens, under "
+                  f"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY={min_frequency:g}; not explained" for unit in rare}
+
+
 def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int, list[str]],
                   previous: pl.DataFrame | None, explainer, fewshot: list[dict], prompt_version: str, seed: int,
                   code_version: str, report: Callable[[ProgressState], None] = print,
-                  what: str = "explaining") -> Explained:
+                  what: str = "explaining", rare: dict[int, str] | None = None) -> Explained:
     """Explain `units` of `layer` from their `records` ({unit: {kind: [(seq_id, activations)]}}, also
     for the `previous_units`) and the corpus `tokens`; `explainer` is an LLM (resources/llm.py) and
     `previous` the table's rows from its last run (reused where records, explainer version, seed,
-    prompt and code are the same; kept for units the selection left out, `kept_units`)."""
+    prompt and code are the same; kept for units the selection left out, `kept_units`). A unit of
+    `rare` ({unit: reason}, `rare_reasons`) gets rows with that reason as their error, and no LLM work."""
     inputs = digest([explainer.version("explainer"), seed])
     kept = kept_units(units, records, previous, inputs, code_version)
+    rare = rare or {}
     rows, pending, reused, hits = [], [], 0, 0
     for unit in sorted([*units, *kept]):
+        if unit in rare:
+            rows += [explanation_row(layer, unit, v, None, explainer.label, prompt_version, None, error=rare[unit])
+                     for v in VARIANTS]
+            continue
         kinds = records[unit]
         try:
             train = split_top(kinds.get("top", []))["train"]

@@ -179,6 +179,16 @@ def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None,
     return out.sort(keys)
 
 
+def with_unit_activity(summary: pl.DataFrame, dead: list[int], rare: list[int]) -> pl.DataFrame:
+    """The summary with its layer's dead and rare units (method/selection.py `dead_and_rare`, over every
+    unit of the layer, selected or not) on each row: n_dead_units, n_rare_units, and the units
+    themselves, ascending (dead_units, rare_units)."""
+    lists = {name: pl.Series(name, [units] * summary.height, dtype=pl.List(pl.Int32))
+             for name, units in (("dead_units", dead), ("rare_units", rare))}
+    return summary.with_columns(n_dead_units=pl.lit(len(dead), pl.Int64), n_rare_units=pl.lit(len(rare), pl.Int64),
+                                **lists)
+
+
 def _detection_summary(real: pl.DataFrame, detection: pl.DataFrame) -> pl.DataFrame:
     """Per (layer, variant, method): mean balanced accuracies and their correlation with score_all."""
     joined = real.select("layer", "neuron", "variant", "method", "score_all").join(
