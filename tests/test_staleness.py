@@ -146,7 +146,8 @@ def test_new_weights_in_one_layer_rerun_exactly_that_layer(world):
     shutil.copytree(settings.model, original)
     first_scores = TableStorage(root=settings.storage).read("scores", f"01|{shard_keys(defs)[0]}")["score_all"].to_list()
 
-    # A checkpoint in which only layer 1 differs, written over the old one at the same path.
+    # A checkpoint in which only layer 1 (the top layer) differs, written over the old one at the same path:
+    # the layers below it keep their versions (test_layer_versions_chain_up_... changes a lower one).
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(settings.model)
@@ -524,20 +525,31 @@ def test_refresh_runs_group_by_stage(world):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
-def test_layer_hashes_follow_each_architectures_names(arch, tmp_path):
+def test_layer_versions_chain_up_through_each_architectures_layers(arch, tmp_path):
     path = build_tiny_model(arch, tmp_path / "model", n_layers=2)
     subject = SubjectModel(model=str(path), cache=str(tmp_path / "cache"), device="cpu")
     hashes = subject.layer_hashes([0, 1])
     assert len(set(hashes.values())) == 2 and all(len(h) == 16 for h in hashes.values())
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        block = model.get_submodule("transformer.h.0" if arch == "gpt2" else "gpt_neox.layers.0")
-        next(block.parameters()).add_(1)
-    model.save_pretrained(path)
-    changed = subject.layer_hashes([0, 1])
-    assert changed[0] != hashes[0] and changed[1] == hashes[1]
+    def edit(module: str) -> dict[int, str]:
+        """Add 1 to the first parameter of `module`, save, and hash again."""
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            next(model.get_submodule(module).parameters()).add_(1)
+        model.save_pretrained(path)
+        return subject.layer_hashes([0, 1])
+
+    blocks, final_norm = ("transformer.h", "transformer.ln_f") if arch == "gpt2" else ("gpt_neox.layers",
+                                                                                       "gpt_neox.final_layer_norm")
+    # the upper layer alone: only its version changes; the lower one: both (its output feeds the upper one)
+    upper = edit(f"{blocks}.1")
+    assert upper[0] == hashes[0] and upper[1] != hashes[1]
+    lower = edit(f"{blocks}.0")
+    assert lower[0] != upper[0] and lower[1] != upper[1]
+    # outside the layers (what each layer's units promote goes through the final norm): every layer
+    outside = edit(final_norm)
+    assert outside[0] != lower[0] and outside[1] != lower[1]
 
 
 def test_settings_that_cannot_be_versioned_fail_before_any_run(world, tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """subject_model_weights[layer]: an observable source asset, one data version per layer's weights.
 
-Observing it hashes each requested layer's parameters from the checkpoint files on disk. A
-checkpoint that changes only some layers (a fine-tune, an edit) gives only those layers a new data
-version, so only their neuron_records partitions, and what is downstream of them, become stale.
+Observing it hashes, per requested layer, the parameters its results are computed from (chained:
+those outside the layers, then layers 0..L; resources/models.py `layer_weight_hashes`) from the
+checkpoint files on disk. A checkpoint that changes layer L (a fine-tune, an edit) gives layers L
+and up a new data version, so only their neuron_records partitions, and what is downstream of
+them, become stale.
 """
 
 import dagster as dg
@@ -19,9 +21,10 @@ def build_subject_model_weights(layout: Layout):
         group_name="activations",
         tags={"dagster/kind/pytorch": "", "dagster/kind/safetensors": ""},
         description="The subject model's weights, one partition per layer. Observing it records, per "
-        "layer, a hash (sha256, 16 hex) of the names, shapes, dtypes and bytes of that layer's "
-        "parameters, read from the checkpoint on disk. A new checkpoint in which some layers differ "
-        "makes exactly those layers of neuron_records stale. Observed by the nightly schedule "
+        "layer, a hash (sha256, 16 hex) of the names, shapes, dtypes and bytes of the parameters that "
+        "layer's activations come from (outside the layers, then layers 0..L, chained), read from the "
+        "checkpoint on disk. A new checkpoint in which layer L differs makes layers L and up of "
+        "neuron_records stale, and the layers below it not. Observed by the nightly schedule "
         "`observe_sources_nightly`, by `neuron-assets refresh`, or with 'Observe' in the UI.",
     )
     def subject_model_weights(context, subject_model: SubjectModel) -> dg.DataVersionsByPartition:

@@ -318,18 +318,23 @@ def _weight_files(path: str) -> list[Path]:
 
 
 def layer_weight_hashes(name: str, cache: str, layers: list[int], device: str = "cpu") -> dict[int, str]:
-    """{layer: sha256 (16 hex) over the name, shape, dtype and bytes of every parameter of the layer}.
+    """{layer: the version of what that layer's results are computed from}, 16 hex of a chained sha256:
 
-    Read from the checkpoint files on disk, one layer's tensors at a time, never from the model
-    cached in this process (`load_causal_lm`): a checkpoint rewritten in place is seen as it is now.
-    Only a model without local weight files is hashed from its loaded parameters.
+        v(-1) = sha256(every parameter outside the layers: embeddings, final norm, unembedding)
+        v(l)  = sha256(v(l-1) | every parameter of layer l)
+
+    each parameter hashed by name, shape, dtype and bytes. A layer's activations depend on the
+    embeddings and on every layer below it, and what its units promote on the final norm and the
+    unembedding: a change in layer 3 gives layers 3 and up a new version and leaves 0-2 as they are.
+    Read from the checkpoint files on disk, one tensor at a time, never from the model cached in
+    this process (`load_causal_lm`): a checkpoint rewritten in place is seen as it is now. Only a
+    model without local weight files is hashed from its loaded parameters.
     """
     from transformers import AutoConfig
 
     path = resolve_model(name, cache)
-    model_type = shape_of(AutoConfig.from_pretrained(path)).model_type
+    shape = shape_of(AutoConfig.from_pretrained(path))
     fix = _fix(name, "NEURON_ASSETS_MODEL", path if _is_gguf(name) else None)
-    prefixes = {layer: layer_prefixes(model_type, layer) for layer in layers}
     tensors: dict[str, object] = {}  # name -> loader of that tensor
     files = _weight_files(path)
     if files and files[0].suffix == ".safetensors":
@@ -350,18 +355,30 @@ def layer_weight_hashes(name: str, cache: str, layers: list[int], device: str = 
         model, _ = load_causal_lm(name, cache, device)
         tensors.update({key: (lambda p=p: p) for key, p in model.state_dict().items()})
 
-    hashes = {}
-    for layer, (full, short) in prefixes.items():
-        names = sorted(k for k in tensors if k.startswith(full) or k.startswith(short))
-        if not names:
-            raise ValueError(f"{name}: no parameter of layer {layer} (no name starts with {full!r})")
-        digest = hashlib.sha256()
-        for key in names:
+    def of_layer(layer: int) -> list[str]:
+        full, short = layer_prefixes(shape.model_type, layer)
+        return sorted(k for k in tensors if k.startswith(full) or k.startswith(short))
+
+    def update(digest, keys: list[str]) -> None:
+        for key in keys:
             tensor = tensors[key]().detach().cpu().contiguous()
             digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        hashes[layer] = digest.hexdigest()[:16]
-    return hashes
+
+    by_layer = {layer: of_layer(layer) for layer in range(shape.n_layers)}
+    inside = {key for keys in by_layer.values() for key in keys}
+    version = hashlib.sha256()
+    update(version, sorted(k for k in tensors if k not in inside))
+    chained, hashes = version.hexdigest(), {}
+    for layer in range(max(layers, default=-1) + 1):
+        if not by_layer.get(layer):
+            raise ValueError(f"{name}: no parameter of layer {layer} (no name starts with "
+                             f"{layer_prefixes(shape.model_type, layer)[0]!r})")
+        digest = hashlib.sha256(chained.encode())
+        update(digest, by_layer[layer])
+        chained = digest.hexdigest()
+        hashes[layer] = chained[:16]
+    return {layer: hashes[layer] for layer in layers}
 
 
 def describe_model(name: str) -> str:
