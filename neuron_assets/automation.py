@@ -70,6 +70,13 @@ def on_change(ignoring: AssetSelection | None = None, label: str = "on_change") 
 
 
 ON_CHANGE = on_change()
+# ON_CHANGE for what reads scores and also, for the whole lineage, neuron_records or corpus_tokens
+# (the viewer's records, the layer summary's dead and rare units): a new version of those does not
+# trigger a rerun by itself. It reaches these assets through the scores, which rerun after it;
+# reacting to it directly would write new records beside old scores first, then again once the
+# scores follow.
+ON_SCORES_CHANGE = on_change(ignoring=AssetSelection.assets("neuron_records", "corpus_tokens"),
+                             label="on_change_after_scores")
 
 
 automation_sensor = AutomationConditionSensorDefinition(

@@ -44,7 +44,8 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     check_neurons(settings.neurons, shape.n_neurons)
     study = Study(seq_len=settings.seq_len, max_windows=settings.max_windows, top_records=settings.top_records,
                   random_records=settings.random_records, neurons=settings.neurons,
-                  min_activation_frequency=float(settings.min_activation_frequency), seed=settings.seed)
+                  min_activation_frequency=float(settings.min_activation_frequency),
+                  output_tokens=settings.output_tokens == "on", seed=settings.seed)
     explainer_fewshot = load_fewshot(f"{study.prompts}/explainer_fewshot.json")
     simulator_fewshot = load_fewshot(f"{study.prompts}/simulator_fewshot.json")
     # The prompt wording lives in method/prompts.py, so its source is part of each prompt version.

@@ -21,6 +21,7 @@ import pytest
 import torch
 from dagster import (
     AssetKey,
+    DagsterInstance,
     DataVersion,
     MaterializeResult,
     asset,
@@ -67,7 +68,9 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("staleness")
     model = build_tiny_model("llama", tmp / "model", n_layers=2, max_positions=4096)
     served = build_tiny_model("llama", tmp / "served", n_layers=1, max_positions=4096)
-    with FakeOpenAIServer(served, digit_bias=6.0) as server, instance_for_test() as instance:
+    # An in-memory instance: the same storage code as a DAGSTER_HOME's, without opening a SQLite
+    # file per query (about 40% of a run's overhead); persistent instances: test_scale_out, test_ui.
+    with FakeOpenAIServer(served, digit_bias=6.0) as server, DagsterInstance.ephemeral() as instance:
         settings = remote(tiny_settings(model, tmp, shards=1, neurons="first:2", max_windows=40, revision="on",
                                         control="shuffled", detection="on", embedding="on"), server)
         defs = build_definitions(settings)
@@ -312,6 +315,8 @@ CHANGES = [
     ("revision", lambda w: {"revision": "off"}, {"simulations", "scores", "detection_scores", "embedding_scores"},
      "none",
      "revised_explanations", None),
+    # a new variant: simulated, scored and judged (the LLM asked for it); putting it back asks nothing
+    ("output_tokens", lambda w: {"output_tokens": "on"}, {"explanations"}, "some", "output_variants", None),
     ("detection", lambda w: {"detection": "off"}, {"layer_summary"}, "none", "detection_scores", None),
     ("embedding", lambda w: {"embedding": "off"}, {"layer_summary"}, "none", "embedding_scores", None),
     # the import holds our own llm explanations: their simulations come from the cache
@@ -326,7 +331,8 @@ CHANGES = [
 # test_each_setting_enters_exactly_its_source (refreshing them too would repeat the same runs).
 # New weights are test_new_weights_in_one_layer_rerun_exactly_that_layer's.
 REFRESHED = ("corpus", "seq_len", "seed", "top_records", "neurons", "min_activation_frequency", "explainer_model",
-             "simulation_method", "control", "failed_tokens", "revision", "detection", "embedding", "import_from")
+             "simulation_method", "control", "failed_tokens", "output_tokens", "revision", "detection", "embedding",
+             "import_from")
 
 
 def test_each_setting_enters_exactly_its_source(world):

@@ -12,7 +12,7 @@ from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
-from neuron_assets.stages.capture import LayerRecords, capture_records
+from neuron_assets.stages.capture import N_OUTPUT_TOKENS, LayerRecords, capture_records, output_tokens_table
 
 ENOUGH_RECORDS = "every_neuron_has_enough_records"
 
@@ -42,7 +42,9 @@ def build_neuron_records(layout: Layout):
         backfill_policy=dg.BackfillPolicy.single_run(),
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
-        code_version="6",  # 4: the stats column max is max_activation. 5: the stats column active_share. 6: activation_frequency
+        # 4: the stats column max is max_activation. 5: the stats column active_share. 6: activation_frequency.
+        # 7: the output_tokens table
+        code_version="7",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -51,7 +53,8 @@ def build_neuron_records(layout: Layout):
                                        description="every neuron has >= 20 top and >= 15 random records")],
         description="Per MLP neuron: top records (windows with the highest max activation), random "
         "and quantile records, activation stats, and hard negatives (windows holding the neuron's top tokens "
-        "that stay under 10% of its peak). One forward pass fills every layer in the run, and one bounded "
+        "that stay under 10% of its peak), and the tokens its output direction promotes most (through the "
+        "final norm and the unembedding). One forward pass fills every layer in the run, and one bounded "
         "second pass over the candidate windows of all its layers finds the hard negatives.",
     )
     def neuron_records(
@@ -62,10 +65,14 @@ def build_neuron_records(layout: Layout):
         captured = capture_records(subject_model, windows.list.to_array(study.seq_len).to_numpy(),
                                    [int(k) for k in keys], study.top_records, study.random_records, study.seed,
                                    progress_log(context), f"layers {keys[0]}..{keys[-1]}")
+        decode = subject_model.tokenizer().decode
         hashes = []
         for key, layer in zip(keys, captured.layers.values()):
+            promoted = output_tokens_table(*subject_model.promoted_tokens(int(key), N_OUTPUT_TOKENS),
+                                           lambda token_id: decode([token_id]))
             hashes.append(storage.write(layer.records, "neuron_records", key, "records")
-                          + storage.write(layer.stats, "neuron_records", key, "stats"))
+                          + storage.write(layer.stats, "neuron_records", key, "stats")
+                          + storage.write(promoted, "neuron_records", key, "output_tokens"))
             context.add_asset_metadata(
                 _layer_metadata(layer, hashes[-1], str(storage.path("neuron_records", key, "records"))),
                 partition_key=key)

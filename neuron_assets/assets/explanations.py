@@ -11,11 +11,11 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
-from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units, rare_reasons
+from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units, promoted_by_unit, rare_reasons
 from neuron_assets.stages.records import records_of, tokens_by_seq
 
 # bump when the explanation logic changes; the prompt version is appended. 3: inputs_version. 4: cost_usd.
-# 5: rare units get a reason row
+# 5: rare units get a reason row; the output_tokens variant
 CODE_VERSION = "5"
 
 
@@ -23,7 +23,8 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
     @dg.asset(
         partitions_def=layer_shard_partitions(layout),
         deps=[dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer")),
-              corpus_tokens, "explainer", "sampling", "neuron_selection", "rare_units"],
+              corpus_tokens, "explainer", "sampling", "neuron_selection", "rare_units",
+              "output_variants"],
         code_version=f"{CODE_VERSION}-{prompt_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
@@ -31,7 +32,8 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         group_name="explanations",
         pool="llm",
         description="Explanations per neuron: 'llm' (the explainer sees the 5 train top records) and "
-        "'token_baseline' (no LLM: the tokens with the highest mean activation). A neuron that "
+        "'token_baseline' (no LLM: the tokens with the highest mean activation), and with "
+        "NEURON_ASSETS_OUTPUT_TOKENS=on 'output_tokens' (no LLM: the tokens its output promotes). A neuron that "
         "cannot be explained (dead, rare, short of records) is a row with an error saying why.",
     )
     def explanations(
@@ -48,7 +50,9 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         result = explain_units(
             int(layer_key), neurons, records, tokens_by_seq(storage.read("corpus_tokens")), previous, explainer,
             fewshot, prompt_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
-            report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}", rare=rare)
+            report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}", rare=rare,
+            promoted=(promoted_by_unit(storage.read("neuron_records", layer_key, "output_tokens"))
+                      if study.output_tokens else None))
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())

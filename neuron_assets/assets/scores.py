@@ -6,7 +6,7 @@ import polars as pl
 import dagster as dg
 
 from neuron_assets.assets.common import (OWNERS, layer_and_shard, markdown_table, percentiles, viewer_page)
-from neuron_assets.automation import ON_CHANGE
+from neuron_assets.automation import ON_CHANGE, ON_SCORES_CHANGE
 from neuron_assets.checks import scores_in_range
 from neuron_assets.partitions import Layout, layer_partitions, layer_shard_partitions
 from neuron_assets.plots import png_markdown, score_by_layer, score_histogram
@@ -138,7 +138,7 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
         # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative; the
         # quality report shows errors. 5: mean embedding AUROCs and their control's. 6: dead and rare units.
         code_version="6",
-        automation_condition=ON_CHANGE,
+        automation_condition=ON_SCORES_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
         group_name="summaries",

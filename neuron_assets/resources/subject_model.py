@@ -13,6 +13,7 @@ from neuron_assets.resources.models import (
     load_causal_lm,
     model_shape,
     neuron_module,
+    output_logits,
 )
 
 
@@ -44,6 +45,19 @@ class SubjectModel(ConfigurableResource):
     def layer_hashes(self, layers: list[int]) -> dict[int, str]:
         """{layer: hash of that layer's weights}, read from the checkpoint on disk (not the cached model)."""
         return layer_weight_hashes(self.model, self.cache, layers, self.device)
+
+    def promoted_tokens(self, layer: int, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, logits), int64 and float32 [neurons, k], best first: per neuron of `layer`, the
+        k tokens its output direction promotes most (resources/models.py `output_logits`)."""
+        model, _ = self.load()
+        n = self.shape().n_neurons
+        ids, logits = [], []
+        with torch.inference_mode():
+            for start in range(0, n, chunk):  # bounded memory: chunk x vocabulary logits at a time
+                top = torch.topk(output_logits(model, layer, slice(start, min(start + chunk, n))), k, dim=-1)
+                ids.append(top.indices.cpu().numpy())
+                logits.append(top.values.cpu().numpy())
+        return np.concatenate(ids), np.concatenate(logits)
 
     def neuron_activations(self, windows: np.ndarray, layers: list[int]) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
         """Yield (first window index, {layer: float32 [B, T, N]}) per batch of token windows.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from neuron_assets.method.baseline import token_baseline
+from neuron_assets.method.baseline import output_tokens_explanation, token_baseline
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.stages.records import max_activation, records_hash
@@ -23,6 +23,7 @@ SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanat
           "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
           "cache_hit": pl.Boolean, "code_version": pl.String, "inputs_version": pl.String, "error": pl.String}
 VARIANTS = ("llm", "token_baseline")
+OUTPUT_TOKENS = "output_tokens"  # with NEURON_ASSETS_OUTPUT_TOKENS=on: what the unit's output promotes
 
 
 def explanation_row(layer: int, neuron: int, variant: str, text: str | None, model: str, prompt_version: str,
@@ -96,23 +97,32 @@ def rare_reasons(stats: pl.DataFrame, rare: list[int], min_frequency: float) -> 
                   f"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY={min_frequency:g}; not explained" for unit in rare}
 
 
+def promoted_by_unit(output_tokens: pl.DataFrame) -> dict[int, list[str]]:
+    """{unit: its promoted tokens, best first} from neuron_records' output_tokens table."""
+    ranked = output_tokens.sort("neuron", "rank").group_by("neuron", maintain_order=True).agg("token")
+    return dict(zip(ranked["neuron"].to_list(), ranked["token"].to_list()))
+
+
 def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int, list[str]],
                   previous: pl.DataFrame | None, explainer, fewshot: list[dict], prompt_version: str, seed: int,
                   code_version: str, report: Callable[[ProgressState], None] = print,
-                  what: str = "explaining", rare: dict[int, str] | None = None) -> Explained:
+                  what: str = "explaining", rare: dict[int, str] | None = None,
+                  promoted: dict[int, list[str]] | None = None) -> Explained:
     """Explain `units` of `layer` from their `records` ({unit: {kind: [(seq_id, activations)]}}, also
     for the `previous_units`) and the corpus `tokens`; `explainer` is an LLM (resources/llm.py) and
     `previous` the table's rows from its last run (reused where records, explainer version, seed,
     prompt and code are the same; kept for units the selection left out, `kept_units`). A unit of
-    `rare` ({unit: reason}, `rare_reasons`) gets rows with that reason as their error, and no LLM work."""
+    `rare` ({unit: reason}, `rare_reasons`) gets rows with that reason as their error, and no LLM work.
+    With `promoted` ({unit: tokens}, `promoted_by_unit`) each unit also gets an `output_tokens` row."""
     inputs = digest([explainer.version("explainer"), seed])
     kept = kept_units(units, records, previous, inputs, code_version)
     rare = rare or {}
+    variants = VARIANTS if promoted is None else (*VARIANTS, OUTPUT_TOKENS)
     rows, pending, reused, hits = [], [], 0, 0
     for unit in sorted([*units, *kept]):
         if unit in rare:
             rows += [explanation_row(layer, unit, v, None, explainer.label, prompt_version, None, error=rare[unit])
-                     for v in VARIANTS]
+                     for v in variants]
             continue
         kinds = records[unit]
         try:
@@ -120,19 +130,23 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
             negatives = split_random(kinds.get("random", []))["calibration"]
         except ValueError as e:
             rows += [explanation_row(layer, unit, v, None, explainer.label, prompt_version, None,
-                                     error=f"not enough records: {e}") for v in VARIANTS]
+                                     error=f"not enough records: {e}") for v in variants]
             continue
         rhash = records_hash(train)
         top_max = max_activation(kinds["top"])
         if top_max <= 0:
             reason = f"neuron never activates: max activation {top_max:.4g} <= 0 over the corpus"
             rows += [explanation_row(layer, unit, v, None, explainer.label, prompt_version, rhash, error=reason)
-                     for v in VARIANTS]
+                     for v in variants]
             continue
         shown = [(tokens[s], acts) for s, acts in train]
         baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
         rows.append(explanation_row(layer, unit, "token_baseline", baseline, "none", prompt_version, rhash,
                                     error=None if baseline else "no token has a positive mean activation"))
+        if promoted is not None:
+            output = output_tokens_explanation(promoted.get(unit, []))
+            rows.append(explanation_row(layer, unit, OUTPUT_TOKENS, output, "none", prompt_version, rhash,
+                                        error=None if output else "the unit's output promotes no printable token"))
         earlier = reusable_explanation(previous, unit, rhash, inputs, code_version)
         if earlier:  # same records, explainer, seed and prompt: no LLM call, and an identical row
             rows.append(earlier)
