@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from dagster import AssetKey, DagsterEventType, EventRecordsFilter, instance_for_test
-from pipeline import run_graph, tiny_settings
+from dagster import AssetKey, DagsterEventType, EventRecordsFilter
+from pipeline import in_memory_instance, run_graph, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.resources.models import load_causal_lm, neuron_module
@@ -20,7 +20,7 @@ def graph(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     model = build_tiny_model(request.param, tmp / "model", n_layers=2, max_positions=4096)
     settings = tiny_settings(model, tmp)
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00", "01"))
         yield settings, storage, instance
 
@@ -147,7 +147,7 @@ def test_a_neuron_that_never_activates_is_an_error_row(tmp_path):
         model.model.layers[0].mlp.up_proj.weight[1].zero_()
     model.save_pretrained(model_dir)
     settings = tiny_settings(model_dir, tmp_path, shards=1)
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",))
     explanations = storage.read("explanations", "00|00-63")
     dead = explanations.filter(pl.col("neuron") == 1)

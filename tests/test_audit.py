@@ -25,9 +25,8 @@ from dagster import (
     MaterializeResult,
     MultiToSingleDimensionPartitionMapping,
     asset,
-    instance_for_test,
 )
-from pipeline import run_graph, tiny_settings
+from pipeline import in_memory_instance, run_graph, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.assets.common import CONTENT_HASH
@@ -59,7 +58,7 @@ def graph(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
     model = build_tiny_model("gpt2", tmp / "model", n_layers=1, max_positions=4096)
     settings = tiny_settings(model, tmp, revision="on", control="shuffled", detection="on")
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",), shards=[SHARD])
         yield settings, storage, instance, build_definitions(settings)
 

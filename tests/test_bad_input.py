@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from dagster import AssetKey, instance_for_test
-from pipeline import tiny_settings
+from dagster import AssetKey
+from pipeline import in_memory_instance, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.runs import materialize_runs
@@ -78,7 +78,7 @@ def test_layers_outside_the_model_and_bad_numbers(monkeypatch):
 
 def test_window_longer_than_the_context_fails_and_keeps_the_documents(tiny_model, tmp_path):
     good = tiny_settings(tiny_model, tmp_path, seq_len=16)
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         materialize_runs(build_definitions(good), instance, [(("corpus_documents", "corpus_tokens"), None)], log=print)
         storage = TableStorage(root=good.storage)
         before = storage.path("corpus_tokens").read_bytes()

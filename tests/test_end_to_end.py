@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from dagster import AssetKey, DagsterInstance, instance_for_test
-from pipeline import run_graph, tiny_settings
+from dagster import AssetKey, DagsterInstance
+from pipeline import in_memory_instance, run_graph, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.cli import score_table
@@ -29,7 +29,7 @@ def test_embedded_model_one_layer_one_neuron(tmp_path, monkeypatch):
     # this model in `make demo`; one neuron keeps this the suite's one run of the real model short
     settings = replace(defaults, storage=str(tmp_path / "data"), max_windows=160, neurons="first:1",
                        revision="off", control="none", detection="off")
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",), shards=["0000-0191"])
     tokens = storage.read("corpus_tokens")
     assert tokens.height == 160 and len(tokens["tokens"][0]) == 64

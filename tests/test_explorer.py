@@ -9,9 +9,8 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
-from dagster import instance_for_test
 from oracle_server import OracleServer
-from pipeline import remote, run_graph, tiny_settings
+from pipeline import in_memory_instance, remote, run_graph, tiny_settings
 from tiny_models import build_token_neuron_model
 
 from neuron_assets import cli
@@ -71,7 +70,7 @@ def study(tmp_path_factory):
     with OracleServer() as server:
         settings = replace(remote(tiny_settings(model, tmp, neurons="first:3", shards=1), server),
                            simulation_method="json")
-        with instance_for_test() as instance:
+        with in_memory_instance() as instance:
             run_graph(settings, instance, ("00",))
     return settings
 

@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 import polars as pl
 import torch
-from dagster import AssetKey, instance_for_test
-from pipeline import tiny_settings
+from dagster import AssetKey
+from pipeline import in_memory_instance, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.runs import materialize_runs
@@ -45,7 +45,7 @@ def test_hard_negatives_hold_top_tokens_stay_quiet_and_match_a_fresh_forward_pas
     model_dir = build_tiny_model("gpt2", tmp_path / "model", n_layers=2, max_positions=4096)
     settings = tiny_settings(model_dir, tmp_path, max_windows=200)
     defs = build_definitions(settings)
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         materialize_runs(defs, instance, [(("corpus_documents", "corpus_tokens"), None),
                                           (("neuron_records",), LAYERS)], log=lambda _: None)
         metadata = {r.partition_key: r.asset_materialization.metadata

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from dagster import instance_for_test
-from pipeline import tiny_settings
+from pipeline import in_memory_instance, tiny_settings
 from tiny_models import build_tiny_model, build_tokenizer
 
 from neuron_assets.definitions import build_definitions
@@ -43,7 +42,7 @@ def computed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("computed")
     model = build_tiny_model("gpt2", tmp / "gpt2", n_layers=2, max_positions=32)
     settings = tiny_settings(model, tmp)
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         materialize_runs(build_definitions(settings), instance, [(("corpus_documents", "corpus_tokens"), None)],
                          log=lambda _: None)
         yield settings, instance

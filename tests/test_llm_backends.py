@@ -5,9 +5,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from dagster import AssetKey, instance_for_test
+from dagster import AssetKey
 from openai_server import FakeOpenAIServer
-from pipeline import demo_runs, remote, tiny_settings
+from pipeline import demo_runs, in_memory_instance, remote, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.runs import materialize_runs
@@ -46,7 +46,7 @@ def run(settings, instance, runs):
 def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, monkeypatch):
     monkeypatch.setenv("NEURON_ASSETS_EXPLAINER_API_KEY", KEY)
     monkeypatch.setenv("NEURON_ASSETS_SIMULATOR_API_KEY", KEY)
-    with FakeOpenAIServer(served, api_key=KEY, digit_bias=6.0) as server, instance_for_test() as instance:
+    with FakeOpenAIServer(served, api_key=KEY, digit_bias=6.0) as server, in_memory_instance() as instance:
         settings = remote_settings(subject, tmp_path, server)
         storage = run(settings, instance, demo_runs(settings, ("00",), [SHARD]))
         explanations = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm")
@@ -86,7 +86,7 @@ def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, mo
                          [(False, True, "chat_logprobs"), (False, False, "json")])
 def test_probe_picks_the_best_method_the_endpoint_supports(subject, served, tmp_path, completions, chat_logprobs, method):
     with FakeOpenAIServer(served, completions=completions, chat_logprobs=chat_logprobs, digit_bias=6.0) as server, \
-            instance_for_test() as instance:
+            in_memory_instance() as instance:
         settings = remote_settings(subject, tmp_path, server, neurons="first:1")
         storage = run(settings, instance, demo_runs(settings, ("00",), [SHARD]))
         sims = storage.read("simulations", f"00|{SHARD}")
@@ -99,7 +99,7 @@ def test_probe_picks_the_best_method_the_endpoint_supports(subject, served, tmp_
 
 
 def test_failing_requests_become_error_rows_and_the_shard_completes(subject, served, tmp_path):
-    with FakeOpenAIServer(served, digit_bias=6.0) as server, instance_for_test() as instance:
+    with FakeOpenAIServer(served, digit_bias=6.0) as server, in_memory_instance() as instance:
         settings = remote_settings(subject, tmp_path, server, llm_retries=0, llm_concurrency=1)
         run(settings, instance, demo_runs(settings, ("00",), [SHARD])[:3])  # weights, corpus and records first
         server.script(["500"])  # the first explainer request fails, with no retry left

@@ -5,8 +5,7 @@ variant simulated, scored and controlled like every other (NEURON_ASSETS_OUTPUT_
 import polars as pl
 import pytest
 import torch
-from dagster import DagsterInstance
-from pipeline import run_graph, tiny_settings
+from pipeline import in_memory_instance, run_graph, tiny_settings
 from tiny_models import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,7 +68,7 @@ def test_the_output_tokens_variant_is_simulated_scored_and_controlled(tmp_path):
     plant(path, "llama")
     settings = tiny_settings(path, tmp_path, shards=1, neurons=f"list:0,{PLANTED_NEURON}", output_tokens="on",
                              control="shuffled")
-    with DagsterInstance.ephemeral() as instance:
+    with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",))
     promoted = storage.read("neuron_records", "00", "output_tokens")
     assert dict(promoted.schema) == OUTPUT_TOKENS_SCHEMA and promoted["neuron"].n_unique() == 64

@@ -9,8 +9,8 @@ import re
 import matplotlib.image
 import polars as pl
 import pytest
-from dagster import AssetKey, MetadataValue, instance_for_test
-from pipeline import tiny_settings
+from dagster import AssetKey, MetadataValue
+from pipeline import in_memory_instance, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.assets.common import viewer_page
@@ -119,7 +119,10 @@ def summaries(tmp_path_factory):
     for layer, by_shard in SCORES.items():
         for shard, rows in zip(shards, by_shard):
             storage.write(scores_table(layer, rows), "scores", f"{layer:02d}|{shard}")
-    with instance_for_test() as instance:
+        # the layer summary also reads which units are dead: neuron 5 of every layer
+        storage.write(pl.DataFrame({"neuron": range(8), "activation_frequency": [0.5] * 5 + [0.0] + [0.5] * 2}),
+                      "neuron_records", f"{layer:02d}", "stats")
+    with in_memory_instance() as instance:
         materialize_runs(defs, instance, [(("layer_summary",), "00"), (("layer_summary",), "01"),
                                           (("model_summary",), None)], log=lambda _: None)
         layers = {r.partition_key: r.asset_materialization.metadata
@@ -166,6 +169,8 @@ def test_layer_summary_shows_the_histogram_of_real_variants(summaries):
     assert histogram == score_histogram(by_variant([0]))
     assert histogram != score_histogram({**by_variant([0]), "llm_shuffled": [0.99, -0.97, 0.02, 0.05]})
     assert image(layers["01"], "score histogram") == score_histogram(by_variant([1])) != histogram
+    assert (layers["00"]["dead units (not explained)"].value, layers["00"]["rare units (not explained)"].value) == (
+        "1: 5", "0")
 
 
 def test_layer_summary_lists_the_best_and_the_worst_neurons(summaries):

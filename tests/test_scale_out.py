@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 import requests
 import s3fs
-from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, instance_for_test
+from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
 from openai_server import FakeOpenAIServer
-from pipeline import demo_runs, remote, run_graph, tiny_settings
+from pipeline import demo_runs, in_memory_instance, remote, run_graph, tiny_settings
 from services import free_port, postgres_server
 from tiny_models import build_tiny_model
 
@@ -58,7 +58,7 @@ def test_graph_on_s3_equals_the_local_graph(subject, served, tmp_path, s3, monke
                                      storage="s3://study/run-1"), server)
         (tmp_path / "local").mkdir()
         local = remote(tiny_settings(subject, tmp_path / "local", layers="0"), server)
-        with instance_for_test() as instance:
+        with in_memory_instance() as instance:
             ours = tables(run_graph(on_s3, instance, ("00",), [SHARD]))
             requests = len(server.requests)
             # Lose the tables, keep the response cache on S3: every answer comes from it.
@@ -67,7 +67,7 @@ def test_graph_on_s3_equals_the_local_graph(subject, served, tmp_path, s3, monke
             materialize_runs(build_definitions(on_s3), instance,
                              [(("explanations", "simulations", "scores"), f"00|{SHARD}")], log=lambda _: None)
             assert len(server.requests) == requests
-            with instance_for_test() as other:
+            with in_memory_instance() as other:
                 theirs = tables(run_graph(local, other, ("00",), [SHARD]))
     keys = s3.find("study/run-1")
     for asset in ("corpus_tokens", "neuron_records", "explanations", "simulations", "scores", "layer_summary"):
@@ -84,7 +84,7 @@ def test_graph_on_s3_equals_the_local_graph(subject, served, tmp_path, s3, monke
 
 def test_bad_s3_settings_name_the_setting_and_write_nothing(subject, tmp_path, s3, monkeypatch):
     missing = tiny_settings(subject, tmp_path, layers="0", storage="s3://no-such-bucket/run")
-    with instance_for_test() as instance, pytest.raises(SystemExit, match="bucket 'no-such-bucket' does not exist.*"
+    with in_memory_instance() as instance, pytest.raises(SystemExit, match="bucket 'no-such-bucket' does not exist.*"
                                                                            "NEURON_ASSETS_STORAGE"):
         materialize_runs(build_definitions(missing), instance, [(("corpus_documents",), None)], log=lambda _: None)
 
@@ -152,7 +152,7 @@ def test_parallel_runs_on_postgresql_equal_a_serial_run(subject, tmp_path, monke
         storage = TableStorage(root=settings.storage)
         instance.dispose()
 
-    with instance_for_test() as other:
+    with in_memory_instance() as other:
         serial = run_graph(replace(settings, storage=str(tmp_path / "serial"), workers=1), other, ("00", "01"), [shard])
     for asset, partition in [("explanations", f"00|{shard}"), ("explanations", f"01|{shard}"),
                              ("simulations", f"01|{shard}"), ("scores", f"00|{shard}"), ("scores", f"01|{shard}"),

@@ -21,17 +21,15 @@ import pytest
 import torch
 from dagster import (
     AssetKey,
-    DagsterInstance,
     DataVersion,
     MaterializeResult,
     asset,
     build_schedule_context,
     build_sensor_context,
     evaluate_automation_conditions,
-    instance_for_test,
 )
 from openai_server import FakeOpenAIServer
-from pipeline import remote, tiny_settings
+from pipeline import in_memory_instance, remote, tiny_settings
 from tiny_models import build_tiny_model
 
 from neuron_assets.assets.common import CACHE_HITS, CACHE_MISSES, REUSED
@@ -68,9 +66,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("staleness")
     model = build_tiny_model("llama", tmp / "model", n_layers=2, max_positions=4096)
     served = build_tiny_model("llama", tmp / "served", n_layers=1, max_positions=4096)
-    # An in-memory instance: the same storage code as a DAGSTER_HOME's, without opening a SQLite
-    # file per query (about 40% of a run's overhead); persistent instances: test_scale_out, test_ui.
-    with FakeOpenAIServer(served, digit_bias=6.0) as server, DagsterInstance.ephemeral() as instance:
+    with FakeOpenAIServer(served, digit_bias=6.0) as server, in_memory_instance() as instance:
         settings = remote(tiny_settings(model, tmp, shards=1, neurons="first:2", max_windows=40, revision="on",
                                         control="shuffled", detection="on", embedding="on"), server)
         defs = build_definitions(settings)
@@ -465,7 +461,7 @@ def test_an_asset_added_to_the_definitions_is_refreshed_unedited(world):
 def test_missing_partitions_are_proposed_only_where_their_inputs_exist(world, tmp_path):
     defs = build_definitions(replace(world.settings, storage=str(tmp_path / "data")))
     shape = shape_of(defs)
-    with instance_for_test() as instance:
+    with in_memory_instance() as instance:
         assert stale_partitions(defs, instance) == [("corpus_documents", None, "missing; its inputs exist")]
         materialize_runs(defs, instance, [(("corpus_documents", "corpus_tokens"), None)], log=quiet)
         stale = stale_partitions(defs, instance)

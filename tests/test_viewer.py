@@ -11,9 +11,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 from browser import chromium
-from dagster import AssetKey, instance_for_test
+from dagster import AssetKey
 from oracle_server import OracleServer
-from pipeline import remote, run_graph, tiny_settings
+from pipeline import in_memory_instance, remote, run_graph, tiny_settings
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from tiny_models import build_token_neuron_model
@@ -46,7 +46,7 @@ def viewer(tmp_path_factory):
         settings = replace(remote(tiny_settings(model, tmp, neurons="first:3", shards=1, seq_len=32,
                                                 max_windows=200), server),
                            corpus=str(hostile_corpus(tmp / "hostile.jsonl")), simulation_method="json")
-        with instance_for_test() as instance:
+        with in_memory_instance() as instance:
             storage = run_graph(settings, instance, ("00",))
             yield settings, storage, instance
 
