@@ -21,7 +21,7 @@ from neuron_assets.assets.simulations import build_simulations
 from neuron_assets.assets.viewer import build_neuron_viewer, build_neuron_viewer_index
 from neuron_assets.assets.weights import build_subject_model_weights
 from neuron_assets.automation import automation_sensor, build_nightly_schedule, build_refresh_sensor
-from neuron_assets.method import detection, prompts, revision
+from neuron_assets.method import detection, output, prompts, revision
 from neuron_assets.method.prompts import load_fewshot, prompt_version
 from neuron_assets.partitions import build_layout
 from neuron_assets.resources.corpus import CorpusSource
@@ -45,7 +45,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     study = Study(seq_len=settings.seq_len, max_windows=settings.max_windows, top_records=settings.top_records,
                   random_records=settings.random_records, neurons=settings.neurons,
                   min_activation_frequency=float(settings.min_activation_frequency),
-                  output_tokens=settings.output_tokens == "on", seed=settings.seed)
+                  output_variants=settings.output_variants == "on", seed=settings.seed)
     explainer_fewshot = load_fewshot(f"{study.prompts}/explainer_fewshot.json")
     simulator_fewshot = load_fewshot(f"{study.prompts}/simulator_fewshot.json")
     # The prompt wording lives in method/prompts.py, so its source is part of each prompt version.
@@ -65,7 +65,9 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
         corpus_documents,
         corpus_tokens,
         build_neuron_records(layout),
-        build_explanations(layout, explainer_version, explainer_fewshot),
+        # the output variants' wording (method/output.py) versions their explanations only when they are on
+        build_explanations(layout, prompt_version(explainer_version, inspect.getsource(output))
+                           if study.output_variants else explainer_version, explainer_fewshot),
         *optional,
         build_simulations(layout, simulator_version, simulator_fewshot, sources, control),
         build_scores(layout, sources, control, settings.failed_tokens),

@@ -35,7 +35,7 @@ SOURCES = {
     "neuron_selection": "which neurons of each shard are explained (NEURON_ASSETS_NEURONS)",
     "rare_units": "which units are too rarely active to explain: an activation frequency under "
                   "NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY",
-    "output_variants": "whether units are also explained by the tokens their output promotes (NEURON_ASSETS_OUTPUT_TOKENS)",
+    "output_variants": "whether units are also explained from the tokens their output promotes (NEURON_ASSETS_OUTPUT_VARIANTS)",
     "explainer": "the explainer LLM: backend, model (with its files, for a local model) and endpoint",
     "simulator": "the simulator LLM (also the detection judge): backend, model (with its files, for a local "
                  "model), endpoint and simulation method",
@@ -280,10 +280,11 @@ SETTINGS = (
             "a failed token (the simulator gave no value 0-10; counted either way): 'zero' scores it as an "
             "expected value of 0, the published reference's rule; 'drop' leaves it out of every score",
             enters="scoring", choices=("zero", "drop")),
-    Setting("NEURON_ASSETS_OUTPUT_TOKENS", "off",
-            "'on': an 'output_tokens' variant per unit, no LLM: the tokens its output direction promotes most "
-            "through the final norm and the unembedding, simulated and scored like the others (a third more "
-            "simulation); 'off' skips it", enters="output_variants", choices=("on", "off")),
+    Setting("NEURON_ASSETS_OUTPUT_VARIANTS", "off",
+            "'on': two more variants per unit from the tokens its output direction promotes most through the final "
+            "norm and the unembedding: 'output_tokens' (those tokens as the explanation, no LLM) and 'llm_output' "
+            "(the explainer also reads them beside the records); simulated and scored like the others (about "
+            "2/3 more simulation); 'off' skips them", enters="output_variants", choices=("on", "off")),
     Setting("NEURON_ASSETS_DETECTION", "on",
             "'on': detection and fuzzing scores (the simulator LLM judges whole excerpts, with random and "
             "hard negatives); 'off' skips them", enters=GRAPH, choices=("on", "off")),
@@ -387,7 +388,7 @@ class Settings:
     revision: str
     control: str
     detection: str
-    output_tokens: str
+    output_variants: str
     embedding: str
     import_from: str
     failed_tokens: str

@@ -1,7 +1,9 @@
 """Output-centric explanations: the tokens a unit's output direction promotes through the final
-norm and the unembedding, found on tiny models with a planted neuron, and the `output_tokens`
-variant simulated, scored and controlled like every other (NEURON_ASSETS_OUTPUT_TOKENS=on)."""
+norm and the unembedding, found on tiny models with a planted neuron, and the `output_tokens` and
+`llm_output` variants simulated, scored and controlled like every other
+(NEURON_ASSETS_OUTPUT_VARIANTS=on)."""
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -9,10 +11,12 @@ from pipeline import in_memory_instance, run_graph, tiny_settings
 from tiny_models import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from neuron_assets.method.baseline import output_tokens_explanation
+from neuron_assets.method.output import output_tokens_explanation, promoted_tokens_note
+from neuron_assets.method.prompts import explainer_messages, load_fewshot
 from neuron_assets.resources.subject_model import SubjectModel
 from neuron_assets.stages.capture import OUTPUT_TOKENS_SCHEMA
-from neuron_assets.stages.explain import OUTPUT_TOKENS
+from neuron_assets.resources.study import PROMPTS
+from neuron_assets.stages.explain import LLM_OUTPUT, OUTPUT_TOKENS
 
 PLANTED_NEURON, WORD = 3, " class"
 
@@ -63,10 +67,23 @@ def test_the_output_phrase_names_distinct_printable_tokens_best_first():
     assert output_tokens_explanation([" ", "\n"]) is None
 
 
+def test_the_explainer_reads_the_promoted_tokens_after_the_records_and_before_the_closing_phrase():
+    note = promoted_tokens_note([" class", "class", "def"])
+    assert note == 'When this neuron fires, it pushes the model towards predicting "class" or "def" next.'
+    assert promoted_tokens_note([" "]) == ""
+    fewshot = load_fewshot(f"{PROMPTS}/explainer_fewshot.json")
+    records = [(["a", " cat"], np.array([0.0, 1.0]))]
+    plain = explainer_messages(records, fewshot, prefill=True)
+    with_note = explainer_messages(records, fewshot, prefill=True, note=note)
+    assert with_note[:-2] == plain[:-2] and with_note[-1] == plain[-1]  # only the target's user turn differs
+    before, closing = plain[-2]["content"].rsplit("\n", 1)
+    assert with_note[-2]["content"] == f"{before}\n{note}\n{closing}"
+
+
 def test_the_output_tokens_variant_is_simulated_scored_and_controlled(tmp_path):
     path = build_tiny_model("llama", tmp_path / "model", n_layers=1, max_positions=4096)
     plant(path, "llama")
-    settings = tiny_settings(path, tmp_path, shards=1, neurons=f"list:0,{PLANTED_NEURON}", output_tokens="on",
+    settings = tiny_settings(path, tmp_path, shards=1, neurons=f"list:0,{PLANTED_NEURON}", output_variants="on",
                              control="shuffled")
     with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",))
@@ -76,8 +93,10 @@ def test_the_output_tokens_variant_is_simulated_scored_and_controlled(tmp_path):
     assert explanations["neuron"].to_list() == [0, PLANTED_NEURON]
     planted = explanations.filter(pl.col("neuron") == PLANTED_NEURON)
     assert planted["text"][0].startswith('text followed by "class"') and planted["explainer_model"][0] == "none"
+    asked = storage.read("explanations", "00|00-63").filter(pl.col("variant") == LLM_OUTPUT)
+    assert asked["neuron"].to_list() == [0, PLANTED_NEURON] and (asked["explainer_model"] != "none").all()
     scores = storage.read("scores", "00|00-63")
-    assert {OUTPUT_TOKENS, f"{OUTPUT_TOKENS}_shuffled"} <= set(scores["variant"])
+    variants = {OUTPUT_TOKENS, LLM_OUTPUT}
+    assert variants | {f"{v}_shuffled" for v in variants} <= set(scores["variant"])
     assert scores.filter(pl.col("variant") == OUTPUT_TOKENS)["error"].is_null().all()
-    report = storage.read("model_summary")
-    assert OUTPUT_TOKENS in report["variant"].to_list()
+    assert variants <= set(storage.read("model_summary")["variant"])

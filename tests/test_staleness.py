@@ -311,8 +311,8 @@ CHANGES = [
     ("revision", lambda w: {"revision": "off"}, {"simulations", "scores", "detection_scores", "embedding_scores"},
      "none",
      "revised_explanations", None),
-    # a new variant: simulated, scored and judged (the LLM asked for it); putting it back asks nothing
-    ("output_tokens", lambda w: {"output_tokens": "on"}, {"explanations"}, "some", "output_variants", None),
+    # two new variants: explained, simulated, scored and judged (the LLM asked); putting them back asks nothing
+    ("output_variants", lambda w: {"output_variants": "on"}, {"explanations"}, "some", "output_variants", None),
     ("detection", lambda w: {"detection": "off"}, {"layer_summary"}, "none", "detection_scores", None),
     ("embedding", lambda w: {"embedding": "off"}, {"layer_summary"}, "none", "embedding_scores", None),
     # the import holds our own llm explanations: their simulations come from the cache
@@ -327,7 +327,7 @@ CHANGES = [
 # test_each_setting_enters_exactly_its_source (refreshing them too would repeat the same runs).
 # New weights are test_new_weights_in_one_layer_rerun_exactly_that_layer's.
 REFRESHED = ("corpus", "seq_len", "seed", "top_records", "neurons", "min_activation_frequency", "explainer_model",
-             "simulation_method", "control", "failed_tokens", "output_tokens", "revision", "detection", "embedding",
+             "simulation_method", "control", "failed_tokens", "output_variants", "revision", "detection", "embedding",
              "import_from")
 
 

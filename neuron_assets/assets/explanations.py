@@ -15,7 +15,7 @@ from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units, 
 from neuron_assets.stages.records import records_of, tokens_by_seq
 
 # bump when the explanation logic changes; the prompt version is appended. 3: inputs_version. 4: cost_usd.
-# 5: rare units get a reason row; the output_tokens variant
+# 5: rare units get a reason row; the output variants
 CODE_VERSION = "5"
 
 
@@ -33,7 +33,8 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         pool="llm",
         description="Explanations per neuron: 'llm' (the explainer sees the 5 train top records) and "
         "'token_baseline' (no LLM: the tokens with the highest mean activation), and with "
-        "NEURON_ASSETS_OUTPUT_TOKENS=on 'output_tokens' (no LLM: the tokens its output promotes). A neuron that "
+        "NEURON_ASSETS_OUTPUT_VARIANTS=on 'output_tokens' (no LLM: the tokens its output promotes) and "
+        "'llm_output' (the explainer also reads them). A neuron that "
         "cannot be explained (dead, rare, short of records) is a row with an error saying why.",
     )
     def explanations(
@@ -52,7 +53,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
             fewshot, prompt_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
             report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}", rare=rare,
             promoted=(promoted_by_unit(storage.read("neuron_records", layer_key, "output_tokens"))
-                      if study.output_tokens else None))
+                      if study.output_variants else None))
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())

@@ -1,6 +1,6 @@
-"""Explanations built without an LLM (docs/method.md, Explanation): the token baseline names the
-tokens with the highest mean activation (a real explanation should beat it); the output tokens
-name what the unit's output makes the model predict next.
+"""Token baseline explainer: an explanation built without an LLM (docs/method.md, Explanation).
+
+It names the tokens with the highest mean activation; a real explanation should beat it.
 """
 
 import json
@@ -38,16 +38,3 @@ def token_baseline(
     if len(quoted) == 1:
         return f"the token {quoted[0]}"
     return f"the tokens {', '.join(quoted[:-1])} and {quoted[-1]}"
-
-
-def output_tokens_explanation(tokens: list[str], n_tokens: int = 5) -> str | None:
-    """Phrase continuing "the main thing this neuron does is find", from the tokens the unit's output
-    direction promotes most (best first): `text followed by "x", "y" or "z"`. Tokens are compared
-    stripped; whitespace-only ones and repeats (" the" after "the") are skipped; at most `n_tokens`
-    are named, quoted as JSON strings. None if no token is left."""
-    named = list(dict.fromkeys(t.strip() for t in tokens if t.strip()))[:n_tokens]
-    if not named:
-        return None
-    quoted = [json.dumps(t, ensure_ascii=False) for t in named]
-    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
-    return f"text followed by {listed}"

@@ -63,9 +63,10 @@ def _closing(label: str) -> str:
     return f"Explanation of neuron {label} behavior: {EXPLANATION_PREFIX}"
 
 
-def _explainer_block(label: str, records: list[tuple[list[str], np.ndarray]]) -> str:
+def _explainer_block(label: str, records: list[tuple[list[str], np.ndarray]], note: str = "") -> str:
     """One neuron's records, repeated without zero lines when fewer than 20% of values are
-    non-zero (so sparse activations are not lost in a sea of zeros), then the closing phrase."""
+    non-zero (so sparse activations are not lost in a sea of zeros), then `note` (if any) on a
+    line of its own, then the closing phrase."""
     tokens = [list(t) for t, _ in records]
     values = normalized_values([a for _, a in records])
     text = f"Neuron {label}\nActivations:\n" + "".join(map(format_record, tokens, values))
@@ -77,15 +78,17 @@ def _explainer_block(label: str, records: list[tuple[list[str], np.ndarray]]) ->
         text += f"{ZEROS_FILTERED_NOTE}\n" + "".join(
             format_record([t for t, _ in rows], [v for _, v in rows]) for rows in kept
         )
-    return f"{text}\n{_closing(label)}"
+    ending = f"{note}\n{_closing(label)}" if note else _closing(label)
+    return f"{text}\n{ending}"
 
 
 def explainer_messages(
     records: list[tuple[list[str], np.ndarray]], fewshot: list[dict], neuron_label: str = "4",
-    prefill: bool = False,
+    prefill: bool = False, note: str = "",
 ) -> list[dict]:
     """Chat messages: system instruction, a user/assistant pair per few-shot neuron (labelled
-    1, 2, ...), then the target neuron's user turn, which ends with the closing phrase.
+    1, 2, ...), then the target neuron's user turn, which ends with `note` (more about the target,
+    e.g. method/output.py's promoted tokens) and the closing phrase.
 
     With `prefill` (backends that continue a final assistant message, like a local model), the
     answers restate the phrase and the target's answer is begun with it, so the model completes
@@ -97,7 +100,7 @@ def explainer_messages(
         shots = [(r["tokens"], np.asarray(r["activations"], np.float64)) for r in neuron["records"]]
         messages.append({"role": "user", "content": _explainer_block(str(i), shots)})
         messages.append({"role": "assistant", "content": f"{lead}{neuron['explanation']}."})
-    messages.append({"role": "user", "content": _explainer_block(neuron_label, records)})
+    messages.append({"role": "user", "content": _explainer_block(neuron_label, records, note)})
     if prefill:
         messages.append({"role": "assistant", "content": EXPLANATION_PREFIX})
     return messages

@@ -18,7 +18,7 @@ class Study(ConfigurableResource):
     random_records: int = 20
     neurons: str = "all"
     min_activation_frequency: float = 1e-5
-    output_tokens: bool = False  # also explain each unit by the tokens its output promotes
+    output_variants: bool = False  # also explain each unit from the tokens its output promotes
     seed: int = 0
     prompts: str = str(PROMPTS)
 

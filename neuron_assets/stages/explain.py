@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from neuron_assets.method.baseline import output_tokens_explanation, token_baseline
+from neuron_assets.method.baseline import token_baseline
+from neuron_assets.method.output import output_tokens_explanation, promoted_tokens_note
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.stages.records import max_activation, records_hash
 from neuron_assets.stages.results import Answer, Usage
-from neuron_assets.stages.seeds import unit_seed
+from neuron_assets.stages.seeds import EXPLAIN, EXPLAIN_OUTPUT, unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 from neuron_assets.versions import digest
 
@@ -23,7 +24,10 @@ SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanat
           "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
           "cache_hit": pl.Boolean, "code_version": pl.String, "inputs_version": pl.String, "error": pl.String}
 VARIANTS = ("llm", "token_baseline")
-OUTPUT_TOKENS = "output_tokens"  # with NEURON_ASSETS_OUTPUT_TOKENS=on: what the unit's output promotes
+# with NEURON_ASSETS_OUTPUT_VARIANTS=on (method/output.py): the tokens the unit's output promotes, as an
+# explanation (no LLM), and shown to the explainer beside the records
+OUTPUT_TOKENS, LLM_OUTPUT = "output_tokens", "llm_output"
+ASKED = {"llm": EXPLAIN, LLM_OUTPUT: EXPLAIN_OUTPUT}  # the variants the explainer writes: their seeds' purpose
 
 
 def explanation_row(layer: int, neuron: int, variant: str, text: str | None, model: str, prompt_version: str,
@@ -37,13 +41,14 @@ def explanation_row(layer: int, neuron: int, variant: str, text: str | None, mod
             **usage.row(), "inputs_version": inputs_version, "error": error}
 
 
-def reusable_explanation(previous: pl.DataFrame | None, neuron: int, rhash: str, inputs: str, code_version: str) -> dict | None:
-    """The neuron's earlier llm explanation, if it came from the same records, explainer version,
-    seed, prompt and code."""
+def reusable_explanation(previous: pl.DataFrame | None, neuron: int, rhash: str, inputs: str, code_version: str,
+                         variant: str = "llm") -> dict | None:
+    """The neuron's earlier explanation by `variant` (one the explainer writes), if it came from the
+    same records, explainer version, seed, prompt and code."""
     if previous is None or "inputs_version" not in previous.columns:
         return None
     match = previous.filter(
-        (pl.col("neuron") == neuron) & (pl.col("variant") == "llm") & pl.col("error").is_null()
+        (pl.col("neuron") == neuron) & (pl.col("variant") == variant) & pl.col("error").is_null()
         & (pl.col("records_hash") == rhash) & (pl.col("inputs_version") == inputs)
         & (pl.col("code_version") == code_version)
     )
@@ -84,7 +89,7 @@ class Explained:
     rows: list[dict]  # rows of SCHEMA, code_version and inputs_version filled in
     kept: int  # units outside the selection whose valid rows stay
     reused: int  # llm explanations taken from the previous rows
-    asked: int  # llm explanations asked of the explainer (from its response cache or not)
+    asked: int  # explanations asked of the explainer (from its response cache or not)
     cache_hits: int
     seconds: float
     model_seconds: float
@@ -113,11 +118,13 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
     `previous` the table's rows from its last run (reused where records, explainer version, seed,
     prompt and code are the same; kept for units the selection left out, `kept_units`). A unit of
     `rare` ({unit: reason}, `rare_reasons`) gets rows with that reason as their error, and no LLM work.
-    With `promoted` ({unit: tokens}, `promoted_by_unit`) each unit also gets an `output_tokens` row."""
+    With `promoted` ({unit: tokens}, `promoted_by_unit`) each unit also gets an `output_tokens` row and
+    an `llm_output` one (the explainer also reads its promoted tokens; for a kept unit only if reusable)."""
     inputs = digest([explainer.version("explainer"), seed])
     kept = kept_units(units, records, previous, inputs, code_version)
     rare = rare or {}
-    variants = VARIANTS if promoted is None else (*VARIANTS, OUTPUT_TOKENS)
+    variants = VARIANTS if promoted is None else (*VARIANTS, OUTPUT_TOKENS, LLM_OUTPUT)
+    selected = set(units)
     rows, pending, reused, hits = [], [], 0, 0
     for unit in sorted([*units, *kept]):
         if unit in rare:
@@ -143,31 +150,35 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
         baseline = token_baseline(shown + [(tokens[s], acts) for s, acts in negatives])
         rows.append(explanation_row(layer, unit, "token_baseline", baseline, "none", prompt_version, rhash,
                                     error=None if baseline else "no token has a positive mean activation"))
+        notes = {"llm": ""}
         if promoted is not None:
             output = output_tokens_explanation(promoted.get(unit, []))
             rows.append(explanation_row(layer, unit, OUTPUT_TOKENS, output, "none", prompt_version, rhash,
                                         error=None if output else "the unit's output promotes no printable token"))
-        earlier = reusable_explanation(previous, unit, rhash, inputs, code_version)
-        if earlier:  # same records, explainer, seed and prompt: no LLM call, and an identical row
-            rows.append(earlier)
-            reused += 1
-        else:
-            pending.append((unit, rhash, explainer_messages(shown, fewshot, prefill=explainer.continues_assistant_turn)))
+            notes[LLM_OUTPUT] = promoted_tokens_note(promoted.get(unit, []))
+        for variant, note in notes.items():
+            earlier = reusable_explanation(previous, unit, rhash, inputs, code_version, variant)
+            if earlier:  # same records, explainer, seed and prompt: no LLM call, and an identical row
+                rows.append(earlier)
+                reused += 1
+            elif unit in selected:  # a kept unit keeps what is valid, and is not asked anything new
+                pending.append((unit, variant, rhash, explainer_messages(
+                    shown, fewshot, prefill=explainer.continues_assistant_turn, note=note)))
 
-    progress = Progress(report, len(pending), what, "neurons")
+    progress = Progress(report, len(pending), what, "neurons" if promoted is None else "explanations")
     clock = ModelClock()
     for start in range(0, len(pending), explainer.batch_size):
         batch = pending[start : start + explainer.batch_size]
-        seeds = [unit_seed(seed, layer, unit) for unit, _, _ in batch]
+        seeds = [unit_seed(seed, layer, unit, ASKED[variant]) for unit, variant, _, _ in batch]
         try:
             with clock.running():
-                answers = explainer.complete([messages for _, _, messages in batch], seeds)
+                answers = explainer.complete([messages for _, _, _, messages in batch], seeds)
         except Exception as e:  # one failed batch becomes error rows, never a failed shard
             answers = [Answer.failed(f"explainer failed: {type(e).__name__}: {e}")] * len(batch)
         hits += sum(answer.usage.cache_hit for answer in answers)
-        for (unit, rhash, _), answer in zip(batch, answers):
+        for (unit, variant, rhash, _), answer in zip(batch, answers):
             text, error = explanation_text(answer, "explanation")
-            rows.append(explanation_row(layer, unit, "llm", text, explainer.label, prompt_version, rhash,
+            rows.append(explanation_row(layer, unit, variant, text, explainer.label, prompt_version, rhash,
                                         answer.usage, error))
         progress.advance(len(batch))
     rows = [{**row, "code_version": code_version, "inputs_version": inputs} for row in rows]

@@ -1,7 +1,7 @@
 """One seed per unit and purpose, so a unit's LLM request (and its cache key) does not depend on
 which other units share its batch or shard."""
 
-EXPLAIN, REVISE = 0, 1  # purposes that sample: the first explanation, its revision
+EXPLAIN, REVISE, EXPLAIN_OUTPUT = 0, 1, 2  # purposes that sample: the first explanation, its revision, llm_output
 
 
 def unit_seed(seed: int, layer: int, unit: int, purpose: int = EXPLAIN) -> int:
