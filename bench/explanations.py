@@ -75,7 +75,7 @@ def explainer_conversations(n: int, layer: int, windows: int) -> list[list[dict]
     corpus = token_windows(subject.tokenizer(), python_docs(), SEQ_LEN, max_windows=windows)
     token_ids = np.stack(corpus["token_ids"])
     sampler = RecordSampler(model_shape(MODEL, CACHE).n_neurons, SEQ_LEN, n_top=TRAIN_TOP, n_random=1, quantile_pool=1)
-    for start, acts in subject.neuron_activations(token_ids, [layer]):
+    for start, acts in subject.unit_activations(token_ids, [layer]):
         sampler.update(acts[layer], np.arange(start, start + len(acts[layer])))
     records, _ = sampler.finalize()
     top: dict[int, list] = {}

@@ -821,9 +821,9 @@ def _layer_keys(defs) -> list[str]:
 def layer_key_of(defs, settings, layer) -> str:
     """The layer key of a layer number; a clear error for a layer outside the model or outside
     NEURON_ASSETS_LAYERS."""
-    from neuron_assets.resources.models import model_shape
+    from neuron_assets.definitions import subject_model_of
 
-    shape = model_shape(settings.model, settings.cache)
+    shape = subject_model_of(settings).unit_shape()
     try:
         layer = int(layer)
     except ValueError:
@@ -832,27 +832,27 @@ def layer_key_of(defs, settings, layer) -> str:
         raise AuditError(f"layer {layer} is outside the model, which has layers 0-{shape.n_layers - 1}")
     layer_key = next((k for k in _layer_keys(defs) if int(k) == layer), None)
     if layer_key is None:
-        raise AuditError(f"layer {layer} is not among the layers in force (NEURON_ASSETS_LAYERS={settings.layers})")
+        raise AuditError(f"layer {layer} is not among the layers in force (NEURON_ASSETS_LAYERS={settings.layers}, "
+                         f"NEURON_ASSETS_UNITS={settings.units})")
     return layer_key
 
 
 def locate(defs, settings, layer, neuron) -> tuple[str, str]:
     """(layer key, shard key) of a neuron, from the scores asset's partitions; clear errors for a
     layer or neuron outside the model, outside NEURON_ASSETS_LAYERS, or not selected."""
-    from neuron_assets.resources.models import model_shape
     from neuron_assets.resources.study import Study
     from neuron_assets.settings import NeuronSelection
 
-    shape = model_shape(settings.model, settings.cache)
     try:
         layer, neuron = int(layer), int(neuron)
     except ValueError:
         raise AuditError(f"layer and neuron are numbers, got {layer!r} {neuron!r}") from None
     layer_key = layer_key_of(defs, settings, layer)
-    if not 0 <= neuron < shape.n_neurons:
-        raise AuditError(f"neuron {neuron} is outside the model, whose layers have neurons 0-{shape.n_neurons - 1}")
     partitions = defs.resolve_assets_def(ROOT).partitions_def
     shard_keys = partitions.get_partitions_def_for_dimension("shard").get_partition_keys()
+    n_units = int(shard_keys[-1].split("-")[1]) + 1
+    if not 0 <= neuron < n_units:
+        raise AuditError(f"unit {neuron} is outside layer {layer_key}, whose units are 0-{n_units - 1}")
     shard_key = next(k for k in shard_keys if int(k.split("-")[0]) <= neuron <= int(k.split("-")[1]))
     first, last = (int(x) for x in shard_key.split("-"))
     # 'top:N:<statistic>' ranks by the layer's stats; the other selections need none

@@ -128,13 +128,10 @@ def explore(args) -> None:
     each layer that has scores (neuron_assets/explorer.py)."""
     settings = Settings.from_env()  # before the imports below (torch: seconds): bad settings fail at once
     from neuron_assets.explorer import format_hits, load_explained, run_text, top_explained
-    from neuron_assets.partitions import build_layout
-    from neuron_assets.resources.models import model_shape
-    from neuron_assets.resources.subject_model import SubjectModel
+    from neuron_assets.definitions import layout_of, subject_model_of
 
     check_s3_root(settings.storage)
-    shape = model_shape(settings.model, settings.cache)
-    layout = build_layout(settings.layers, shape.n_layers, shape.n_neurons, settings.shards)
+    layout = layout_of(settings)
     keys = [layout.layer_key(i) for i in layout.layers]
     if args.layers:
         try:
@@ -151,8 +148,7 @@ def explore(args) -> None:
         raise FileNotFoundError(f"no explained neurons in scores under {settings.storage}{where}: materialize "
                                 "scores first (neuron-assets demo, or neuron-assets refresh --missing)")
     layers = sorted(explained["layer"].unique().to_list())
-    subject = SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,
-                           batch_size=settings.batch_size)
+    subject = subject_model_of(settings)
     tokens, acts = run_text(subject, args.text, layers)
     hits = top_explained(acts, explained, args.top)
     print(f"{len(tokens)} tokens; explained neurons: {explained.height} in layer(s) "

@@ -27,7 +27,6 @@ from neuron_assets.partitions import build_layout
 from neuron_assets.resources.corpus import CorpusSource
 from neuron_assets.resources.embedder import Embedder, embedder_identity
 from neuron_assets.resources.llm import LLM
-from neuron_assets.resources.models import model_shape
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
@@ -39,9 +38,9 @@ K8S_EXECUTOR = Path(__file__).resolve().parents[1] / "resources" / "k8s" / "exec
 
 def build_definitions(settings: Settings, code_versions: dict[str, str] | None = None) -> Definitions:
     """`code_versions` replaces the code version of the named assets (tests: what a code change reruns)."""
-    shape = model_shape(settings.model, settings.cache)
-    layout = build_layout(settings.layers, shape.n_layers, shape.n_neurons, settings.shards)
-    check_neurons(settings.neurons, shape.n_neurons)
+    subject_model = subject_model_of(settings)
+    layout = build_layout(settings.layers, subject_model.unit_shape(), settings.shards)
+    check_neurons(settings.neurons, layout.n_neurons)
     study = Study(seq_len=settings.seq_len, max_windows=settings.max_windows, top_records=settings.top_records,
                   random_records=settings.random_records, neurons=settings.neurons,
                   min_activation_frequency=float(settings.min_activation_frequency),
@@ -92,8 +91,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
         sensors=[automation_sensor, build_refresh_sensor(assets)],
         schedules=[build_nightly_schedule(tuple(s.key.to_user_string() for s in sources))],
         resources={
-            "subject_model": SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,
-                                          batch_size=settings.batch_size),
+            "subject_model": subject_model,
             "corpus": CorpusSource(source=settings.corpus, text_column=settings.text_column),
             "storage": TableStorage(root=settings.storage),
             "study": study,
@@ -102,6 +100,16 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
             "embedder": Embedder(device=settings.device),
         },
     )
+
+
+def subject_model_of(settings: Settings) -> SubjectModel:
+    return SubjectModel(model=settings.model, cache=settings.cache, device=settings.device,
+                        batch_size=settings.batch_size, units=settings.units)
+
+
+def layout_of(settings: Settings):
+    """The layer x shard layout of these settings' units (checks the units folder against the model)."""
+    return build_layout(settings.layers, subject_model_of(settings).unit_shape(), settings.shards)
 
 
 def executor(name: str):

@@ -3,7 +3,7 @@
 `explained_neurons` turns score tables into one explanation per neuron, `top_explained` picks, per
 token and layer, the most active of those neurons (pure: arrays and tables in, lists out), and
 `run_text` / `run_windows` get the activations from the subject model in one forward pass for all
-layers (`SubjectModel.neuron_activations`, the code neuron_records uses). `neuron-assets explore
+layers (`SubjectModel.unit_activations`, the code neuron_records uses). `neuron-assets explore
 TEXT` prints the result; the neuron_viewer_index asset shows it for a few corpus excerpts.
 No Dagster import: `storage` and `subject_model` are any objects with the methods used.
 """
@@ -106,7 +106,7 @@ def run_windows(subject_model, token_ids: np.ndarray, layers: list[int]) -> dict
     """{layer: [windows, tokens, neurons]} for windows of token ids, every layer from one forward
     pass per batch."""
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    for _, acts in subject_model.neuron_activations(np.asarray(token_ids), layers):
+    for _, acts in subject_model.unit_activations(np.asarray(token_ids), layers):
         for layer in layers:
             parts[layer].append(acts[layer])
     return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}

@@ -5,7 +5,7 @@ their neuron range, "0000-0191".."1344-1535". (Shard keys that looked like layer
 make Dagster's layer mapping ambiguous.)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dagster import MultiPartitionsDefinition, StaticPartitionsDefinition
 
@@ -16,12 +16,17 @@ from neuron_assets.settings import SettingsError, parse_layers
 class Layout:
     layers: list[int]
     n_layers: int
-    n_neurons: int
+    n_neurons: int  # units per layer: MLP neurons, or a coder's latents
     shards: int
+    hookpoints: dict[int, str] = field(default_factory=dict, compare=False)  # per layer, for coders' latents
 
     @property
     def shard_size(self) -> int:
         return -(-self.n_neurons // self.shards)
+
+    def hookpoint(self, layer: int) -> str:
+        """What the layer's units read: its coder's hookpoint, or 'mlp' for its MLP neurons."""
+        return self.hookpoints.get(layer, "mlp")
 
     def layer_key(self, layer: int) -> str:
         return str(layer).zfill(max(2, len(str(self.n_layers - 1))))
@@ -36,11 +41,21 @@ class Layout:
         return range(int(first), int(last) + 1)
 
 
-def build_layout(layers_spec: str, n_layers: int, n_neurons: int, shards: int) -> Layout:
-    if shards > n_neurons:
-        raise SettingsError(f"NEURON_ASSETS_SHARDS={shards} exceeds the {n_neurons} neurons per layer: "
-                            f"write at most {n_neurons}")
-    return Layout(parse_layers(layers_spec, n_layers), n_layers, n_neurons, shards)
+def build_layout(layers_spec: str, units, shards: int) -> Layout:
+    """The layer x shard layout of the units (`SubjectModel.unit_shape()`): the layers NEURON_ASSETS_LAYERS
+    names among those with units, and NEURON_ASSETS_SHARDS shards of each layer's units."""
+    if shards > units.n_units:
+        raise SettingsError(f"NEURON_ASSETS_SHARDS={shards} exceeds the {units.n_units} units per layer: "
+                            f"write at most {units.n_units}")
+    layers = parse_layers(layers_spec, units.n_layers)
+    if units.hookpoints:
+        without = [layer for layer in layers if layer not in units.hookpoints]
+        if layers_spec.strip() != "all" and without:
+            raise SettingsError(f"NEURON_ASSETS_LAYERS={layers_spec!r} names layer(s) {without} without a coder in "
+                                f"NEURON_ASSETS_UNITS; its coders read layers {sorted(units.hookpoints)}: name some of "
+                                "those, or write 'all'")
+        layers = [layer for layer in layers if layer in units.hookpoints]
+    return Layout(layers, units.n_layers, units.n_units, shards, dict(units.hookpoints))
 
 
 def layer_partitions(layout: Layout) -> StaticPartitionsDefinition:

@@ -204,6 +204,17 @@ def _neurons(spec: str) -> str:
     return str(NeuronSelection.parse(spec))
 
 
+def _units(text: str) -> str:
+    """'mlp', an s3:// folder as written, or a local folder made absolute (steps run elsewhere)."""
+    if text == "mlp":
+        return text
+    if "://" in text:
+        if not text.startswith("s3://"):
+            raise ValueError("write 'mlp', a local folder or an s3:// folder")
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
 def _share(text: str) -> str:
     try:
         value = float(text)
@@ -247,6 +258,11 @@ SETTINGS = (
             "ranked first by an activation statistic: 'top:N:max' (highest max activation), 'top:N:kurtosis' "
             "(highest kurtosis), 'top:N:sparsity' (fewest tokens at or above 10% of the max)", enters="neuron_selection",
             grammar=_neurons),
+    Setting("NEURON_ASSETS_UNITS", "mlp",
+            "the units explained: 'mlp' (every layer's MLP neurons) or a local or s3:// folder of sparse coders (SAEs "
+            "or transcoders) in sparsify's or SAELens' layout, one sub-folder per hookpoint, whose latents are the "
+            "units of their layers; each coder's files enter its layer's `subject_model_weights` version",
+            enters=PARTITIONS, grammar=_units),
     Setting("NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY", "1e-5",
             "units above 0 on a smaller share of the corpus's tokens than this are rare, and dead ones never; "
             "both are counted and listed in layer_summary and get an explanation row saying why, not LLM work",
@@ -361,6 +377,7 @@ class Settings:
     seq_len: int
     layers: str
     shards: int
+    units: str
     neurons: str
     min_activation_frequency: str
     top_records: int

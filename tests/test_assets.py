@@ -128,7 +128,7 @@ def test_capture_stops_after_the_deepest_requested_layer(arch, tmp_path):
     hooks = [neuron_module(model, layer).register_forward_hook(lambda *a, i=layer: calls.append(i)) for layer in range(3)]
     hooks.append(model.get_output_embeddings().register_forward_hook(lambda *a: calls.append("lm_head")))
     windows = np.random.default_rng(0).integers(0, 100, size=(6, 8))
-    batches = list(subject.neuron_activations(windows, [0, 1]))
+    batches = list(subject.unit_activations(windows, [0, 1]))
     for h in hooks:
         h.remove()
     assert [start for start, _ in batches] == [0, 4]

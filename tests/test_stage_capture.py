@@ -21,7 +21,7 @@ def run(tmp_path_factory):
     model = SubjectModel(model=str(build_tiny_model("gpt2", tmp / "model", n_layers=2)), cache=str(tmp / "cache"),
                          device="cpu", batch_size=8)
     token_ids = np.random.default_rng(0).integers(10, 40, size=(N_WINDOWS, SEQ_LEN))
-    direct = {layer: np.concatenate([acts[layer] for _, acts in model.neuron_activations(token_ids, [0, 1])])
+    direct = {layer: np.concatenate([acts[layer] for _, acts in model.unit_activations(token_ids, [0, 1])])
               for layer in (0, 1)}
     states = []
     captured = capture_records(model, token_ids, [0, 1], N_TOP, N_RANDOM, seed=3, report=states.append,

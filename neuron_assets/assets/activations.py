@@ -1,4 +1,5 @@
-"""neuron_records[layer]: top, random, quantile and hard-negative records plus stats for every MLP neuron."""
+"""neuron_records[layer]: top, random, quantile and hard-negative records plus stats for every unit of a layer:
+its MLP neurons, or the latents of the sparse coder that reads it (NEURON_ASSETS_UNITS)."""
 
 import hashlib
 
@@ -17,10 +18,10 @@ from neuron_assets.stages.capture import N_OUTPUT_TOKENS, LayerRecords, capture_
 ENOUGH_RECORDS = "every_neuron_has_enough_records"
 
 
-def _layer_metadata(layer: LayerRecords, content_hash: str, path: str) -> dict:
+def _layer_metadata(layer: LayerRecords, hookpoint: str, content_hash: str, path: str) -> dict:
     max_activation = layer.stats["max_activation"].to_list()
     hard = layer.hard_per_neuron
-    return {"dagster/row_count": layer.records.height, "neurons": layer.stats.height,
+    return {"dagster/row_count": layer.records.height, "units": layer.stats.height, "hookpoint": hookpoint,
             "never active (max <= 0)": sum(m <= 0 for m in max_activation),
             **percentiles(max_activation, "max activation"),
             "hard negatives: neurons with >= 1": int((hard > 0).sum()),
@@ -51,10 +52,11 @@ def build_neuron_records(layout: Layout):
         group_name="activations",
         check_specs=[dg.AssetCheckSpec(ENOUGH_RECORDS, asset="neuron_records",
                                        description="every neuron has >= 20 top and >= 15 random records")],
-        description="Per MLP neuron: top records (windows with the highest max activation), random "
+        description="Per unit (an MLP neuron, or a sparse coder's latent encoded from its hookpoint in the same "
+        "pass): top records (windows with the highest max activation), random "
         "and quantile records, activation stats, and hard negatives (windows holding the neuron's top tokens "
-        "that stay under 10% of its peak), and the tokens its output direction promotes most (through the "
-        "final norm and the unembedding). One forward pass fills every layer in the run, and one bounded "
+        "that stay under 10% of its peak), and the tokens its output direction (output weights, or decoder "
+        "row) promotes most through the final norm and the unembedding. One forward pass fills every layer in the run, and one bounded "
         "second pass over the candidate windows of all its layers finds the hard negatives.",
     )
     def neuron_records(
@@ -74,7 +76,8 @@ def build_neuron_records(layout: Layout):
                           + storage.write(layer.stats, "neuron_records", key, "stats")
                           + storage.write(promoted, "neuron_records", key, "output_tokens"))
             context.add_asset_metadata(
-                _layer_metadata(layer, hashes[-1], str(storage.path("neuron_records", key, "records"))),
+                _layer_metadata(layer, layout.hookpoint(int(key)), hashes[-1],
+                                str(storage.path("neuron_records", key, "records"))),
                 partition_key=key)
         # One data version for the run: per layer when the run has one layer (the usual refresh).
         version = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]

@@ -137,7 +137,8 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
         # worst neurons, viewer link); the table is the same. 4: columns mean_detection_hard and
         # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative; the
         # quality report shows errors. 5: mean embedding AUROCs and their control's. 6: dead and rare units.
-        code_version="6",
+        # 7: the hookpoint column
+        code_version="7",
         automation_condition=ON_SCORES_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
@@ -145,7 +146,7 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
         description="Scores of one layer per explanation variant, over every shard materialized so far: "
         "mean score, share >= 0.8, margin over the shuffled control, gain over llm, detection and "
         "fuzzing accuracies and their correlation with the simulation score, mean embedding AUROC and "
-        "its shuffled control's, cost; the layer's dead and rare units.",
+        "its shuffled control's, cost; the layer's dead and rare units, and what its units read (hookpoint).",
     )
     def layer_summary(context: dg.AssetExecutionContext, storage: TableStorage, study: Study) -> dg.MaterializeResult:
         layer_key = context.partition_key
@@ -160,7 +161,8 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
         embedding_scores = (pl.concat([storage.read("embedding_scores", f"{layer_key}|{s}") for s in embedded])
                             if embedded else None)
         dead, rare = study.dead_and_rare(storage.read("neuron_records", layer_key, "stats"))
-        summary = with_unit_activity(summarize(scores, detected, embedding_scores), dead, rare)
+        summary = with_unit_activity(summarize(scores, detected, embedding_scores), dead, rare).with_columns(
+            hookpoint=pl.lit(layout.hookpoint(int(layer_key))))
         version = storage.write(summary, "layer_summary", layer_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
@@ -169,7 +171,7 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
                 "shards present": f"{len(present)}/{len(shards)}",
                 "shards with detection scores": f"{len(judged)}/{len(shards)}" if detection else "off",
                 "shards with embedding scores": f"{len(embedded)}/{len(shards)}" if embedding else "off",
-                "neurons scored": scores["neuron"].n_unique(),
+                "units scored": scores["neuron"].n_unique(), "hookpoint": layout.hookpoint(int(layer_key)),
                 **{f"{name} units (not explained)": f"{len(units)}: {_listed(units)}" if units else "0"
                    for name, units in (("dead", dead), ("rare", rare))},
                 **_summary_metadata(summary.drop("layer"), scores, ["neuron", "variant", "score_all", "explanation"],

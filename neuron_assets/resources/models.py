@@ -60,6 +60,7 @@ class ModelShape:
     n_layers: int
     n_neurons: int
     context: int
+    width: int  # of the residual stream
 
 
 def embedded_model_file() -> Path:
@@ -205,7 +206,7 @@ def _check_gguf(gguf: Path) -> None:
         raise ModelFileError(f"{gguf} is not a readable GGUF file ({error})") from None
 
 
-def _check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> None:
     """Fail with what is wrong with a .safetensors file, from its header: its 8-byte length, the
     JSON header, and the end of its last tensor, which must be the end of the file."""
     size = file.stat().st_size
@@ -253,7 +254,7 @@ def shape_of(config) -> ModelShape:
     if n_neurons is None:  # GPT-2 leaves n_inner unset when it is 4 x hidden size
         n_neurons = 4 * config.hidden_size
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
-    return ModelShape(model_type, config.num_hidden_layers, n_neurons, context)
+    return ModelShape(model_type, config.num_hidden_layers, n_neurons, context, config.hidden_size)
 
 
 def pick_device(device: str) -> torch.device:
@@ -277,7 +278,7 @@ def _load_causal_lm(path: str, device: str):
     files = _weight_files(path)
     for file in files:
         if file.suffix == ".safetensors":
-            _check_safetensors(file)
+            check_safetensors(file)
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
     source = files[0] if len(files) == 1 else Path(path)
@@ -297,15 +298,37 @@ def neuron_module(model, layer: int) -> torch.nn.Module:
     return model.get_submodule(pattern.format(layer))
 
 
-def output_logits(model, layer: int, neurons: slice) -> torch.Tensor:
-    """[n, vocabulary] logits of what `neurons` of `layer` write into the residual stream: each one's
-    output direction (its column of the MLP output projection, GPT-2's Conv1D row) through the final
-    norm and the unembedding, as the model reads its last hidden state."""
+def neuron_directions(model, layer: int, neurons: slice) -> torch.Tensor:
+    """[n, model width]: what each of `neurons` of `layer` writes into the residual stream per unit of
+    activation, its column of the MLP output projection (GPT-2's Conv1D row)."""
     projection = neuron_module(model, layer)
     weight = projection.weight  # Linear: [model width, neurons]; Conv1D: [neurons, model width]
-    directions = weight.T[neurons] if isinstance(projection, torch.nn.Linear) else weight[neurons]
+    return weight.T[neurons] if isinstance(projection, torch.nn.Linear) else weight[neurons]
+
+
+def output_logits(model, directions: torch.Tensor) -> torch.Tensor:
+    """[n, vocabulary] logits of `directions` [n, model width] in the residual stream, through the
+    final norm and the unembedding, as the model reads its last hidden state."""
     norm = model.get_submodule(ARCHITECTURES[model.config.model_type][2])
-    return model.get_output_embeddings()(norm(directions)).float()
+    return model.get_output_embeddings()(norm(directions.to(model.dtype))).float()
+
+
+def layer_list(model_type: str) -> tuple[str, str]:
+    """(the base model's attribute, the path of its list of layers under it), from the neuron module
+    pattern: ('model', 'layers') for Llama, ('transformer', 'h') for GPT-2."""
+    base, rest = ARCHITECTURES[model_type][0].split(".", 1)
+    return base, rest[: rest.index(".{}")]
+
+
+def base_module_names(name: str, cache: str) -> set[str]:
+    """The names of every module under the model's base model ('layers.3.mlp'), from its config alone
+    (built on the meta device: no weights read, no memory used)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model(name, cache))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {module for module, _ in model.base_model.named_modules() if module}
 
 
 def layer_prefixes(model_type: str, layer: int) -> tuple[str, str]:
@@ -355,7 +378,7 @@ def layer_weight_hashes(name: str, cache: str, layers: list[int], device: str = 
 
         with _naming("NEURON_ASSETS_MODEL", name, fix):
             for f in files:
-                _check_safetensors(f)
+                check_safetensors(f)
         handles = [safe_open(str(f), framework="pt") for f in files]
         for handle in handles:
             for key in handle.keys():

@@ -77,7 +77,7 @@ def _forward_pass(model, windows: np.ndarray, seq_ids: np.ndarray, layers: list[
                   clock: ModelClock, progress: Progress) -> None:
     """Run `model` on `windows` (whose ids are `seq_ids`) and hand each layer's activations to its
     consumer (`update(acts, seq_ids)`), the layers side by side."""
-    for start, acts in clock.timed(model.neuron_activations(windows, layers)):
+    for start, acts in clock.timed(model.unit_activations(windows, layers)):
         batch = seq_ids[start : start + len(acts[layers[0]])]
         list(pool.map(lambda layer, a=acts, s=batch: consumers[layer].update(a[layer], s), layers))
         progress.advance(len(batch))
@@ -89,7 +89,7 @@ def capture_records(model, token_ids: np.ndarray, layers: list[int], n_top: int,
     has seq_id i). `model` has `shape().n_neurons` and `neuron_activations(windows, layers)`, which
     yields (first window index, {layer: float32 [B, T, N]}) (resources/subject_model.py). Each layer
     keeps its `n_top` top and `n_random` random records; `what` names the layers in progress lines."""
-    n_neurons = model.shape().n_neurons
+    n_neurons = model.unit_shape().n_units
     samplers = {layer: RecordSampler(n_neurons, token_ids.shape[1], n_top=n_top, n_random=n_random,
                                      quantile_pool=max(50, n_random), seed=layer_seed(seed, layer))
                 for layer in layers}
