@@ -223,8 +223,8 @@ def test_clear_errors_for_neurons_that_cannot_be_audited(graph):
     settings, storage, instance, defs = graph
     assert locate(defs, settings, "0", "33") == ("00", OTHER_SHARD)  # first:2 of 32-63
     for layer, neuron, message in ((1, 0, "layer 1 is outside the model, which has layers 0-0"),
-                                   (0, 64, "neuron 64 is outside the model"),
-                                   (0, 5, "not selected"), (0, -1, "outside the model")):
+                                   (0, 64, "unit 64 is outside layer 00, whose units are 0-63"),
+                                   (0, 5, "not selected"), (0, -1, "unit -1 is outside layer 00")):
         with pytest.raises(AuditError, match=message):
             locate(defs, settings, layer, neuron)
     # selected, but its shard was never run

@@ -214,3 +214,25 @@ def test_a_folder_without_coders_a_missing_folder_and_layers_without_coders_are_
     shutil.rmtree(target / "resid_post_2")
     with pytest.raises(SettingsError, match=r"names layer\(s\) \[2\] without a coder"):
         build_definitions(replace(settings, units=str(target), layers="1-2"))
+
+
+def test_coders_in_an_s3_folder_are_read_like_local_ones(world, s3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from neuron_assets.definitions import subject_model_of
+
+    settings, *_, tmp = world
+    s3.put(str(tmp / "units"), "study/units", recursive=True)
+    local = subject_model_of(settings)
+    remote_units = subject_model_of(replace(settings, units="s3://study/units", cache=str(tmp_path / "cache")))
+    assert remote_units.unit_shape() == local.unit_shape()
+    layers = [0, 1, 2]
+    before = remote_units.layer_hashes(layers)
+    assert before == local.layer_hashes(layers)
+    tensors = load_file(tmp / "units" / HOOKPOINTS[1] / "sae.safetensors")
+    tensors["W_dec"][5] *= 2  # retrained on the bucket
+    save_file(tensors, tmp_path / "retrained.safetensors")
+    s3.put(str(tmp_path / "retrained.safetensors"), f"study/units/{HOOKPOINTS[1]}/sae.safetensors")
+    after = remote_units.layer_hashes(layers)
+    assert [after[layer] != before[layer] for layer in layers] == [False, True, False]
+    assert len(list((tmp_path / "cache" / "units").iterdir())) == 2  # a fresh copy for the new files

@@ -20,7 +20,9 @@ when the definitions are built: a bad folder fails before any run writes anythin
 
 import hashlib
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,16 +222,20 @@ def local_folder(units: str, cache: str) -> Path:
         if not root.exists():
             raise CoderError(f"{SETTING}={units!r}: no such folder")
         files = sorted(p for p in root.rglob("*") if p.is_file())
-        stamps = [(p.path.removeprefix(root.path), p.fs.info(p.path).get("ETag"), p.fs.info(p.path).get("size"))
-                  for p in files]
+        infos = [p.fs.info(p.path) for p in files]
+        names = [p.path.removeprefix(root.path).lstrip("/") for p in files]
+        stamps = [(name, info.get("ETag"), info.get("size")) for name, info in zip(names, infos)]
         target = Path(cache).expanduser() / "units" / hashlib.sha256(
             json.dumps([units, stamps], default=str).encode()).hexdigest()[:16]
         if not target.is_dir():
-            partial = target.with_name(target.name + ".partial")
-            for p, (name, _, _) in zip(files, stamps):
-                (partial / name.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-                (partial / name.lstrip("/")).write_bytes(p.read_bytes())
-            partial.rename(target)
+            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            for p, name in zip(files, names):
+                (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                (partial / name).write_bytes(p.read_bytes())
+            try:
+                partial.rename(target)  # atomic: a step never reads a half-copied folder
+            except OSError:  # another process copied it first
+                shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
