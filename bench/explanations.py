@@ -79,7 +79,7 @@ def explainer_conversations(n: int, layer: int, windows: int) -> list[list[dict]
         sampler.update(acts[layer], np.arange(start, start + len(acts[layer])))
     records, _ = sampler.finalize()
     top: dict[int, list] = {}
-    rows = zip(records["neuron"], records["kind"], records["seq_id"], records["activations"])
+    rows = zip(records["unit"], records["kind"], records["seq_id"], records["activations"])
     for neuron, kind, seq_id, acts in rows:  # in neuron, kind, rank order
         if kind == "top":
             top.setdefault(int(neuron), []).append((int(seq_id), acts))

@@ -94,7 +94,7 @@ def asset_inputs(real: np.ndarray, simulated: np.ndarray) -> tuple[pl.DataFrame,
     explanation_ids = [f"e{neuron}" for neuron in range(n_neurons)]
     sims = pl.DataFrame({
         "layer": pl.Series([0] * (n_neurons * len(kinds)), dtype=pl.Int32),
-        "neuron": pl.Series(np.repeat(np.arange(n_neurons), len(kinds)), dtype=pl.Int32),
+        "unit": pl.Series(np.repeat(np.arange(n_neurons), len(kinds)), dtype=pl.Int32),
         "variant": "llm",
         "explanation_id": np.repeat(explanation_ids, len(kinds)),
         "seq_id": pl.Series(np.tile(np.arange(len(kinds)), n_neurons), dtype=pl.Int32),
@@ -106,7 +106,7 @@ def asset_inputs(real: np.ndarray, simulated: np.ndarray) -> tuple[pl.DataFrame,
         "error": pl.Series([None] * (n_neurons * len(kinds)), dtype=pl.String),
     })
     explanations = pl.DataFrame({"explanation_id": explanation_ids, "text": "synthetic", "cost_usd": 0.0,
-                                 "donor_neuron": pl.Series([None] * n_neurons, dtype=pl.Int32)})
+                                 "donor_unit": pl.Series([None] * n_neurons, dtype=pl.Int32)})
     records = {neuron: {kind: [(i * SEQUENCES_PER_SPLIT + j, real[neuron, i, j]) for j in range(SEQUENCES_PER_SPLIT)]
                         for i, kind in enumerate(("top", "random"))}
                for neuron in range(n_neurons)}

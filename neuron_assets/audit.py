@@ -1,6 +1,6 @@
 """`neuron-assets audit`: the lineage of a neuron's scores, checked end to end.
 
-`neuron-assets audit LAYER NEURON` walks every ancestor partition of the neuron's scores partition
+`neuron-assets audit LAYER UNIT` walks every ancestor partition of the unit's scores partition
 in the Definitions' asset graph (simulations, the explanation tables, neuron_records, the corpus,
 the observable sources such as subject_model_weights[layer] and the settings sources, and any asset
 added later) and names, for each, the latest materialization (or observation) with its run id,
@@ -43,6 +43,8 @@ from neuron_assets.graph import parent_partitions
 from neuron_assets.method.controls import controlled, is_control
 from neuron_assets.method.records import split_top
 from neuron_assets.resources.storage import TableStorage
+from neuron_assets.runs import layer_keys
+from neuron_assets.settings import MLP_UNITS
 from neuron_assets.stages.records import records_hash, records_of
 from neuron_assets.stages.revise import held_out
 from neuron_assets.stages.score import CALIBRATION_ROWS, with_split
@@ -343,9 +345,9 @@ class _Session:
         rows = explanation_variants([self.table(source, partition) for source in sources], partition,
                                     self.settings.seed, self.settings.control == "shuffled")
         held = {(n, v): source for source in sources
-                for n, v in self.table(source, partition).select("neuron", "variant").iter_rows()}
+                for n, v in self.table(source, partition).select("unit", "variant").iter_rows()}
         source = [held.get((neuron if donor is None else donor, controlled(v) if is_control(v) else v))
-                  for neuron, donor, v in rows.select("neuron", "donor_neuron", "variant").iter_rows()]
+                  for neuron, donor, v in rows.select("unit", "donor_unit", "variant").iter_rows()]
         return rows.with_columns(source=pl.Series(source, dtype=pl.String))
 
     def records(self, layer_key: str, partition: str) -> dict:
@@ -353,7 +355,7 @@ class _Session:
         are scored neurons of the same shard)."""
         def compute():
             table = self.table(RECORDS, layer_key, "records")
-            return records_of(table, sorted(set(self.table(ROOT, partition)["neuron"].to_list())))
+            return records_of(table, sorted(set(self.table(ROOT, partition)["unit"].to_list())))
         return self._cached(("records", partition), compute)
 
     def column_lineage(self, partition: str) -> dict[str, list[str]]:
@@ -405,7 +407,7 @@ def _score_checks(checks, score_rows: pl.DataFrame, sims: pl.DataFrame, explaine
         if e is not None:
             _text_check(checks, variant, score.get("explanation"), e["text"])
         if is_control(variant):
-            _donor_check(checks, variant, score.get("donor_neuron"), e and e["donor_neuron"], neuron)
+            _donor_check(checks, variant, score.get("donor_unit"), e and e["donor_unit"], neuron)
         group = sims.filter(pl.col("variant") == variant)
         _simulation_id_check(checks, variant, group, e["explanation_id"] if e else None)
         _records_checks(checks, variant, score, group, records.get(neuron, {}))
@@ -427,9 +429,9 @@ def _text_check(checks, variant: str, stored: str | None, text: str | None) -> N
 
 def _donor_check(checks, variant: str, stored, donor, neuron: int) -> None:
     if donor is not None and donor == neuron:
-        _check(checks, "score_donor_neuron", MISMATCH, "the control gives the neuron its own explanation", variant)
+        _check(checks, "score_donor_unit", MISMATCH, "the control gives the neuron its own explanation", variant)
     else:
-        _equal(checks, "score_donor_neuron", stored, donor, "donor neuron (score row, explanation variants)", variant)
+        _equal(checks, "score_donor_unit", stored, donor, "donor neuron (score row, explanation variants)", variant)
 
 
 def _simulation_id_check(checks, variant: str, group: pl.DataFrame, expected_id: str | None) -> None:
@@ -501,7 +503,7 @@ def _explanation_checks(checks, e: dict, records: dict, step: dict | None, table
 
 def _explanation_records_check(checks, e: dict, kinds: dict) -> None:
     variant, rule = e["variant"], HASHED_RECORDS.get(e["source"])
-    whose = f"the donor neuron {e['owner']}'s" if e["donor_neuron"] is not None else "the neuron's"
+    whose = f"the donor neuron {e['owner']}'s" if e["donor_unit"] is not None else "the neuron's"
     if e["records_hash"] is None:
         _check(checks, "explanation_records_hash", NA, "the explanation has no records_hash", variant)
     elif rule is None:
@@ -533,7 +535,7 @@ def _prompt_check(checks, e: dict, step: dict | None) -> None:
 
 def _revision_check(checks, e: dict, table: pl.DataFrame, own_ids: set) -> None:
     """A revision (a row with revised_from) revises an explanation its neuron has now."""
-    row = table.filter((pl.col("neuron") == e["owner"]) & (pl.col("variant") == e["base"]))
+    row = table.filter((pl.col("unit") == e["owner"]) & (pl.col("variant") == e["base"]))
     revised_from = row["revised_from"][0] if row.height else None
     if revised_from is None:
         _check(checks, "revised_from_current_explanation", NA, "the row names no revised explanation", e["variant"])
@@ -550,9 +552,9 @@ def _revision_check(checks, e: dict, table: pl.DataFrame, own_ids: set) -> None:
 
 
 EXPLANATION_FIELDS = ("variant", "text", "explainer_model", "prompt_version", "cache_hit", "records_hash",
-                      "explanation_id", "code_version", "donor_neuron", "source", "error")
+                      "explanation_id", "code_version", "donor_unit", "source", "error")
 SCORE_FIELDS = ("variant", "score_all", "score_top", "score_random", "rsquared", "abs_dev_explained", "method",
-                "simulator_model", "n_failed_tokens", "explanation_id", "records_hash", "donor_neuron", "error")
+                "simulator_model", "n_failed_tokens", "explanation_id", "records_hash", "donor_unit", "error")
 
 
 def _explanation_entry(row: dict, partition: str) -> dict:
@@ -560,14 +562,14 @@ def _explanation_entry(row: dict, partition: str) -> dict:
     e = {k: row.get(k) for k in EXPLANATION_FIELDS}
     control = is_control(e["variant"])
     e["base"] = controlled(e["variant"]) if control else e["variant"]
-    e["owner"] = row["neuron"] if e["donor_neuron"] is None else e["donor_neuron"]
+    e["owner"] = row["unit"] if e["donor_unit"] is None else e["donor_unit"]
     table = label(e["source"], partition) if e["source"] else "(no table holds it)"
     if not control:
         e["origin"] = table
-    elif e["donor_neuron"] is None:
+    elif e["donor_unit"] is None:
         e["origin"] = f"control of {e['base']}, no donor ({e['error']})"
     else:
-        e["origin"] = f"control of {e['base']}, donor neuron {e['donor_neuron']} ({table})"
+        e["origin"] = f"control of {e['base']}, donor neuron {e['donor_unit']} ({table})"
     return e
 
 
@@ -594,17 +596,17 @@ def _audit_neuron(session: _Session, layer_key: str, shard_key: str, neuron: int
     """The audit of one neuron of a scores partition (see `audit`)."""
     partition = f"{layer_key}|{shard_key}"
     scores = session.table(ROOT, partition)
-    score_rows = scores.filter(pl.col("neuron") == neuron).sort("variant")
+    score_rows = scores.filter(pl.col("unit") == neuron).sort("variant")
     if score_rows.height == 0:
         raise AuditError(
             f"layer {layer_key} neuron {neuron} has no score in scores[{partition}] (scored there: "
-            f"{sorted(set(scores['neuron'].to_list())) or 'none'}): select it with NEURON_ASSETS_NEURONS and run "
+            f"{sorted(set(scores['unit'].to_list())) or 'none'}): select it with NEURON_ASSETS_NEURONS and run "
             f"`dagster asset materialize -m neuron_assets.definitions --select explanations,simulations,scores "
             f"--partition '{partition}'` first"
         )
-    sims = session.table(SIMULATIONS, partition).filter(pl.col("neuron") == neuron)
+    sims = session.table(SIMULATIONS, partition).filter(pl.col("unit") == neuron)
     variants = session.variants(partition)
-    explained = variants.filter(pl.col("neuron") == neuron).sort("variant")
+    explained = variants.filter(pl.col("unit") == neuron).sort("variant")
     records = session.records(layer_key, partition)
     steps, lineage_checks = session.lineage(partition)
     step_of = {(s["asset"], s["partition"]): s for s in steps}
@@ -613,14 +615,14 @@ def _audit_neuron(session: _Session, layer_key: str, shard_key: str, neuron: int
     _score_checks(checks, score_rows, sims, explained, records, neuron)
     entries = [_explanation_entry(row, partition) for row in explained.iter_rows(named=True)]
     for e in entries:
-        own = variants.filter((pl.col("neuron") == e["owner"]) & pl.col("donor_neuron").is_null())
+        own = variants.filter((pl.col("unit") == e["owner"]) & pl.col("donor_unit").is_null())
         _explanation_checks(checks, e, records, step_of.get((e["source"], partition)),
                             session.table(e["source"], partition) if e["source"] else None,
                             set(own["explanation_id"].to_list()))
     return {
         "layer": int(layer_key),
         "layer_key": layer_key,
-        "neuron": int(neuron),
+        "unit": int(neuron),
         "shard": shard_key,
         "partition": partition,
         "scores": {"rows": [{k: _none_if_nan(row.get(k)) for k in SCORE_FIELDS}
@@ -647,8 +649,13 @@ def audit(storage: TableStorage, instance, layer: int, neuron: int, shard_key: s
         from neuron_assets.definitions import build_definitions
 
         defs = build_definitions(settings)
+    from neuron_assets.definitions import subject_model_of
+
     session = _Session(storage, instance, defs, settings)
-    return _audit_neuron(session, layer_key or f"{int(layer):02d}", shard_key, int(neuron))
+    result = _audit_neuron(session, layer_key or f"{int(layer):02d}", shard_key, int(neuron))
+    # what the layer's units read, under the settings in force: 'mlp' or the coder's hookpoint
+    result["hookpoint"] = subject_model_of(settings).unit_shape().hookpoints.get(int(layer), MLP_UNITS)
+    return result
 
 
 def find_step(result: dict, asset: str, partition: str | None = None) -> dict | None:
@@ -660,41 +667,41 @@ def find_step(result: dict, asset: str, partition: str | None = None) -> dict | 
 # every scored neuron
 
 
-def _scored_partitions(defs, storage: TableStorage, layer_keys: list[str]) -> list[tuple[str, str]]:
-    """(layer key, shard key) of every scores partition of `layer_keys` with a table."""
+def _scored_partitions(defs, storage: TableStorage, keys: list[str]) -> list[tuple[str, str]]:
+    """(layer key, shard key) of every scores partition of `keys` with a table."""
     shards = defs.resolve_assets_def(ROOT).partitions_def.get_partitions_def_for_dimension("shard")
-    return [(lk, sk) for lk in layer_keys for sk in shards.get_partition_keys()
+    return [(lk, sk) for lk in keys for sk in shards.get_partition_keys()
             if storage.exists(ROOT, f"{lk}|{sk}")]
 
 
 def audit_all(storage: TableStorage, instance, settings, *, defs=None, layer: int | None = None) -> dict:
-    """Every scored neuron (a score row in any scores partition) of `layer`, or of every layer in
-    force: {"neurons": [{layer_key, shard, neuron, ok, checks, mismatches}], "layers", "shards",
-    "n_ok", "n_mismatch", "checks" (checks run, over all neurons), "ok"}. A neuron that cannot be
+    """Every scored unit (a score row in any scores partition) of `layer`, or of every layer in
+    force: {"units": [{layer_key, shard, unit, ok, checks, mismatches}], "layers", "shards",
+    "n_ok", "n_mismatch", "checks" (checks run, over all units), "ok"}. A unit that cannot be
     audited (a table gone) counts as a mismatch."""
     if defs is None:
         from neuron_assets.definitions import build_definitions
 
         defs = build_definitions(settings)
-    layer_keys = [layer_key_of(defs, settings, layer)] if layer is not None else _layer_keys(defs)
+    keys = [layer_key_of(defs, settings, layer)] if layer is not None else layer_keys(defs)
     session = _Session(storage, instance, defs, settings)
     neurons = []
-    for layer_key, shard_key in _scored_partitions(defs, storage, layer_keys):
-        for neuron in sorted(set(session.table(ROOT, f"{layer_key}|{shard_key}")["neuron"].to_list())):
+    for layer_key, shard_key in _scored_partitions(defs, storage, keys):
+        for neuron in sorted(set(session.table(ROOT, f"{layer_key}|{shard_key}")["unit"].to_list())):
             neurons.append(_summary(session, layer_key, shard_key, neuron))
     if not neurons:
-        where = f"layer {layer_keys[0]}" if layer is not None else "any layer"
-        raise AuditError(f"no scored neuron in {where} under {storage.root}: run `neuron-assets demo` or "
+        where = f"layer {keys[0]}" if layer is not None else "any layer"
+        raise AuditError(f"no scored unit in {where} under {storage.root}: run `neuron-assets demo` or "
                          "`neuron-assets refresh --missing` first")
     bad = sum(not n["ok"] for n in neurons)
-    return {"neurons": neurons, "layers": sorted({n["layer_key"] for n in neurons}),
+    return {"units": neurons, "layers": sorted({n["layer_key"] for n in neurons}),
             "shards": sorted({n["shard"] for n in neurons}), "n_ok": len(neurons) - bad, "n_mismatch": bad,
             "checks": sum(n["checks"] for n in neurons), "ok": bad == 0}
 
 
 def _summary(session: _Session, layer_key: str, shard_key: str, neuron: int) -> dict:
     """One neuron's audit reduced to its verdict and its MISMATCH checks."""
-    out = {"layer_key": layer_key, "shard": shard_key, "neuron": neuron}
+    out = {"layer_key": layer_key, "shard": shard_key, "unit": neuron}
     try:
         result = _audit_neuron(session, layer_key, shard_key, neuron)
     except AuditError as e:
@@ -711,14 +718,14 @@ def _plural(n: int, word: str) -> str:
 def format_audit_all(d: dict) -> str:
     """One line per neuron with a MISMATCH (its checks), then the summary line."""
     lines = []
-    for n in d["neurons"]:
+    for n in d["units"]:
         if not n["ok"]:
             names = ", ".join(c["check"] + (f" [{c['variant']}]" if c["variant"] else "") for c in n["mismatches"])
             where = label(ROOT, f"{n['layer_key']}|{n['shard']}")
-            lines.append(f"MISMATCH layer {n['layer_key']} neuron {n['neuron']} ({where}): {names}")
+            lines.append(f"MISMATCH layer {n['layer_key']} unit {n['unit']} ({where}): {names}")
     if lines:
-        lines.append("(`neuron-assets audit LAYER NEURON` shows a neuron's checks in full)")
-    lines.append(f"audited {_plural(len(d['neurons']), 'neuron')} in {_plural(len(d['layers']), 'layer')} x "
+        lines.append("(`neuron-assets audit LAYER UNIT` shows a unit's checks in full)")
+    lines.append(f"audited {_plural(len(d['units']), 'unit')} in {_plural(len(d['layers']), 'layer')} x "
                  f"{_plural(len(d['shards']), 'shard')}: {d['n_ok']} ok, {d['n_mismatch']} with a mismatch "
                  f"({d['checks']} checks)")
     return "\n".join(lines)
@@ -796,7 +803,8 @@ def _format_explanations(d: dict) -> list[str]:
 def format_audit(d: dict) -> str:
     """The audit as text: the neuron's scores, simulations and explanations per variant, the
     lineage (every ancestor partition, newest first), then the checks."""
-    lines = [f"Lineage of the scores of layer {d['layer_key']} neuron {d['neuron']} (partition {d['partition']})", ""]
+    lines = [f"Lineage of the scores of layer {d['layer_key']} ({d['hookpoint']}) unit {d['unit']} "
+             f"(partition {d['partition']})", ""]
     lines += _format_scores(d) + _format_explanations(d)
     lines += ["", f"Lineage of scores[{d['partition']}]: every partition it was computed from, newest first"]
     for step in d["lineage"]:
@@ -814,10 +822,6 @@ def format_audit(d: dict) -> str:
 # the command
 
 
-def _layer_keys(defs) -> list[str]:
-    return defs.resolve_assets_def(ROOT).partitions_def.get_partitions_def_for_dimension("layer").get_partition_keys()
-
-
 def layer_key_of(defs, settings, layer) -> str:
     """The layer key of a layer number; a clear error for a layer outside the model or outside
     NEURON_ASSETS_LAYERS."""
@@ -830,7 +834,7 @@ def layer_key_of(defs, settings, layer) -> str:
         raise AuditError(f"a layer is a number, got {layer!r}") from None
     if not 0 <= layer < shape.n_layers:
         raise AuditError(f"layer {layer} is outside the model, which has layers 0-{shape.n_layers - 1}")
-    layer_key = next((k for k in _layer_keys(defs) if int(k) == layer), None)
+    layer_key = next((k for k in layer_keys(defs) if int(k) == layer), None)
     if layer_key is None:
         raise AuditError(f"layer {layer} is not among the layers in force (NEURON_ASSETS_LAYERS={settings.layers}, "
                          f"NEURON_ASSETS_UNITS={settings.units})")
@@ -877,16 +881,16 @@ def _instance():
     return open_instance(create=False)
 
 
-USAGE = "`neuron-assets audit LAYER NEURON` (one neuron) or `neuron-assets audit --all [LAYER]` (every scored neuron)"
+USAGE = "`neuron-assets audit LAYER UNIT` (one unit) or `neuron-assets audit --all [LAYER]` (every scored unit)"
 
 
 def add_audit_parser(subparsers) -> None:
-    """`neuron-assets audit LAYER NEURON` and `neuron-assets audit --all [LAYER]` for cli.main:
+    """`neuron-assets audit LAYER UNIT` and `neuron-assets audit --all [LAYER]` for cli.main:
     `add_audit_parser(sub)`; both exit 1 on a MISMATCH."""
     p = subparsers.add_parser("audit", help="the lineage of a neuron's scores, with consistency checks",
                               description=f"{USAGE}; exits 1 on a MISMATCH")
     p.add_argument("layer", type=int, nargs="?", help="layer index, e.g. 0 (with --all: only this layer)")
-    p.add_argument("neuron", type=int, nargs="?", help="neuron index within the layer, e.g. 3 (not with --all)")
+    p.add_argument("unit", type=int, nargs="?", help="unit index within the layer (an MLP neuron or a coder's latent), e.g. 3 (not with --all)")
     p.add_argument("--all", action="store_true", dest="all",
                    help="audit every scored neuron (of LAYER, or of every layer): one line per neuron with a "
                         "MISMATCH, then a summary")
@@ -901,7 +905,7 @@ def run_audit(args, settings=None, instance=None) -> None:
 
 
 def main_audit(args, settings=None, instance=None) -> dict:
-    """`neuron-assets audit`: args.layer, args.neuron (ints or digit strings, or None) and
+    """`neuron-assets audit`: args.layer, args.unit (ints or digit strings, or None) and
     args.all (absent: False). Prints the audit (or, with --all, the summary) and returns it;
     raises AuditError (a ValueError) for a wrong call or with what to run first."""
     from neuron_assets.settings import Settings
@@ -910,10 +914,10 @@ def main_audit(args, settings=None, instance=None) -> dict:
     from neuron_assets.definitions import build_definitions
 
     every = getattr(args, "all", False)
-    if every and args.neuron is not None:
-        raise AuditError(f"--all takes at most a LAYER, not a neuron: {USAGE}")
-    if not every and (args.layer is None or args.neuron is None):
-        raise AuditError(f"audit takes a LAYER and a NEURON: {USAGE}")
+    if every and args.unit is not None:
+        raise AuditError(f"--all takes at most a LAYER, not a unit: {USAGE}")
+    if not every and (args.layer is None or args.unit is None):
+        raise AuditError(f"audit takes a LAYER and a UNIT: {USAGE}")
     defs = build_definitions(settings)
     storage = TableStorage(root=settings.storage)
     if every:
@@ -922,8 +926,8 @@ def main_audit(args, settings=None, instance=None) -> dict:
         result = audit_all(storage, instance or _instance(), settings, defs=defs, layer=args.layer)
         print(format_audit_all(result))
         return result
-    layer_key, shard_key = locate(defs, settings, args.layer, args.neuron)
-    result = audit(storage, instance or _instance(), int(args.layer), int(args.neuron), shard_key,
+    layer_key, shard_key = locate(defs, settings, args.layer, args.unit)
+    result = audit(storage, instance or _instance(), int(args.layer), int(args.unit), shard_key,
                    settings=settings, defs=defs, layer_key=layer_key)
     print(format_audit(result))
     return result

@@ -13,7 +13,7 @@ def no_silent_zero_simulations(simulations: pl.DataFrame) -> dict:
     """
     ok = simulations.filter(pl.col("error").is_null())
     silent = [
-        (n, v, s) for n, v, s, values in ok.select("neuron", "variant", "seq_id", "expected").iter_rows()
+        (n, v, s) for n, v, s, values in ok.select("unit", "variant", "seq_id", "expected").iter_rows()
         if values is None or not all(math.isfinite(x) for x in values) or not any(values)
     ]
     return {"passed": not silent,

@@ -15,11 +15,11 @@ from neuron_assets.instance import InstanceError, open_instance
 from neuron_assets.outcome import describe, error_rows
 from neuron_assets.resources.files import StorageError, check_s3_root
 from neuron_assets.resources.storage import TableStorage
-from neuron_assets.runs import materialize_runs, shard_keys
-from neuron_assets.settings import SECRETS, SETTINGS, Settings, SettingsError, effect, markdown_table, secret_shown
+from neuron_assets.runs import layer_keys, materialize_runs, shard_keys
+from neuron_assets.settings import MLP_UNITS, SECRETS, SETTINGS, Settings, SettingsError, effect, markdown_table, secret_shown
 from neuron_assets.versions import source_versions
 
-DEMO_LAYERS = ("00", "01")
+N_DEMO_LAYERS = 2  # the demo's layers by default: the first two in force
 # (column of the quality report, header, width); a column missing from the summary is not printed
 REPORT = (("errors", "errors", 7), ("mean_score_all", "mean", 7), ("share_at_least_0.8", ">=0.8", 6), ("control_mean_score_all", "control", 8),
           ("margin_over_control", "margin", 7), ("gain_over_llm", "gain", 7),
@@ -35,7 +35,7 @@ def score_table(storage_root: str) -> str:
 
     report = quality_report(TableStorage(root=storage_root).read("model_summary"))
     columns = [c for c in REPORT if c[0] in report.columns]
-    lines = [f"{'layer':>5}  {'variant':<16}{'method':<14}{'neurons':>8}"
+    lines = [f"{'layer':>5}  {'variant':<16}{'method':<14}{'units':>8}"
              + "".join(f"{header:>{width}}" for _, header, width in columns) + f"{'cost $':>10}"]
 
     def cell(value, width):
@@ -46,7 +46,7 @@ def score_table(storage_root: str) -> str:
         return f"{'nan':>{width}}" if value != value else f"{value:{width}.3f}"
 
     for r in report.iter_rows(named=True):
-        lines.append(f"{r['layer']:>5}  {r['variant']:<16}{r['method']:<14}{r['neurons']:>8}"
+        lines.append(f"{r['layer']:>5}  {r['variant']:<16}{r['method']:<14}{r['units']:>8}"
                      + "".join(cell(r[name], width) for name, _, width in columns) + f"{r['cost_usd']:10.4f}")
     return "\n".join(lines)
 
@@ -67,7 +67,7 @@ def demo(args) -> None:
     defs = with_progress_bar(build_definitions(settings), tracebacks=args.verbose)
     instance = open_instance()
     shards = shard_keys(defs)[: args.shards]
-    runs = shape_of(defs).demo_runs(tuple(args.layers), shards)
+    runs = shape_of(defs).demo_runs(tuple(demo_layers(args.layers, layer_keys(defs))), shards)
     started = time.monotonic()
     with reporting_errors(settings.storage, runs):
         materialize_runs(defs, instance, runs, workers=settings.workers)
@@ -88,6 +88,22 @@ def reporting_errors(storage_root: str, runs):
     except SystemExit:
         print("\n".join(describe(error_rows(TableStorage(root=storage_root), runs))), file=sys.stderr)
         raise
+
+
+def demo_layers(asked: list[str] | None, keys: list[str]) -> list[str]:
+    """The layers the demo runs: those asked for (layer keys or numbers), else the first two in force."""
+    if not asked:
+        return keys[:N_DEMO_LAYERS]
+    by_number = {int(k): k for k in keys}
+    try:
+        chosen = [by_number.get(int(a), a) for a in asked]
+    except ValueError:
+        raise SettingsError(f"--layers takes layer numbers or keys such as {keys[0]}, got {' '.join(asked)}") from None
+    unknown = [a for a in chosen if a not in keys]
+    if unknown:
+        raise SettingsError(f"--layers {' '.join(unknown)}: not among the layers in force ({', '.join(keys)}; "
+                            "NEURON_ASSETS_LAYERS and NEURON_ASSETS_UNITS choose them)")
+    return chosen
 
 
 def exit_if_all_failed(storage_root: str, runs) -> None:
@@ -117,6 +133,15 @@ def show_settings(args) -> None:
     except ValueError as e:
         sys.exit(f"neuron-assets: {e}")
     print("settings source versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if current.units != MLP_UNITS:  # the coders, checked against the model as the definitions check them
+        from neuron_assets.definitions import layout_of
+
+        try:
+            layout = layout_of(current)
+        except ValueError as e:
+            sys.exit(f"neuron-assets: {e}")
+        print(f"units: {layout.n_neurons} latents per layer; layers and hookpoints: "
+              + ", ".join(f"{layout.layer_key(i)} {layout.hookpoint(i)}" for i in layout.layers))
 
 
 def scores(args) -> None:
@@ -145,14 +170,14 @@ def explore(args) -> None:
     explained = load_explained(TableStorage(root=settings.storage), keys, layout.shard_keys())
     if explained.height == 0:
         where = f" for layer(s) {', '.join(keys)}" if args.layers else ""
-        raise FileNotFoundError(f"no explained neurons in scores under {settings.storage}{where}: materialize "
+        raise FileNotFoundError(f"no explained units in scores under {settings.storage}{where}: materialize "
                                 "scores first (neuron-assets demo, or neuron-assets refresh --missing)")
     layers = sorted(explained["layer"].unique().to_list())
     subject = subject_model_of(settings)
     tokens, acts = run_text(subject, args.text, layers)
     hits = top_explained(acts, explained, args.top)
-    print(f"{len(tokens)} tokens; explained neurons: {explained.height} in layer(s) "
-          f"{', '.join(layout.layer_key(i) for i in layers)}; top {args.top} per token and layer")
+    print(f"{len(tokens)} tokens; explained units: {explained.height} in layer(s) "
+          f"{', '.join(f'{layout.layer_key(i)} ({layout.hookpoint(i)})' for i in layers)}; top {args.top} per token and layer")
     print(format_hits(tokens, hits, layout.layer_key))
 
 
@@ -194,8 +219,8 @@ def main(argv=None) -> None:
                         help="show the traceback of a failed step (default: its error message only)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="materialize the whole graph for a small slice and print the scores")
-    p.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS),
-                   help=f"layer keys (default: {' '.join(DEMO_LAYERS)})")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help=f"layer keys or numbers (default: the first {N_DEMO_LAYERS} layers in force, 00 01 for MLP neurons)")
     p.add_argument("--shards", type=int, default=1, help="shards per layer, from the first (default: 1)")
     p.set_defaults(run=demo)
     p = sub.add_parser("settings", help="the environment variables in force, and what a change of each makes stale")

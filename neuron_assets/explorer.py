@@ -17,7 +17,7 @@ import polars as pl
 
 from neuron_assets.stages.variants import CONTROL_ROWS
 
-EXPLAINED_SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
+EXPLAINED_SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation": pl.String,
                     "score_all": pl.Float64, "max_activation": pl.Float64}
 
 
@@ -30,14 +30,14 @@ def explained_neurons(scores: pl.DataFrame, stats: pl.DataFrame | None = None) -
                          & (pl.col("explanation").str.strip_chars() != ""))
     rows = (rows.with_columns(pl.col("score_all").fill_nan(None).alias("_score"),
                               (pl.col("variant") != "llm").alias("_not_llm"))
-            .sort(["layer", "neuron", "_score", "_not_llm", "variant"],
+            .sort(["layer", "unit", "_score", "_not_llm", "variant"],
                   descending=[False, False, True, False, False], nulls_last=True)
-            .unique(["layer", "neuron"], keep="first", maintain_order=True)
-            .select("layer", "neuron", "variant", "explanation", "score_all"))
+            .unique(["layer", "unit"], keep="first", maintain_order=True)
+            .select("layer", "unit", "variant", "explanation", "score_all"))
     if stats is not None and stats.height:
-        rows = rows.join(stats.select(pl.col("layer").cast(pl.Int32), pl.col("neuron").cast(pl.Int32),
+        rows = rows.join(stats.select(pl.col("layer").cast(pl.Int32), pl.col("unit").cast(pl.Int32),
                                       pl.col("max_activation").cast(pl.Float64)),
-                         on=["layer", "neuron"], how="left")
+                         on=["layer", "unit"], how="left")
     else:
         rows = rows.with_columns(max_activation=pl.lit(None, dtype=pl.Float64))
     return rows.select([pl.col(c).cast(t) for c, t in EXPLAINED_SCHEMA.items()])
@@ -60,11 +60,11 @@ def top_explained(activations: dict[int, np.ndarray], explained: pl.DataFrame, t
     n_tokens = lengths.pop() if lengths else 0
     out: list[list[dict]] = [[] for _ in range(n_tokens)]
     for layer in sorted(activations):
-        rows = explained.filter(pl.col("layer") == layer).sort("neuron")
+        rows = explained.filter(pl.col("layer") == layer).sort("unit")
         if rows.height == 0:
             continue
         acts = np.asarray(activations[layer], dtype=np.float64)
-        neurons = rows["neuron"].to_numpy()
+        neurons = rows["unit"].to_numpy()
         if neurons.max() >= acts.shape[1]:
             raise ValueError(f"layer {layer}: neuron {neurons.max()} is explained but the model has {acts.shape[1]}")
         max_activation = rows["max_activation"].fill_null(float("nan")).to_numpy().astype(np.float64)
@@ -78,7 +78,7 @@ def top_explained(activations: dict[int, np.ndarray], explained: pl.DataFrame, t
             ranked = active[np.argsort(-relative[t, active], kind="stable")][:top]
             for k in ranked:
                 variant, explanation, score = info[k]
-                out[t].append({"layer": layer, "neuron": int(neurons[k]), "activation": float(a[t, k]),
+                out[t].append({"layer": layer, "unit": int(neurons[k]), "activation": float(a[t, k]),
                                "relative": float(relative[t, k]), "variant": variant, "explanation": explanation,
                                "score_all": score})
     return out
@@ -92,10 +92,10 @@ def load_explained(storage, layer_keys: list[str], shard_keys: list[str]) -> pl.
         present = [f"{layer}|{s}" for s in shard_keys if storage.exists("scores", f"{layer}|{s}")]
         if not present:
             continue
-        tables += [storage.read("scores", p, columns=["layer", "neuron", "variant", "explanation", "score_all"])
+        tables += [storage.read("scores", p, columns=["layer", "unit", "variant", "explanation", "score_all"])
                    for p in present]
         if storage.exists("neuron_records", layer, "stats"):
-            stats.append(storage.read("neuron_records", layer, "stats", columns=["neuron", "max_activation"])
+            stats.append(storage.read("neuron_records", layer, "stats", columns=["unit", "max_activation"])
                          .with_columns(layer=pl.lit(int(layer), dtype=pl.Int32)))
     if not tables:
         return pl.DataFrame(schema=EXPLAINED_SCHEMA)
@@ -142,6 +142,6 @@ def format_hits(tokens: list[str], hits: list[list[dict]], layer_key=str) -> str
         for h in found:
             score = h["score_all"]
             score = "nan" if score is None or (isinstance(score, float) and math.isnan(score)) else f"{score:.3f}"
-            lines.append(f"        layer {layer_key(h['layer'])} neuron {h['neuron']:<5} act {h['activation']:8.3f}  "
+            lines.append(f"        layer {layer_key(h['layer'])} unit {h['unit']:<5} act {h['activation']:8.3f}  "
                          f"score_all {score:>6}  {h['explanation']}")
     return "\n".join(lines)

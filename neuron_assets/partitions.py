@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from dagster import MultiPartitionsDefinition, StaticPartitionsDefinition
 
-from neuron_assets.settings import SettingsError, parse_layers
+from neuron_assets.settings import MLP_UNITS, SettingsError, parse_layers
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Layout:
 
     def hookpoint(self, layer: int) -> str:
         """What the layer's units read: its coder's hookpoint, or 'mlp' for its MLP neurons."""
-        return self.hookpoints.get(layer, "mlp")
+        return self.hookpoints.get(layer, MLP_UNITS)
 
     def layer_key(self, layer: int) -> str:
         return str(layer).zfill(max(2, len(str(self.n_layers - 1))))

@@ -54,7 +54,7 @@ def score_histogram_figure(scores: Mapping[str, Sequence[float | None]], title: 
         ax.legend(fontsize="small")
     ax.set_xlim(-1, 1)
     ax.set_xlabel("score_all")
-    ax.set_ylabel("neurons")
+    ax.set_ylabel("units")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{title}: {plotted} scores, {excluded} NaN excluded", fontsize="medium")
     return figure

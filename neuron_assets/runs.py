@@ -182,3 +182,7 @@ def _failure(result) -> str:
 
 def shard_keys(defs) -> list[str]:
     return defs.resolve_assets_def("scores").partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys()
+
+
+def layer_keys(defs) -> list[str]:
+    return defs.resolve_assets_def("scores").partitions_def.get_partitions_def_for_dimension("layer").get_partition_keys()

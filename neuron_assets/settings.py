@@ -15,6 +15,7 @@ from neuron_assets.method.selection import RANKINGS
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_CORPUS = "python-docs"
+MLP_UNITS = "mlp"  # NEURON_ASSETS_UNITS: every layer's MLP neurons
 
 
 # What a change of a setting does to results (Setting.enters): the name of the settings source
@@ -206,7 +207,7 @@ def _neurons(spec: str) -> str:
 
 def _units(text: str) -> str:
     """'mlp', an s3:// folder as written, or a local folder made absolute (steps run elsewhere)."""
-    if text == "mlp":
+    if text == MLP_UNITS:
         return text
     if "://" in text:
         if not text.startswith("s3://"):
@@ -258,7 +259,7 @@ SETTINGS = (
             "ranked first by an activation statistic: 'top:N:max' (highest max activation), 'top:N:kurtosis' "
             "(highest kurtosis), 'top:N:sparsity' (fewest tokens at or above 10% of the max)", enters="neuron_selection",
             grammar=_neurons),
-    Setting("NEURON_ASSETS_UNITS", "mlp",
+    Setting("NEURON_ASSETS_UNITS", MLP_UNITS,
             "the units explained: 'mlp' (every layer's MLP neurons) or a local or s3:// folder of sparse coders (SAEs "
             "or transcoders) in sparsify's or SAELens' layout, one sub-folder per hookpoint, whose latents are the "
             "units of their layers; each coder's files enter its layer's `subject_model_weights` version",

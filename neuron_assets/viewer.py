@@ -24,10 +24,10 @@ from neuron_assets.stages.capture import STATS_SCHEMA
 # Shading: real activations in orange, simulated ones in blue, alpha = value / scale (0..1).
 REAL_RGB = "255,140,0"
 SIM_RGB = "40,110,255"
-TABLE_COLUMNS = ("layer", "neuron", "variant", "score_all", "score_top", "score_random", "explanation")
-NUMERIC = {"layer", "neuron", "score_all", "score_top", "score_random"}
+TABLE_COLUMNS = ("layer", "unit", "variant", "score_all", "score_top", "score_random", "explanation")
+NUMERIC = {"layer", "unit", "score_all", "score_top", "score_random"}
 # the scalar columns of the stats table, in its order
-STAT_COLUMNS = tuple(c for c, kind in STATS_SCHEMA.items() if c != "neuron" and kind.is_numeric())
+STAT_COLUMNS = tuple(c for c, kind in STATS_SCHEMA.items() if c != "unit" and kind.is_numeric())
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -175,14 +175,14 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence], numeric: set[str] =
 
 def _neuron_section(layer: str, neuron: dict) -> str:
     """Explanations and scores per variant, the top and the random records, the stats."""
-    n = neuron["neuron"]
+    n = neuron["unit"]
     stats = neuron.get("stats") or {}
     max_activation = stats.get("max_activation")
     records = [*neuron.get("top", []), *neuron.get("random", [])]
     if not (max_activation and max_activation > 0):  # no stats: the records' own maximum
         max_activation = max((max(r["activations"], default=0.0) for r in records), default=0.0)
     variants = neuron.get("variants", [])
-    parts = [f"<section id=\"n{n}\" class=\"neuron\"><h2>Layer {html.escape(layer)}, neuron {n}</h2>"]
+    parts = [f"<section id=\"n{n}\" class=\"neuron\"><h2>Layer {html.escape(layer)}, unit {n}</h2>"]
     parts.append(_table(("variant", "method", "score_all", "score_top", "score_random", "explanation", "error"),
                         [(v["variant"], v.get("method"), v.get("score_all"), v.get("score_top"),
                           v.get("score_random"), v.get("explanation"), v.get("error")) for v in variants],
@@ -225,7 +225,7 @@ def layer_page(layer: str, neurons: list[dict], title: str = "Neuron viewer", no
         for v in neuron.get("variants", []):
             if is_control(v["variant"]):
                 continue
-            rows.append({"layer": layer, "neuron": neuron["neuron"], "variant": v["variant"],
+            rows.append({"layer": layer, "unit": neuron["unit"], "variant": v["variant"],
                          "detail": neuron.get("detail", True),
                          "score_all": v.get("score_all"), "score_top": v.get("score_top"),
                          "score_random": v.get("score_random"), "explanation": v.get("explanation") or ""})
@@ -235,20 +235,20 @@ def layer_page(layer: str, neurons: list[dict], title: str = "Neuron viewer", no
         cells = []
         for c in TABLE_COLUMNS:
             value = row[c]
-            if c == "neuron" and row["detail"]:
+            if c == "unit" and row["detail"]:
                 cells.append(f"<td class=\"num\"><a href=\"#n{value}\">{value}</a></td>")
             elif c in NUMERIC:
                 cells.append(f"<td class=\"num\">{html.escape(_number(value))}</td>")
             else:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
-        body.append(f"<tr data-i=\"{i}\" data-neuron=\"{row['neuron']}\">{''.join(cells)}</tr>")
+        body.append(f"<tr data-i=\"{i}\" data-neuron=\"{row['unit']}\">{''.join(cells)}</tr>")
     legend = (f"<p class=\"legend\"><span style=\"{_shade(REAL_RGB, 0.8)}\">real activation</span>"
               f"<span style=\"{_shade(SIM_RGB, 0.8)}\">simulated activation (0-10)</span>"
               "<span class=\"tok nosim\">no simulation</span> ⇥ tab, ↵ newline</p>")
     page = [f"<h1 id=\"top\">{html.escape(title)}: layer {html.escape(layer)}</h1>",
             "<p><a href=\"../index.html\">all layers</a></p>",
             f"<p class=\"muted\">{html.escape(note)}</p>" if note else "", legend,
-            "<input id=\"filter\" type=\"search\" placeholder=\"filter rows (neuron, variant, explanation...)\">",
+            "<input id=\"filter\" type=\"search\" placeholder=\"filter rows (unit, variant, explanation...)\">",
             f" <span class=\"muted\"><span id=\"shown\">{len(rows)}</span> of {len(rows)} rows</span>",
             f"<table id=\"neurons\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
             *(_neuron_section(layer, n) for n in neurons if n.get("detail", True))]
@@ -276,17 +276,17 @@ def explorer_html(excerpts: list[dict]) -> str:
             if not hits:
                 continue
             listed = "<br>".join(
-                f"<a href=\"{html.escape(h['layer'])}/index.html#n{h['neuron']}\">layer {html.escape(h['layer'])} "
-                f"neuron {h['neuron']}</a> <span class=\"muted\">act {_number(float(h['activation']), 2)}, "
+                f"<a href=\"{html.escape(h['layer'])}/index.html#n{h['unit']}\">layer {html.escape(h['layer'])} "
+                f"unit {h['unit']}</a> <span class=\"muted\">act {_number(float(h['activation']), 2)}, "
                 f"score_all {html.escape(_number(h['score_all']))}</span>: {html.escape(h['explanation'])}"
                 for h in hits)
             rows.append(f"<tr><td class=\"num\">{i}</td><td class=\"tokcell\">{visible_token(token)}</td>"
                         f"<td>{listed}</td></tr>")
         if rows:
             parts.append("<table class=\"explorer\"><thead><tr><th>#</th><th>token</th>"
-                         f"<th>most active explained neurons</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+                         f"<th>most active explained units</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
         else:
-            parts.append("<p class=\"muted\">no explained neuron is active on this excerpt</p>")
+            parts.append("<p class=\"muted\">no explained unit is active on this excerpt</p>")
     return "".join(parts)
 
 
@@ -295,7 +295,7 @@ def index_page(layers: list[tuple[str, int]], quality: tuple[list[str], list[lis
     """The index: a link per layer page present ((layer key, neurons shown)), the quality report
     (columns, rows) of model_summary, and the token explorer view of a few corpus excerpts."""
     links = "".join(f"<li><a href=\"{html.escape(k)}/index.html\">layer {html.escape(k)}</a> "
-                    f"<span class=\"muted\">({n} neurons)</span></li>" for k, n in layers)
+                    f"<span class=\"muted\">({n} units)</span></li>" for k, n in layers)
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p class=\"muted\">{html.escape(note)}</p>" if note else "",
              "<h2>Layers</h2>", f"<ul id=\"layers\">{links}</ul>" if links else "<p class=\"muted\">no layer page yet</p>",
              "<h2>Model quality</h2>"]
@@ -304,8 +304,8 @@ def index_page(layers: list[tuple[str, int]], quality: tuple[list[str], list[lis
         parts.append(_table(columns, rows, {c for c in columns if c not in ("variant", "method")}))
     else:
         parts.append("<p class=\"muted\">no model_summary yet</p>")
-    parts.append("<h2>Token explorer</h2><p class=\"muted\">Corpus excerpts where explained neurons fire most; "
-                 "per token the most active explained neurons of each layer (`neuron-assets explore TEXT` "
+    parts.append("<h2>Token explorer</h2><p class=\"muted\">Corpus excerpts where explained units fire most; "
+                 "per token the most active explained units of each layer (`neuron-assets explore TEXT` "
                  "shows the same for any text).</p>")
-    parts.append(explorer_html(explorer) if explorer else "<p class=\"muted\">no explained neuron yet</p>")
+    parts.append(explorer_html(explorer) if explorer else "<p class=\"muted\">no explained unit yet</p>")
     return _page(title, "\n".join(parts))

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PG_USER, PG_PASSWORD, PG_DB = "neuron", "pg-test-password-81", "dagster"
+PG_USER, PG_PASSWORD, PG_DB = "unit", "pg-test-password-81", "dagster"
 
 
 def free_port() -> int:

@@ -38,17 +38,17 @@ def test_neuron_records_hold_the_true_top_windows(graph):
     truth = captured[0].numpy()  # [windows, T, N]
     records = storage.read("neuron_records", "01", "records")
     n_neurons = truth.shape[2]
-    assert records["neuron"].n_unique() == n_neurons
+    assert records["unit"].n_unique() == n_neurons
     for neuron in (0, 5, n_neurons - 1):
-        top = records.filter((pl.col("neuron") == neuron) & (pl.col("kind") == "top")).sort("rank")
+        top = records.filter((pl.col("unit") == neuron) & (pl.col("kind") == "top")).sort("rank")
         assert top.height == settings.top_records
         window_max = truth[:, :, neuron].max(axis=1)
         expected = np.argsort(-window_max, kind="stable")[: settings.top_records]
         assert top["seq_id"].to_list() == expected.tolist()
         np.testing.assert_allclose(np.asarray(top["activations"][0]), truth[expected[0], :, neuron], rtol=1e-5)
     stats = storage.read("neuron_records", "01", "stats")
-    np.testing.assert_allclose(stats.sort("neuron")["mean"].to_numpy(), truth.mean(axis=(0, 1)), rtol=1e-4, atol=1e-6)
-    assert records.filter(pl.col("kind") == "random").group_by("neuron").len()["len"].min() == settings.random_records
+    np.testing.assert_allclose(stats.sort("unit")["mean"].to_numpy(), truth.mean(axis=(0, 1)), rtol=1e-4, atol=1e-6)
+    assert records.filter(pl.col("kind") == "random").group_by("unit").len()["len"].min() == settings.random_records
 
 
 def test_every_stage_writes_rows_for_the_selected_neurons(graph):
@@ -56,13 +56,13 @@ def test_every_stage_writes_rows_for_the_selected_neurons(graph):
     for layer in ("00", "01"):
         for shard, first in (("00-31", 0), ("32-63", 32)):
             explanations = storage.read("explanations", f"{layer}|{shard}")
-            neurons = sorted(set(explanations["neuron"]))
+            neurons = sorted(set(explanations["unit"]))
             assert neurons == [first, first + 1]  # first:2 of the shard
             assert set(explanations["variant"]) == {"llm", "token_baseline"}
             ok = explanations.filter(pl.col("error").is_null())
             assert ok.height >= 2 and ok["text"].str.len_chars().min() > 0
             sims = storage.read("simulations", f"{layer}|{shard}")
-            for (neuron, variant), group in sims.group_by("neuron", "variant"):
+            for (neuron, variant), group in sims.group_by("unit", "variant"):
                 if group["error"].is_null().all():
                     # the valid split, then the calibration split: each 5 top + 5 random
                     assert group["split"].to_list() == ["valid"] * 10 + ["calibration"] * 10
@@ -79,7 +79,7 @@ def test_every_stage_writes_rows_for_the_selected_neurons(graph):
     summary = storage.read("model_summary")
     assert sorted(set(summary["layer"])) == [0, 1]
     assert set(summary["variant"]) == {"llm", "token_baseline"}
-    assert summary["neurons"].sum() == 2 * 2 * 2 * 2  # layers x shards x neurons x variants
+    assert summary["units"].sum() == 2 * 2 * 2 * 2  # layers x shards x neurons x variants
 
 
 def test_scores_match_a_recomputation_from_the_tables(graph):
@@ -89,14 +89,14 @@ def test_scores_match_a_recomputation_from_the_tables(graph):
     sims = storage.read("simulations", "00|00-31").filter(pl.col("error").is_null() & (pl.col("split") == "valid"))
     records = storage.read("neuron_records", "00", "records")
     scores = storage.read("scores", "00|00-31")
-    neuron, variant = sims.row(0, named=True)["neuron"], sims.row(0, named=True)["variant"]
-    group = sims.filter((pl.col("neuron") == neuron) & (pl.col("variant") == variant))
+    neuron, variant = sims.row(0, named=True)["unit"], sims.row(0, named=True)["variant"]
+    group = sims.filter((pl.col("unit") == neuron) & (pl.col("variant") == variant))
     real, simulated = [], []
     for kind, seq_id, expected in group.select("kind", "seq_id", "expected").iter_rows():
-        row = records.filter((pl.col("neuron") == neuron) & (pl.col("kind") == kind) & (pl.col("seq_id") == seq_id))
+        row = records.filter((pl.col("unit") == neuron) & (pl.col("kind") == kind) & (pl.col("seq_id") == seq_id))
         real.append(np.asarray(row["activations"][0]))
         simulated.append(np.asarray(expected))
-    stored = scores.filter((pl.col("neuron") == neuron) & (pl.col("variant") == variant))["score_all"][0]
+    stored = scores.filter((pl.col("unit") == neuron) & (pl.col("variant") == variant))["score_all"][0]
     assert stored == pytest.approx(correlation(real, simulated), nan_ok=True)
 
 
@@ -150,12 +150,12 @@ def test_a_neuron_that_never_activates_is_an_error_row(tmp_path):
     with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",))
     explanations = storage.read("explanations", "00|00-63")
-    dead = explanations.filter(pl.col("neuron") == 1)
+    dead = explanations.filter(pl.col("unit") == 1)
     assert dead.height == 2 and dead["text"].is_null().all()
     assert all("never activates" in e for e in dead["error"])
-    scores = storage.read("scores", "00|00-63").filter(pl.col("neuron") == 1)
+    scores = storage.read("scores", "00|00-63").filter(pl.col("unit") == 1)
     assert all(math.isnan(s) for s in scores["score_all"]) and scores["error"].is_not_null().all()
-    alive = storage.read("scores", "00|00-63").filter(pl.col("neuron") == 0)
+    alive = storage.read("scores", "00|00-63").filter(pl.col("unit") == 0)
     assert alive["error"].is_null().any()  # the rest of the shard completed
     # counted and listed as dead over the whole layer (64 neurons), the one dead neuron only
     assert storage.read("neuron_records", "00", "stats")["activation_frequency"][1] == 0.0

@@ -90,7 +90,7 @@ def tampered_copy(settings, tmp_path) -> TableStorage:
 
 def double_activations(storage, neuron):
     records = storage.read("neuron_records", "00", "records")
-    storage.write(records.with_columns(pl.when(pl.col("neuron") == neuron).then(pl.col("activations").list.eval(
+    storage.write(records.with_columns(pl.when(pl.col("unit") == neuron).then(pl.col("activations").list.eval(
         pl.element() * 2)).otherwise(pl.col("activations")).alias("activations")), "neuron_records", "00", "records")
 
 
@@ -102,7 +102,7 @@ def parse(*argv):
 
 def test_audit_names_the_runs_and_versions_that_produced_each_partition(graph, capsys):
     settings, storage, instance, _ = graph
-    result = main_audit(SimpleNamespace(layer=0, neuron=NEURON), settings=settings, instance=instance)
+    result = main_audit(SimpleNamespace(layer=0, unit=NEURON), settings=settings, instance=instance)
     printed = capsys.readouterr().out
     assert result["partition"] == PARTITION and result["shard"] == SHARD
     for asset, partition in (("scores", PARTITION), ("simulations", PARTITION), ("explanations", PARTITION),
@@ -124,7 +124,7 @@ def test_audit_names_the_runs_and_versions_that_produced_each_partition(graph, c
     assert order.index(("simulations", PARTITION)) < order.index(("explanations", PARTITION)) \
         < order.index(("neuron_records", "00")) < order.index(("corpus_tokens", None))
 
-    scores = storage.read("scores", PARTITION).filter(pl.col("neuron") == NEURON).sort("variant")
+    scores = storage.read("scores", PARTITION).filter(pl.col("unit") == NEURON).sort("variant")
     assert [r["variant"] for r in result["scores"]["rows"]] == sorted(VARIANTS + CONTROLS)
     for row, stored in zip(result["scores"]["rows"], scores.iter_rows(named=True)):
         assert row["score_all"] == pytest.approx(stored["score_all"], nan_ok=True)
@@ -191,14 +191,14 @@ def test_every_variant_and_control_passes_and_controls_name_their_donor(graph, t
             assert statuses[(check, variant)] == "ok", (check, variant)
     for variant in VARIANTS:
         assert variants[variant]["origin"] == f"{TABLE[variant]}[{PARTITION}]"
-        assert variants[variant]["donor_neuron"] is None
+        assert variants[variant]["donor_unit"] is None
     for variant, control in zip(VARIANTS, CONTROLS):
         donor_row = storage.read(TABLE[variant], PARTITION).filter(
-            (pl.col("neuron") == DONOR) & (pl.col("variant") == variant)).row(0, named=True)
+            (pl.col("unit") == DONOR) & (pl.col("variant") == variant)).row(0, named=True)
         e = variants[control]
-        assert e["donor_neuron"] == DONOR and e["text"] == donor_row["text"] and e["source"] == TABLE[variant]
+        assert e["donor_unit"] == DONOR and e["text"] == donor_row["text"] and e["source"] == TABLE[variant]
         assert e["origin"] == f"control of {variant}, donor neuron {DONOR} ({TABLE[variant]}[{PARTITION}])"
-        assert statuses[("score_donor_neuron", control)] == "ok"
+        assert statuses[("score_donor_unit", control)] == "ok"
         # the control carries the donor's records hash: checked against the donor's records
         assert e["records_hash"] == donor_row["records_hash"]
         assert f"donor neuron {DONOR}'s" in detail_of(result, "explanation_records_hash", control)
@@ -237,12 +237,12 @@ def test_clear_errors_for_neurons_that_cannot_be_audited(graph):
 
 def test_the_command_line_parser_and_a_missing_instance(graph, tmp_path, monkeypatch):
     args = parse("0", str(NEURON))
-    assert (args.layer, args.neuron, args.all, args.run) == (0, NEURON, False, run_audit)
+    assert (args.layer, args.unit, args.all, args.run) == (0, NEURON, False, run_audit)
     assert (parse("--all").layer, parse("--all").all) == (None, True)
     assert (parse("--all", "0").layer, parse("0", "--all").layer) == (0, 0)
     settings, _, instance, _ = graph
-    for argv, message in ((("0",), "audit takes a LAYER and a NEURON"), ((), "audit takes a LAYER and a NEURON"),
-                          (("0", "1", "--all"), "--all takes at most a LAYER, not a neuron"),
+    for argv, message in ((("0",), "audit takes a LAYER and a UNIT"), ((), "audit takes a LAYER and a UNIT"),
+                          (("0", "1", "--all"), "--all takes at most a LAYER, not a unit"),
                           (("--all", "1"), "layer 1 is outside the model")):
         with pytest.raises(AuditError, match=message):
             main_audit(parse(*argv), settings=settings, instance=instance)
@@ -252,7 +252,7 @@ def test_the_command_line_parser_and_a_missing_instance(graph, tmp_path, monkeyp
             main_audit(parse(*argv), settings=settings)
 
 
-SUMMARY = re.compile(r"^audited 2 neurons in 1 layer x 1 shard: (\d) ok, (\d) with a mismatch \((\d+) checks\)$")
+SUMMARY = re.compile(r"^audited 2 units in 1 layer x 1 shard: (\d) ok, (\d) with a mismatch \((\d+) checks\)$")
 
 
 def test_audit_all_summarizes_every_scored_neuron(graph, tmp_path, capsys):
@@ -267,7 +267,7 @@ def test_audit_all_summarizes_every_scored_neuron(graph, tmp_path, capsys):
     # a tampered copy: the neuron's line names its checks; the file check fails for both neurons
     copy = tampered_copy(settings, tmp_path)
     scores = copy.read("scores", PARTITION)
-    copy.write(scores.with_columns(pl.when((pl.col("neuron") == NEURON) & (pl.col("variant") == "llm"))
+    copy.write(scores.with_columns(pl.when((pl.col("unit") == NEURON) & (pl.col("variant") == "llm"))
                                    .then(pl.lit("0123456789abcdef")).otherwise(pl.col("explanation_id"))
                                    .alias("explanation_id")), "scores", PARTITION)
     with pytest.raises(SystemExit) as exit_:
@@ -275,8 +275,8 @@ def test_audit_all_summarizes_every_scored_neuron(graph, tmp_path, capsys):
     assert exit_.value.code == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert SUMMARY.match(lines[-1]).groups()[:2] == ("0", "2")
-    neuron_line = next(line for line in lines if line.startswith(f"MISMATCH layer 00 neuron {NEURON} "))
-    donor_line = next(line for line in lines if line.startswith(f"MISMATCH layer 00 neuron {DONOR} "))
+    neuron_line = next(line for line in lines if line.startswith(f"MISMATCH layer 00 unit {NEURON} "))
+    donor_line = next(line for line in lines if line.startswith(f"MISMATCH layer 00 unit {DONOR} "))
     assert "score_explanation_id [llm]" in neuron_line and "scores_file_matches_materialization" in neuron_line
     assert "score_explanation_id" not in donor_line and "scores_file_matches_materialization" in donor_line
 
@@ -287,7 +287,7 @@ def test_consistency_checks_report_tampered_tables(graph, tmp_path):
     assert audit(copy, instance, 0, NEURON, SHARD, settings=settings, defs=defs)["ok"]
 
     scores = copy.read("scores", PARTITION)
-    copy.write(scores.with_columns(pl.when((pl.col("neuron") == NEURON) & (pl.col("variant") == "llm"))
+    copy.write(scores.with_columns(pl.when((pl.col("unit") == NEURON) & (pl.col("variant") == "llm"))
                                    .then(pl.lit("0123456789abcdef")).otherwise(pl.col("explanation_id"))
                                    .alias("explanation_id")), "scores", PARTITION)
     explanations = copy.read("explanations", PARTITION)
@@ -394,8 +394,8 @@ def with_extra_table(defs: Definitions) -> Definitions:
 
     @asset(partitions_def=layers, deps=["neuron_records"], code_version="1", group_name="scores")
     def extra_table(context, storage: TableStorage) -> MaterializeResult:
-        counts = storage.read("neuron_records", context.partition_key, "records").group_by("neuron").len()
-        return MaterializeResult(data_version=DataVersion(storage.write(counts.sort("neuron"), "extra_table",
+        counts = storage.read("neuron_records", context.partition_key, "records").group_by("unit").len()
+        return MaterializeResult(data_version=DataVersion(storage.write(counts.sort("unit"), "extra_table",
                                                                         context.partition_key)))
 
     by_layer = MultiToSingleDimensionPartitionMapping("layer")

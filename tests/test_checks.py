@@ -21,7 +21,7 @@ def test_a_score_outside_minus_one_to_one_fails():
 
 
 def sims(expected, error):
-    return pl.DataFrame({"neuron": [0] * len(expected), "variant": ["llm"] * len(expected),
+    return pl.DataFrame({"unit": [0] * len(expected), "variant": ["llm"] * len(expected),
                          "seq_id": list(range(len(expected))), "expected": expected, "error": error},
                         schema_overrides={"expected": pl.List(pl.Float32)})
 

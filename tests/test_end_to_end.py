@@ -34,9 +34,9 @@ def test_embedded_model_one_layer_one_neuron(tmp_path, monkeypatch):
     tokens = storage.read("corpus_tokens")
     assert tokens.height == 160 and len(tokens["tokens"][0]) == 64
     records = storage.read("neuron_records", "00", "records")
-    assert records["neuron"].n_unique() == 1536  # every MLP neuron of SmolLM2's layer 0
+    assert records["unit"].n_unique() == 1536  # every MLP neuron of SmolLM2's layer 0
     scores = storage.read("scores", "00|0000-0191")
-    assert scores["neuron"].unique().to_list() == [0]
+    assert scores["unit"].unique().to_list() == [0]
     assert set(scores["variant"]) == {"llm", "token_baseline"}
     explained = storage.read("explanations", "00|0000-0191").filter(pl.col("error").is_null())
     assert explained.height >= 1 and explained["text"].str.len_chars().min() > 0

@@ -23,7 +23,7 @@ TEXT = "it is the end, to be sure"  # tiny tokenizer: "it", " is", " the", " e",
 
 
 def table(rows: list[tuple]) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema={"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String,
+    return pl.DataFrame(rows, schema={"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String,
                                       "explanation": pl.String, "score_all": pl.Float64}, orient="row")
 
 
@@ -35,9 +35,9 @@ def test_explained_neurons_keep_the_best_real_variant():
         (0, 3, "llm", "llm three", float("nan")), (0, 3, "token_baseline", "baseline three", float("nan")),
         (0, 4, "llm", None, 0.9), (1, 1, "llm", "layer one", 0.5),
     ])
-    stats = pl.DataFrame({"layer": [0, 0], "neuron": [1, 2], "max_activation": [2.0, 4.0]})
+    stats = pl.DataFrame({"layer": [0, 0], "unit": [1, 2], "max_activation": [2.0, 4.0]})
     out = explained_neurons(scores, stats)
-    assert out.select("layer", "neuron", "variant", "explanation").rows() == [
+    assert out.select("layer", "unit", "variant", "explanation").rows() == [
         (0, 1, "token_baseline", "baseline one"), (0, 2, "revised", "revised two"), (0, 3, "llm", "llm three"),
         (1, 1, "llm", "layer one")]  # NaN after finite scores, llm first among ties; no explanation: left out
     assert out["max_activation"].to_list() == [2.0, 4.0, None, None]
@@ -51,14 +51,14 @@ def test_top_explained_ranks_relative_activations_per_layer():
                        [10.0, 0.0, 1.0, 0.5]])    # 0 and 2 both at their max: tie, lower neuron first
     layer1 = np.array([[0.0, 1.0], [0.0, 0.0], [0.0, 4.0]])
     hits = top_explained({0: layer0, 1: layer1}, explained, top=2)
-    assert [[(h["layer"], h["neuron"]) for h in token] for token in hits] == [
+    assert [[(h["layer"], h["unit"]) for h in token] for token in hits] == [
         [(0, 2), (0, 0), (1, 1)], [], [(0, 0), (0, 2), (1, 1)]]
     assert hits[0][0]["relative"] == pytest.approx(0.9) and hits[0][0]["explanation"] == "two"
     assert hits[0][1]["activation"] == 5.0 and hits[0][1]["relative"] == pytest.approx(0.5)
-    assert [h["neuron"] for h in top_explained({0: layer0}, explained, top=1)[2]] == [0]
+    assert [h["unit"] for h in top_explained({0: layer0}, explained, top=1)[2]] == [0]
     # an unknown max_activation ranks the raw activation
-    assert [h["neuron"] for h in top_explained({0: np.array([[0.0, 0.0, 0.0, 0.7]])}, explained)[0]] == [3]
-    assert top_explained({0: layer0}, explained, min_activation=6.0)[2][0]["neuron"] == 0
+    assert [h["unit"] for h in top_explained({0: np.array([[0.0, 0.0, 0.0, 0.7]])}, explained)[0]] == [3]
+    assert top_explained({0: layer0}, explained, min_activation=6.0)[2][0]["unit"] == 0
     with pytest.raises(ValueError, match="top must be at least 1"):
         top_explained({0: layer0}, explained, top=0)
 
@@ -82,11 +82,11 @@ def test_the_neurons_that_fire_on_a_word_are_picked(study):
     explained = table([(0, 0, "llm", "the", 1.0), (0, 1, "llm", "is", 1.0), (0, 2, "llm", "to, the", 1.0)]
                       ).with_columns(max_activation=pl.lit(float(acts[0][:, :3].max())))
     hits = top_explained(acts, explained, top=3)
-    picked = {t: [h["neuron"] for h in found] for t, found in zip(tokens, hits)}
+    picked = {t: [h["unit"] for h in found] for t, found in zip(tokens, hits)}
     assert picked[" the"] == [0, 2]  # neuron 2 half as strongly
     assert picked[" is"] == [1] and picked[" to"] == [2]
     assert picked["it"] == [] and picked[" be"] == []
-    assert [h["neuron"] for h in top_explained(acts, explained, top=1)[tokens.index(" the")]] == [0]
+    assert [h["unit"] for h in top_explained(acts, explained, top=1)[tokens.index(" the")]] == [0]
 
 
 def explore(monkeypatch, capsys, settings, *args) -> str:
@@ -110,9 +110,9 @@ def hits_of(out: str) -> dict[str, list[str]]:
 
 def test_cli_explore_prints_the_neuron_of_each_word(study, monkeypatch, capsys):
     out = explore(monkeypatch, capsys, study, TEXT)
-    assert out.splitlines()[0].startswith("10 tokens; explained neurons: 3 in layer(s) 00")
+    assert out.splitlines()[0].startswith("10 tokens; explained units: 3 in layer(s) 00 (mlp)")
     found = hits_of(out)
-    assert [h.split()[:4] for h in found[" the"]] == [["layer", "00", "neuron", "0"], ["layer", "00", "neuron", "2"]]
+    assert [h.split()[:4] for h in found[" the"]] == [["layer", "00", "unit", "0"], ["layer", "00", "unit", "2"]]
     assert found[" the"][0].endswith('the token "the"') and "score_all  1.000" in found[" the"][0]
     assert [h.split()[3] for h in found[" is"]] == ["1"] and [h.split()[3] for h in found[" to"]] == ["2"]
     assert found["it"] == [] and found[" be"] == []
@@ -123,7 +123,7 @@ def test_cli_explore_prints_the_neuron_of_each_word(study, monkeypatch, capsys):
 def test_cli_explore_without_scores_says_what_to_run(study, monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         explore(monkeypatch, capsys, replace(study, storage=str(tmp_path / "empty")), TEXT)
-    assert "no explained neurons in scores" in str(exit_.value) and "neuron-assets demo" in str(exit_.value)
+    assert "no explained units in scores" in str(exit_.value) and "neuron-assets demo" in str(exit_.value)
     with pytest.raises(SystemExit) as exit_:
         explore(monkeypatch, capsys, study, TEXT, "--layers", "7")
     assert "not among the layers" in str(exit_.value)

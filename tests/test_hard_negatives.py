@@ -21,7 +21,7 @@ LAYERS = ("00", "01")
 def expected_top_tokens(top: pl.DataFrame, token_ids: np.ndarray) -> dict[int, set[int]]:
     """Per neuron, the up to 3 most frequent tokens at the argmax of its top records (ties: higher rank)."""
     out = {}
-    for (neuron,), group in top.sort("rank").group_by("neuron", maintain_order=True):
+    for (neuron,), group in top.sort("rank").group_by("unit", maintain_order=True):
         acts = [np.asarray(a) for a in group["activations"]]
         if max(a.max() for a in acts) <= 0:
             out[neuron] = set()
@@ -57,21 +57,21 @@ def test_hard_negatives_hold_top_tokens_stay_quiet_and_match_a_fresh_forward_pas
     model, _ = load_causal_lm(settings.model, settings.cache, "cpu")
     for key in LAYERS:
         records = storage.read("neuron_records", key, "records")
-        n_neurons = records["neuron"].n_unique()
+        n_neurons = records["unit"].n_unique()
         top = records.filter(pl.col("kind") == "top")
-        hard = records.filter(pl.col("kind") == "hard_negative").sort("neuron", "rank")
+        hard = records.filter(pl.col("kind") == "hard_negative").sort("unit", "rank")
         assert hard.height > 0
-        counts = hard.group_by("neuron").agg(pl.len(), pl.col("rank").sort())
+        counts = hard.group_by("unit").agg(pl.len(), pl.col("rank").sort())
         assert counts["len"].max() <= 10
         assert all(ranks.to_list() == list(range(len(ranks))) for ranks in counts["rank"])
         top_tokens = expected_top_tokens(top, token_ids)
-        peaks = top.group_by("neuron").agg(pl.col("activations").list.max().max().alias("peak"))
-        peak = dict(zip(peaks["neuron"], peaks["peak"]))
-        top_windows = {n: set(g["seq_id"]) for (n,), g in top.group_by("neuron")}
+        peaks = top.group_by("unit").agg(pl.col("activations").list.max().max().alias("peak"))
+        peak = dict(zip(peaks["unit"], peaks["peak"]))
+        top_windows = {n: set(g["seq_id"]) for (n,), g in top.group_by("unit")}
         windows = np.unique(hard["seq_id"].to_numpy())
         fresh = layer_activations(model, int(key), token_ids[windows])
         row_of = {int(s): i for i, s in enumerate(windows)}
-        for neuron, seq_id, acts in hard.select("neuron", "seq_id", "activations").iter_rows():
+        for neuron, seq_id, acts in hard.select("unit", "seq_id", "activations").iter_rows():
             acts = np.asarray(acts, dtype=np.float32)
             assert set(token_ids[seq_id].tolist()) & top_tokens[neuron]
             assert seq_id not in top_windows[neuron]
@@ -80,7 +80,7 @@ def test_hard_negatives_hold_top_tokens_stay_quiet_and_match_a_fresh_forward_pas
         meta = metadata[key]
         assert meta["hard negatives: neurons with >= 1"].value == counts.height
         per_neuron = np.zeros(n_neurons)
-        per_neuron[counts["neuron"].to_numpy()] = counts["len"].to_numpy()
+        per_neuron[counts["unit"].to_numpy()] = counts["len"].to_numpy()
         assert meta["hard negatives: median per neuron"].value == float(np.median(per_neuron))
         assert 0 < meta["hard negatives: windows in second pass"].value <= tokens.height
     print({k: {m: v.value for m, v in metadata[k].items() if "hard" in m} for k in LAYERS})

@@ -65,7 +65,7 @@ def test_openai_backend_all_at_once_cost_and_cache(subject, served, tmp_path, mo
         assert len(server.requests) == before  # unchanged neurons are reused: no request at all
         assert data_versions(instance) == versions  # identical tables: nothing downstream turns stale
         event = instance.get_latest_materialization_event(AssetKey("simulations")).asset_materialization
-        clean = sims.group_by("neuron", "variant").agg(pl.col("error").is_null().all().alias("ok"))["ok"].sum()
+        clean = sims.group_by("unit", "variant").agg(pl.col("error").is_null().all().alias("ok"))["ok"].sum()
         assert clean >= 1 and event.metadata[REUSED].value == clean  # failed ones are retried
 
         for asset in ("explanations", "simulations"):  # lose the tables, keep the response cache
@@ -104,7 +104,7 @@ def test_failing_requests_become_error_rows_and_the_shard_completes(subject, ser
         run(settings, instance, demo_runs(settings, ("00",), [SHARD])[:3])  # weights, corpus and records first
         server.script(["500"])  # the first explainer request fails, with no retry left
         storage = run(settings, instance, [(("explanations", "simulations", "scores"), f"00|{SHARD}")])
-        llm = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm").sort("neuron")
+        llm = storage.read("explanations", f"00|{SHARD}").filter(pl.col("variant") == "llm").sort("unit")
         assert llm["error"][0] is not None and "500" in llm["error"][0]
         assert llm["error"][1] is None  # the other neuron was explained
         scores = storage.read("scores", f"00|{SHARD}")

@@ -41,7 +41,7 @@ def forwards(llm: LLM) -> list[int]:
 
 def judged(llm: LLM) -> pl.DataFrame:
     result = judge_units(ROWS, RECORDS, TOKENS, llm, SEED, "c1", report=lambda _: None)
-    return pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron")
+    return pl.DataFrame(result.rows, schema=SCHEMA).sort("unit")
 
 
 def test_the_local_judge_decides_every_excerpt_deterministically_and_from_the_cache_on_a_rerun(llama, tmp_path):

@@ -39,7 +39,7 @@ def feed(sampler, acts, seq_ids, batch_sizes):
 
 
 def rows(records, neuron, kind):
-    idx = [i for i, (n, k) in enumerate(zip(records["neuron"], records["kind"])) if n == neuron and k == kind]
+    idx = [i for i, (n, k) in enumerate(zip(records["unit"], records["kind"])) if n == neuron and k == kind]
     return [records["rank"][i] for i in idx], [records["seq_id"][i] for i in idx], [records["activations"][i] for i in idx]
 
 
@@ -75,7 +75,7 @@ def test_every_record_holds_the_activations_of_its_window():
     feed(sampler, acts, seq_ids, [30, 30])
     records, _ = sampler.finalize()
     by_seq = {int(s): i for i, s in enumerate(seq_ids)}
-    for n, s, a in zip(records["neuron"], records["seq_id"], records["activations"]):
+    for n, s, a in zip(records["unit"], records["seq_id"], records["activations"]):
         np.testing.assert_array_equal(a, acts[by_seq[s], :, n])
 
 
@@ -84,7 +84,7 @@ def test_row_order_kinds_and_counts():
     sampler = RecordSampler(n_neurons=5, seq_len=6, n_top=4, n_random=5, quantile_pool=12, per_quantile=2)
     feed(sampler, acts, seq_ids, [60])
     records, _ = sampler.finalize()
-    keys = [(n, KINDS.index(k), r) for n, k, r in zip(records["neuron"], records["kind"], records["rank"])]
+    keys = [(n, KINDS.index(k), r) for n, k, r in zip(records["unit"], records["kind"], records["rank"])]
     assert keys == sorted(keys)
     assert set(records["kind"]) <= set(KINDS)
     for n in range(5):
@@ -126,7 +126,7 @@ def test_fewer_windows_than_requested_keeps_what_there_is():
 
 def test_empty_sampler_finalizes_to_no_records_and_nan_stats():
     records, stats = RecordSampler(n_neurons=2, seq_len=4).finalize()
-    assert len(records["neuron"]) == 0 and records["activations"].shape == (0, 4)
+    assert len(records["unit"]) == 0 and records["activations"].shape == (0, 4)
     assert np.isnan(stats["mean"]).all() and stats["n_tokens"] == [0, 0]
 
 
@@ -179,7 +179,7 @@ def test_stats_match_numpy_on_concatenated_data():
     np.testing.assert_allclose(stats["max_activation"], x.max(axis=1))
     assert stats["variance"][3] == 0.0
     assert np.isnan(stats["skewness"][3]) and np.isnan(stats["kurtosis"][3])
-    assert stats["n_tokens"] == [240] * N and stats["neuron"] == list(range(N))
+    assert stats["n_tokens"] == [240] * N and stats["unit"] == list(range(N))
 
 
 def state_bytes(sampler):
@@ -328,7 +328,7 @@ def test_collector_stores_candidate_activations_in_any_batch_order():
         collector.update(acts[part], part)
     records = collector.finalize()
     assert records["kind"].tolist() == [HARD_NEGATIVE] * 2
-    assert records["neuron"].tolist() == [0, 0] and records["rank"].tolist() == [0, 1]
+    assert records["unit"].tolist() == [0, 0] and records["rank"].tolist() == [0, 1]
     assert records["seq_id"].tolist() == [20, 3]  # the first quiet candidates, in candidate order
     np.testing.assert_array_equal(records["activations"], acts[[20, 3], :, 0])
 
@@ -343,14 +343,14 @@ def test_hard_negatives_join_the_records_after_the_sampler_kinds():
     collector = hard_negative_collector(records, 3, token_ids, seed=0, sample_seed=0, n_hard=2)
     collector.update(acts[collector.windows()], collector.windows())
     hard = collector.finalize()
-    assert len(hard["neuron"]) >= 1
+    assert len(hard["unit"]) >= 1
     merged = add_records(records, hard)
     order = KINDS + [HARD_NEGATIVE]
-    keys = [(n, order.index(k), r) for n, k, r in zip(merged["neuron"], merged["kind"], merged["rank"])]
-    assert keys == sorted(keys) and len(keys) == len(records["neuron"]) + len(hard["neuron"])
+    keys = [(n, order.index(k), r) for n, k, r in zip(merged["unit"], merged["kind"], merged["rank"])]
+    assert keys == sorted(keys) and len(keys) == len(records["unit"]) + len(hard["unit"])
     top_seq, top_acts = top_arrays(records, 3)
     tokens = top_tokens(top_seq, top_acts, token_ids)
-    for n, k, s, a in zip(merged["neuron"], merged["kind"], merged["seq_id"], merged["activations"]):
+    for n, k, s, a in zip(merged["unit"], merged["kind"], merged["seq_id"], merged["activations"]):
         np.testing.assert_array_equal(a, acts[s, :, n])
         if k == HARD_NEGATIVE:
             assert np.isin(token_ids[s], tokens[n]).any() and s not in top_seq[n]

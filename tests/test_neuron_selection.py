@@ -21,7 +21,7 @@ from neuron_assets.stages.explain import SCHEMA, explain_units, rare_reasons
 NAN = math.nan
 # a layer of 12 neurons; the shard is 4-11 (neurons 0-3 outrank every other and must not count)
 STATS = pl.DataFrame({
-    "neuron": list(range(12)),
+    "unit": list(range(12)),
     "max_activation": [99.0, 99.0, 99.0, 99.0, 2.0, 8.0, 0.0, 8.0, 3.0, -1.0, 5.0, 1.0],
     "kurtosis": [99.0, 99.0, 99.0, 99.0, 5.0, 1.0, 50.0, 9.0, NAN, 7.0, 9.0, -1.0],
     "active_share": [0.0, 0.0, 0.0, 0.0, 0.10, 0.50, 0.0, 0.02, 0.02, 0.0, 0.30, 0.90],
@@ -38,9 +38,9 @@ COLUMN = {"max": ("max_activation", True), "kurtosis": ("kurtosis", True), "spar
 
 @pytest.mark.parametrize("ranking", RANKED)
 def test_the_ranking_by_each_statistic_is_the_hand_computed_one(ranking):
-    shard = STATS.filter(pl.col("neuron").is_in(list(SHARD)))
+    shard = STATS.filter(pl.col("unit").is_in(list(SHARD)))
     column, highest_first = COLUMN[ranking]
-    assert top_neurons(shard["neuron"].to_list(), shard[column].to_list(), shard["max_activation"].to_list(), 8,
+    assert top_neurons(shard["unit"].to_list(), shard[column].to_list(), shard["max_activation"].to_list(), 8,
                        highest_first) == RANKED[ranking]
     for n in (1, 3, 6, 8, 50):  # the shard's selection: the first n of the ranking, ascending
         assert Study(neurons=f"top:{n}:{ranking}").selected(SHARD, STATS) == sorted(RANKED[ranking][:n])
@@ -85,7 +85,7 @@ def test_active_share_is_counted_on_the_random_windows_when_the_corpus_has_more(
     records, stats = sampler.finalize()
     peak = acts.max(axis=(0, 1))
     for neuron in range(4):
-        rows = (records["neuron"] == neuron) & (records["kind"] == "random")  # here the whole pool
+        rows = (records["unit"] == neuron) & (records["kind"] == "random")  # here the whole pool
         assert rows.sum() == 5
         assert stats["active_share"][neuron] == (records["activations"][rows] >= 0.1 * peak[neuron]).mean()
     assert stats["active_share"] != [(acts[:, :, n] >= 0.1 * peak[n]).mean() for n in range(4)]  # an estimate
@@ -106,7 +106,7 @@ def test_first_3_to_top_3_kurtosis_reuses_the_neurons_in_both_and_keeps_the_othe
     records = {unit: {"top": [(i, np.where(np.arange(7) == 1, (1 + unit) * (1 - i / 40), 0.0).astype(np.float32))
                               for i in range(20)],
                       "random": [(20 + i, np.zeros(7, np.float32)) for i in range(15)]} for unit in range(6)}
-    stats = pl.DataFrame({"neuron": list(range(6)), "max_activation": [1.0 + u for u in range(6)],
+    stats = pl.DataFrame({"unit": list(range(6)), "max_activation": [1.0 + u for u in range(6)],
                           "kurtosis": [0.5, 4.0, 3.0, 1.0, 2.0, 1.5]})
     fewshot = load_fewshot(f"{PROMPTS}/explainer_fewshot.json")
 
@@ -121,9 +121,9 @@ def test_first_3_to_top_3_kurtosis_reuses_the_neurons_in_both_and_keeps_the_othe
     units, ranked = explain("top:3:kurtosis", table)
     assert units == [1, 2, 4]
     assert (ranked.reused, ranked.asked, ranked.kept) == (3, 1, 1)  # reused: 1, 2 and the kept 0
-    rows = pl.DataFrame(ranked.rows, schema=SCHEMA).filter(pl.col("variant") == "llm").sort("neuron")
-    assert rows["neuron"].to_list() == [0, 1, 2, 4]
-    assert rows.filter(pl.col("neuron") < 3).equals(table.filter(pl.col("variant") == "llm").sort("neuron"))
+    rows = pl.DataFrame(ranked.rows, schema=SCHEMA).filter(pl.col("variant") == "llm").sort("unit")
+    assert rows["unit"].to_list() == [0, 1, 2, 4]
+    assert rows.filter(pl.col("unit") < 3).equals(table.filter(pl.col("variant") == "llm").sort("unit"))
 
 
 def test_dead_units_never_fire_and_rare_ones_fire_on_fewer_tokens_than_the_threshold():
@@ -132,7 +132,7 @@ def test_dead_units_never_fire_and_rare_ones_fire_on_fewer_tokens_than_the_thres
     assert dead_and_rare(neurons, frequencies, 1e-5) == ([7], [3, 8])  # 1e-5 itself is not under 1e-5
     assert dead_and_rare(neurons, frequencies, 0.0) == ([7], [])  # only dead ones: nothing is under 0
     assert dead_and_rare(neurons, frequencies, 0.5) == ([7], [3, 4, 5, 8])  # NaN (no tokens): neither
-    stats = pl.DataFrame({"neuron": neurons, "activation_frequency": frequencies})
+    stats = pl.DataFrame({"unit": neurons, "activation_frequency": frequencies})
     assert Study(min_activation_frequency=1e-5).dead_and_rare(stats) == ([7], [3, 8])
     with pytest.raises(ValueError, match="lack activation_frequency: materialize neuron_records"):
         Study().dead_and_rare(stats.drop("activation_frequency"))
@@ -144,7 +144,7 @@ def test_a_rare_unit_gets_a_row_saying_why_and_no_llm_work(explainer):
     records = {unit: {"top": [(i, np.where(np.arange(7) == 1, 2.0 * (1 - i / 40), 0.0).astype(np.float32))
                               for i in range(20)],
                       "random": [(20 + i, np.zeros(7, np.float32)) for i in range(15)]} for unit in range(3)}
-    stats = pl.DataFrame({"neuron": [0, 1, 2], "activation_frequency": [0.2, 3e-6, 0.0]})
+    stats = pl.DataFrame({"unit": [0, 1, 2], "activation_frequency": [0.2, 3e-6, 0.0]})
     study = Study(min_activation_frequency=1e-5)
     dead, rare = study.dead_and_rare(stats)
     assert (dead, rare) == ([2], [1])
@@ -155,8 +155,8 @@ def test_a_rare_unit_gets_a_row_saying_why_and_no_llm_work(explainer):
     result = explain_units(0, [0, 1], records, tokens, None, explainer, fewshot, "p1", seed=0, code_version="c1",
                            report=lambda _: None, rare=reasons)
     assert result.asked == 1  # unit 0 only
-    rows = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
-    skipped = rows.filter(pl.col("neuron") == 1)
+    rows = pl.DataFrame(result.rows, schema=SCHEMA).sort("unit", "variant")
+    skipped = rows.filter(pl.col("unit") == 1)
     assert skipped["variant"].to_list() == ["llm", "token_baseline"]
     assert skipped["text"].is_null().all() and skipped["error"].to_list() == [reasons[1]] * 2
-    assert rows.filter(pl.col("neuron") == 0)["error"].is_null().all()
+    assert rows.filter(pl.col("unit") == 0)["error"].is_null().all()

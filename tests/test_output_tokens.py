@@ -88,13 +88,13 @@ def test_the_output_tokens_variant_is_simulated_scored_and_controlled(tmp_path):
     with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",))
     promoted = storage.read("neuron_records", "00", "output_tokens")
-    assert dict(promoted.schema) == OUTPUT_TOKENS_SCHEMA and promoted["neuron"].n_unique() == 64
+    assert dict(promoted.schema) == OUTPUT_TOKENS_SCHEMA and promoted["unit"].n_unique() == 64
     explanations = storage.read("explanations", "00|00-63").filter(pl.col("variant") == OUTPUT_TOKENS)
-    assert explanations["neuron"].to_list() == [0, PLANTED_NEURON]
-    planted = explanations.filter(pl.col("neuron") == PLANTED_NEURON)
+    assert explanations["unit"].to_list() == [0, PLANTED_NEURON]
+    planted = explanations.filter(pl.col("unit") == PLANTED_NEURON)
     assert planted["text"][0].startswith('text followed by "class"') and planted["explainer_model"][0] == "none"
     asked = storage.read("explanations", "00|00-63").filter(pl.col("variant") == LLM_OUTPUT)
-    assert asked["neuron"].to_list() == [0, PLANTED_NEURON] and (asked["explainer_model"] != "none").all()
+    assert asked["unit"].to_list() == [0, PLANTED_NEURON] and (asked["explainer_model"] != "none").all()
     scores = storage.read("scores", "00|00-63")
     variants = {OUTPUT_TOKENS, LLM_OUTPUT}
     assert variants | {f"{v}_shuffled" for v in variants} <= set(scores["variant"])

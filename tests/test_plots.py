@@ -98,12 +98,12 @@ SCORES = {
 def scores_table(layer: int, rows) -> pl.DataFrame:
     out = []
     for neuron, variant, score in rows:
-        out.append({"layer": layer, "neuron": neuron, "variant": variant,
+        out.append({"layer": layer, "unit": neuron, "variant": variant,
                     "explanation": f"layer {layer} neuron {neuron} by {variant}", "score_all": score,
                     "score_top": score, "score_random": score, "rsquared": score, "abs_dev_explained": score,
                     "n_failed_tokens": 0, "cost_usd": 0.001, "simulator_model": "tiny", "method": "all_at_once",
                     "explanation_id": f"{layer}-{neuron}-{variant}", "records_hash": "0" * 16,
-                    "donor_neuron": 1 - neuron % 2 if variant.endswith("_shuffled") else None, "error": None})
+                    "donor_unit": 1 - neuron % 2 if variant.endswith("_shuffled") else None, "error": None})
     return pl.DataFrame(out, schema=SCHEMA)
 
 
@@ -120,7 +120,7 @@ def summaries(tmp_path_factory):
         for shard, rows in zip(shards, by_shard):
             storage.write(scores_table(layer, rows), "scores", f"{layer:02d}|{shard}")
         # the layer summary also reads which units are dead: neuron 5 of every layer
-        storage.write(pl.DataFrame({"neuron": range(8), "activation_frequency": [0.5] * 5 + [0.0] + [0.5] * 2}),
+        storage.write(pl.DataFrame({"unit": range(8), "activation_frequency": [0.5] * 5 + [0.0] + [0.5] * 2}),
                       "neuron_records", f"{layer:02d}", "stats")
     with in_memory_instance() as instance:
         materialize_runs(defs, instance, [(("layer_summary",), "00"), (("layer_summary",), "01"),
@@ -178,10 +178,10 @@ def test_layer_summary_lists_the_best_and_the_worst_neurons(summaries):
     for key, layer in (("00", 0), ("01", 1)):
         expected = sorted(real([layer]), key=lambda r: -r[3])
         best, worst = table(layers[key], "best neurons"), table(layers[key], "worst neurons")
-        assert list(best[0]) == ["neuron", "variant", "score_all", "explanation"]
-        assert [(int(r["neuron"]), r["variant"], float(r["score_all"])) for r in best] == \
+        assert list(best[0]) == ["unit", "variant", "score_all", "explanation"]
+        assert [(int(r["unit"]), r["variant"], float(r["score_all"])) for r in best] == \
             [(n, v, s) for _, n, v, s in expected]
-        assert [(int(r["neuron"]), r["variant"], float(r["score_all"])) for r in worst] == \
+        assert [(int(r["unit"]), r["variant"], float(r["score_all"])) for r in worst] == \
             [(n, v, s) for _, n, v, s in expected[::-1]]
         assert best[0]["explanation"] == f"layer {layer} neuron {expected[0][1]} by {expected[0][2]}"
     assert float(table(layers["00"], "best neurons")[0]["score_all"]) == 0.87  # not the control's 0.99
@@ -216,9 +216,9 @@ def test_model_summary_shows_plots_tables_and_viewer(summaries):
 
     expected = sorted(real([0, 1]), key=lambda r: (-r[3], r[0]))[:10]
     best = table(model, "best neurons")
-    assert list(best[0]) == ["layer", "neuron", "variant", "score_all", "explanation"]
-    assert [(int(r["layer"]), int(r["neuron"]), r["variant"], float(r["score_all"])) for r in best] == expected
+    assert list(best[0]) == ["layer", "unit", "variant", "score_all", "explanation"]
+    assert [(int(r["layer"]), int(r["unit"]), r["variant"], float(r["score_all"])) for r in best] == expected
     worst = table(model, "worst neurons")
-    assert [(int(r["layer"]), int(r["neuron"]), r["variant"], float(r["score_all"])) for r in worst] == \
+    assert [(int(r["layer"]), int(r["unit"]), r["variant"], float(r["score_all"])) for r in worst] == \
         sorted(real([0, 1]), key=lambda r: (r[3], r[0]))[:10]
     assert model["viewer"].path == viewer_page(settings.storage)

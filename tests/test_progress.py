@@ -235,7 +235,7 @@ def test_demo_draws_progress_bars_on_a_terminal(tmp_path):
     done = re.compile(r"(?P<what>.+) \[#{10}\] 100% (?P<n>\d+)/(?P=n) (?P<unit>\w+) [0-9.]+/s ETA 0 s")
     bars = {m["what"]: (m["n"], m["unit"]) for m in map(done.fullmatch, shown) if m}
     assert bars["forward pass, layers 00..00"] == ("120", "windows"), output
-    assert bars["explaining layer 00 shard 00-31"] == ("2", "neurons")
+    assert bars["explaining layer 00 shard 00-31"] == ("2", "units")
     assert bars["simulating 00|00-31"][1] == "explanations"
     assert not [line for line in shown if re.search(r": \d+/\d+ \(\d+%\), ", line)]  # no plain Progress lines
     assert not [line for line in shown if "[#" in line and " - dagster - " in line]  # no bar mixed into a line

@@ -39,7 +39,7 @@ def study(tmp_path_factory):
 
 def by_variant(storage: TableStorage, asset: str, column: str) -> dict[tuple[int, str], object]:
     table = storage.read(asset, SHARD)
-    return {(n, v): x for n, v, x in table.select("neuron", "variant", column).iter_rows()}
+    return {(n, v): x for n, v, x in table.select("unit", "variant", column).iter_rows()}
 
 
 def test_right_explanations_score_far_above_their_shuffled_control(study):
@@ -52,7 +52,7 @@ def test_right_explanations_score_far_above_their_shuffled_control(study):
     scores = storage.read("scores", SHARD)
     controls = scores.filter(pl.col("variant").str.ends_with("_shuffled"))
     assert controls.height == 9 and controls["error"].is_null().all()
-    assert (controls["donor_neuron"] != controls["neuron"]).all()  # nobody keeps its own explanation
+    assert (controls["donor_unit"] != controls["unit"]).all()  # nobody keeps its own explanation
     summary = storage.read("layer_summary", "00")
     for variant in ("llm", "token_baseline", "revised"):
         row = summary.filter(pl.col("variant") == variant).row(0, named=True)
@@ -63,8 +63,8 @@ def test_right_explanations_score_far_above_their_shuffled_control(study):
 
 def test_revision_shows_misses_and_the_revised_explanation_scores_higher(study):
     _, storage, _ = study
-    revised = storage.read("revised_explanations", SHARD).sort("neuron")
-    first = storage.read("explanations", SHARD).filter(pl.col("variant") == "llm").sort("neuron")
+    revised = storage.read("revised_explanations", SHARD).sort("unit")
+    first = storage.read("explanations", SHARD).filter(pl.col("variant") == "llm").sort("unit")
     assert revised["revised_from"].to_list() == first["explanation_id"].to_list()
     two_words = revised.row(2, named=True)
     assert first["text"][2] == 'the token "to"'  # the first explanation misses the weaker word
@@ -84,13 +84,13 @@ def test_detection_and_fuzzing_are_high_with_random_negatives(study):
     judged = storage.read("detection_scores", SHARD)
     assert not judged["variant"].str.ends_with("_shuffled").any()  # controls are not judged
     assert judged["error"].is_null().all() and (judged["n_unanswered"] == 0).all()
-    for row in judged.filter(pl.col("neuron") < 2).iter_rows(named=True):
+    for row in judged.filter(pl.col("unit") < 2).iter_rows(named=True):
         assert row["detection_random"] >= 0.9 and row["fuzzing_random"] >= 0.9, row
         assert row["n_positive"] == 10 and row["n_random"] >= 3
     # these neurons fire on their word wherever it appears: no window is a hard negative, and the
     # hard-negative accuracy is NaN (not 0)
     records = storage.read("neuron_records", "00", "records")
-    assert records.filter((pl.col("kind") == "hard_negative") & (pl.col("neuron") < 3)).height == 0
+    assert records.filter((pl.col("kind") == "hard_negative") & (pl.col("unit") < 3)).height == 0
     assert judged["detection_hard_negative"].is_nan().all() and (judged["n_hard_negative"] == 0).all()
     summary = storage.read("layer_summary", "00").filter(pl.col("variant") == "llm").row(0, named=True)
     assert summary["mean_detection_random"] >= 0.9 and np.isnan(summary["mean_detection_hard_negative"])
@@ -101,7 +101,7 @@ def test_embedding_scores_every_variant_and_its_control(study):
     embedded = storage.read("embedding_scores", SHARD)
     # 3 neurons x (llm, revised, token_baseline), each with its shuffled control
     assert embedded.height == 18 and embedded["error"].is_null().all()
-    assert embedded.filter(pl.col("variant").str.ends_with("_shuffled"))["donor_neuron"].is_not_null().all()
+    assert embedded.filter(pl.col("variant").str.ends_with("_shuffled"))["donor_unit"].is_not_null().all()
     assert ((embedded["auroc"] >= 0) & (embedded["auroc"] <= 1)).all() and (embedded["n_positive"] == 10).all()
     assert embedded["auroc_hard_negative"].is_nan().all()  # no hard negatives (above): NaN, not 0
     summary = storage.read("layer_summary", "00")
@@ -116,7 +116,7 @@ def test_embedding_scores_every_variant_and_its_control(study):
 def test_quality_report_lists_layers_by_variants(study):
     settings, _, _ = study
     lines = score_table(settings.storage).splitlines()
-    assert lines[0].split()[:9] == ["layer", "variant", "method", "neurons", "errors", "mean", ">=0.8", "control",
+    assert lines[0].split()[:9] == ["layer", "variant", "method", "units", "errors", "mean", ">=0.8", "control",
                                     "margin"]
     assert lines[0].split()[-4:] == ["emb", "emb.ctl", "cost", "$"]
     assert [line.split()[1] for line in lines[1:]] == ["llm", "revised", "token_baseline"]
@@ -126,8 +126,8 @@ def test_quality_report_lists_layers_by_variants(study):
 def test_export_import_score_round_trip_reproduces_the_scores(study, tmp_path):
     settings, storage, instance = study
     exported = Path(settings.storage) / "exported_neurons"
-    llm = storage.read("scores", SHARD).filter(pl.col("variant") == "llm").sort("neuron")
-    for neuron, text, score in llm.select("neuron", "explanation", "score_all").iter_rows():
+    llm = storage.read("scores", SHARD).filter(pl.col("variant") == "llm").sort("unit")
+    for neuron, text, score in llm.select("unit", "explanation", "score_all").iter_rows():
         path = exported / "explanations" / "0" / f"{neuron}.jsonl"
         first = read_explanations(path.read_text(), str(path))[0]
         assert (first["explanation"], first["score"]) == (text, pytest.approx(score, abs=1e-12))
@@ -145,14 +145,14 @@ def test_export_import_score_round_trip_reproduces_the_scores(study, tmp_path):
     defs = build_definitions(imported)
     materialize_runs(defs, instance, [(("imported_explanations", "simulations", "scores"), SHARD)], log=lambda _: None)
     scores = storage.read("scores", SHARD)
-    mine = scores.filter(pl.col("variant") == "imported").sort("neuron")
-    assert mine["neuron"].to_list() == [0, 1, 2]
+    mine = scores.filter(pl.col("variant") == "imported").sort("unit")
+    assert mine["unit"].to_list() == [0, 1, 2]
     assert mine["score_all"][0] == llm["score_all"][0] and mine["score_all"][2] == llm["score_all"][2]
     assert mine["explanation"][0] == llm["explanation"][0]
     assert "1.jsonl: line 1 is not JSON" in mine["error"][1] and np.isnan(mine["score_all"][1])
     # the two neurons imported are each other's control
-    control = scores.filter(pl.col("variant") == "imported_shuffled").sort("neuron")
-    assert control["neuron"].to_list() == [0, 2] and control["donor_neuron"].to_list() == [2, 0]
+    control = scores.filter(pl.col("variant") == "imported_shuffled").sort("unit")
+    assert control["unit"].to_list() == [0, 2] and control["donor_unit"].to_list() == [2, 0]
 
 
 def test_import_from_s3(study, s3, tmp_path):
@@ -163,7 +163,7 @@ def test_import_from_s3(study, s3, tmp_path):
     imported = replace(settings, import_from="s3://study/published", storage=str(tmp_path / "data"))
     defs = build_definitions(imported)
     materialize_runs(defs, instance, [(("imported_explanations",), SHARD)], log=lambda _: None)
-    rows = TableStorage(root=imported.storage).read("imported_explanations", SHARD).sort("neuron")
-    llm = storage.read("explanations", SHARD).filter(pl.col("variant") == "llm").sort("neuron")
+    rows = TableStorage(root=imported.storage).read("imported_explanations", SHARD).sort("unit")
+    llm = storage.read("explanations", SHARD).filter(pl.col("variant") == "llm").sort("unit")
     assert rows["text"][0] == llm["text"][0] and rows["text"][2] == llm["text"][2]
     assert "no file s3://study/published/explanations/0/1.jsonl" in rows["error"][1]

@@ -213,7 +213,7 @@ def test_a_rerun_after_an_interrupt_asks_the_model_only_for_unfinished_units(sub
     assert 0 < len(finished) and len(computed) > 0, "the interrupt did not land inside the shard's step"
     if asset == "explanations":
         assert metadata[CACHE_HITS].value == len(finished) and len(finished) + len(computed) == UNITS
-        llm = storage.read("explanations", SHARD).filter(pl.col("variant") == "llm").sort("neuron")
+        llm = storage.read("explanations", SHARD).filter(pl.col("variant") == "llm").sort("unit")
         # Batches go in unit order: the first units' answers, as the model gave them before the interrupt.
         assert llm["cache_hit"].to_list() == [True] * len(finished) + [False] * len(computed)
         assert llm["text"].to_list()[: len(finished)] == [clean_explanation(text) or None for text in finished]

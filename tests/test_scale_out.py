@@ -163,7 +163,7 @@ def test_parallel_runs_on_postgresql_equal_a_serial_run(subject, tmp_path, monke
 def test_postgresql_down_names_the_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(_pool_dagster_home(tmp_path)))
     for name, value in {"NEURON_ASSETS_PG_HOST": "127.0.0.1", "NEURON_ASSETS_PG_PORT": str(free_port()),
-                        "NEURON_ASSETS_PG_USER": "neuron", "NEURON_ASSETS_PG_PASSWORD": "unused",
+                        "NEURON_ASSETS_PG_USER": "unit", "NEURON_ASSETS_PG_PASSWORD": "unused",
                         "NEURON_ASSETS_PG_DB": "dagster"}.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(InstanceError, match="cannot connect to the PostgreSQL.*NEURON_ASSETS_PG_PORT=.*"

@@ -101,7 +101,7 @@ def sim_rows(variant: str, calibration: dict | None, layer: int = 0) -> list[dic
     rows = []
     for split, sims in (("valid", VALID), ("calibration", calibration or {})):
         for seq_id, expected in sims.items():
-            rows.append({"layer": layer, "neuron": 0, "variant": variant, "explanation_id": f"e-{variant}",
+            rows.append({"layer": layer, "unit": 0, "variant": variant, "explanation_id": f"e-{variant}",
                          "seq_id": seq_id, "split": split, "kind": "top" if seq_id < 5 else "random",
                          "expected": expected, "n_failed_tokens": int(np.isnan(expected).sum()),
                          "simulator_model": "sim", "method": "all_at_once", "cost_usd": 0.01, "error": None})
@@ -110,8 +110,8 @@ def sim_rows(variant: str, calibration: dict | None, layer: int = 0) -> list[dic
 
 def explanations(variants: list[str]) -> pl.DataFrame:
     return pl.DataFrame({"explanation_id": [f"e-{v}" for v in variants], "text": [f"{v} text" for v in variants],
-                         "cost_usd": [0.5] * len(variants), "donor_neuron": [None] * len(variants)},
-                        schema_overrides={"donor_neuron": pl.Int32})
+                         "cost_usd": [0.5] * len(variants), "donor_unit": [None] * len(variants)},
+                        schema_overrides={"donor_unit": pl.Int32})
 
 
 def test_the_score_stage_calibrates_rsquared_and_abs_dev_on_the_calibration_split():
@@ -147,7 +147,7 @@ def test_the_score_stage_calibrates_rsquared_and_abs_dev_on_the_calibration_spli
 
 def test_the_score_stage_applies_the_failed_token_rule_and_reads_tables_without_split():
     records = {0: {"top": [(0, np.array([0.0, 1.0], np.float32))], "random": [(5, np.array([2.0, 3.0], np.float32))]}}
-    rows = [{"layer": 0, "neuron": 0, "variant": "llm", "explanation_id": "e-llm", "seq_id": seq_id, "kind": kind,
+    rows = [{"layer": 0, "unit": 0, "variant": "llm", "explanation_id": "e-llm", "seq_id": seq_id, "kind": kind,
              "expected": expected, "n_failed_tokens": failed, "simulator_model": "sim", "method": "all_at_once",
              "cost_usd": 0.0, "error": None}
             for seq_id, kind, expected, failed in ((0, "top", [0.0, 2.0], 0), (5, "random", [NAN, 6.0], 1))]
@@ -238,10 +238,10 @@ def test_the_export_holds_published_values_and_the_scores_tables_numbers(tmp_pat
             row["expected"] = valid_with_failure[row["seq_id"]]
             row["n_failed_tokens"] = int(np.isnan(row["expected"]).sum())
     sims = pl.DataFrame(rows, schema=SIMULATIONS_WITH_SPLIT)
-    records = pl.DataFrame([{"neuron": 0, "kind": kind, "rank": rank, "seq_id": seq_id, "activations": acts.tolist()}
+    records = pl.DataFrame([{"unit": 0, "kind": kind, "rank": rank, "seq_id": seq_id, "activations": acts.tolist()}
                             for kind, pairs in RECORDS[0].items() for rank, (seq_id, acts) in enumerate(pairs)],
                            schema=RECORDS_SCHEMA)
-    stats = pl.DataFrame([{"neuron": 0, "mean": 0.5, "variance": 1.0, "skewness": NAN, "kurtosis": 0.0,
+    stats = pl.DataFrame([{"unit": 0, "mean": 0.5, "variance": 1.0, "skewness": NAN, "kurtosis": 0.0,
                            "quantile_boundaries": [0.5]}], schema=STATS_SCHEMA)
     tokens = {s: [f"t{s}a", f"t{s}b"] for s in (0, 1, 5, 6)}
     scores = score_units(sims, explanations(["llm"]), records_of(records, [0]))

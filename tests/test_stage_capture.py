@@ -42,9 +42,9 @@ def test_top_records_and_stats_are_those_of_the_activations(run):
         peak = tables.stats["max_activation"].to_numpy()
         shown = ((acts >= HARD_FRACTION * peak) & (peak > 0)).mean(axis=(0, 1))
         assert tables.stats["active_share"].to_list() == shown.tolist() and 0 < shown.min() < shown.max() < 1
-        top = tables.records.filter(pl.col("kind") == "top").sort("neuron", "rank")
+        top = tables.records.filter(pl.col("kind") == "top").sort("unit", "rank")
         assert top.height == n_neurons * N_TOP
-        for neuron, rows in top.group_by("neuron", maintain_order=True):
+        for neuron, rows in top.group_by("unit", maintain_order=True):
             window_max = acts[:, :, neuron[0]].max(axis=1)
             expected = np.lexsort((np.arange(N_WINDOWS), -window_max))[:N_TOP]  # max desc, seq_id asc
             assert rows["seq_id"].to_list() == expected.tolist()
@@ -61,8 +61,8 @@ def test_hard_negatives_hold_a_top_token_and_stay_quiet(run):
         hard = records.filter(pl.col("kind") == "hard_negative")
         found += hard.height
         assert captured.layers[layer].hard_per_neuron.sum() == hard.height
-        for (neuron,), rows in hard.group_by("neuron"):
-            top = records.filter((pl.col("neuron") == neuron) & (pl.col("kind") == "top"))
+        for (neuron,), rows in hard.group_by("unit"):
+            top = records.filter((pl.col("unit") == neuron) & (pl.col("kind") == "top"))
             peak = acts[top["seq_id"].to_numpy(), :, neuron].max()
             windows = rows["seq_id"].to_numpy()
             assert not set(windows) & set(top["seq_id"].to_list())

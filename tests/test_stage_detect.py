@@ -33,7 +33,7 @@ def records(peak: float = 2.0, n_top: int = 20) -> dict:
 
 def explained(*rows: tuple[int, str, str | None, str | None]) -> pl.DataFrame:
     """Rows of explanation_variants: (neuron, variant, text, error) of layer 0."""
-    return pl.DataFrame([{"layer": 0, "neuron": n, "variant": v, "explanation_id": f"{v}{n}", "text": text,
+    return pl.DataFrame([{"layer": 0, "unit": n, "variant": v, "explanation_id": f"{v}{n}", "text": text,
                           "error": error} for n, v, text, error in rows])
 
 
@@ -71,7 +71,7 @@ def judge(rows: pl.DataFrame, recs: dict, judge_llm) -> dict:
     result = judge_units(rows, recs, TOKENS, judge_llm, SEED, "c1", report=lambda _: None)
     table = pl.DataFrame(result.rows, schema=SCHEMA)
     assert table.height == rows.height and result.model_seconds <= result.seconds
-    return {(r["neuron"], r["variant"]): r for r in table.iter_rows(named=True)}
+    return {(r["unit"], r["variant"]): r for r in table.iter_rows(named=True)}
 
 
 def test_a_judge_that_answers_correctly_scores_1_on_every_kind():

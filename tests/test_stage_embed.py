@@ -45,8 +45,8 @@ def unit_records(n_top: int = 20) -> dict:
 
 def explained(*rows: tuple[int, str, str | None, str | None]) -> pl.DataFrame:
     """Rows of explanation_variants: (neuron, variant, text, error) of layer 0; a control's donor is 1."""
-    return pl.DataFrame([{"layer": 0, "neuron": n, "variant": v, "explanation_id": f"{v}{n}",
-                          "donor_neuron": 1 if v.endswith("_shuffled") else None, "text": text, "error": error}
+    return pl.DataFrame([{"layer": 0, "unit": n, "variant": v, "explanation_id": f"{v}{n}",
+                          "donor_unit": 1 if v.endswith("_shuffled") else None, "text": text, "error": error}
                          for n, v, text, error in rows])
 
 
@@ -75,13 +75,13 @@ def test_the_right_explanation_separates_the_planted_neuron_and_a_wrong_one_does
                   (1, "llm", "the word cat", None), (1, "llm_shuffled", "numbers in code", None)),
         {0: unit_records(), 1: unit_records(n_top=12)}, TOKENS, counting, "1-test", report=lambda _: None)
     df = pl.DataFrame(result.rows, schema=SCHEMA)
-    rows = {(r["neuron"], r["variant"]): r for r in df.iter_rows(named=True)}
+    rows = {(r["unit"], r["variant"]): r for r in df.iter_rows(named=True)}
     right, wrong = rows[0, "llm"], rows[0, "llm_shuffled"]
     # measured: 1.00 for "the word cat", 0.49 for "numbers in code"
     assert right["auroc"] > 0.9 and right["auroc_random"] > 0.9 and right["auroc_hard_negative"] > 0.9
     assert right["auroc"] - wrong["auroc"] > 0.3
     assert (right["n_positive"], right["n_random"], right["n_hard_negative"]) == (10, 10, 5)
-    assert right["error"] is None and wrong["donor_neuron"] == 1
+    assert right["error"] is None and wrong["donor_unit"] == 1
     assert right["embedding_model"] == embedder.label and right["code_version"] == "1-test"
 
     missing = rows[0, "token_baseline"]
@@ -110,16 +110,16 @@ def test_a_failed_model_call_fails_the_units_rows_not_the_shard():
 
 def test_the_summary_gives_each_variant_its_mean_auroc_and_its_controls():
     # score_all per (neuron, variant); the controls' rows are scored too
-    scores = pl.DataFrame([{"layer": 0, "neuron": n, "variant": v, "method": "json", "score_all": 0.5,
+    scores = pl.DataFrame([{"layer": 0, "unit": n, "variant": v, "method": "json", "score_all": 0.5,
                             "score_top": 0.5, "score_random": 0.5, "error": None, "cost_usd": 0.0}
                            for n in (0, 1, 2) for v in ("llm", "llm_shuffled", "revised")],
-                          schema_overrides={"layer": pl.Int32, "neuron": pl.Int32})
+                          schema_overrides={"layer": pl.Int32, "unit": pl.Int32})
     embedding = pl.DataFrame(
-        [{"layer": 0, "neuron": n, "variant": v, "auroc": a, "auroc_random": r, "auroc_hard_negative": h}
+        [{"layer": 0, "unit": n, "variant": v, "auroc": a, "auroc_random": r, "auroc_hard_negative": h}
          for n, v, a, r, h in [(0, "llm", 0.9, 1.0, 0.8), (1, "llm", 0.7, 0.8, NAN), (2, "llm", NAN, NAN, NAN),
                                (0, "llm_shuffled", 0.4, 0.5, 0.3), (1, "llm_shuffled", 0.6, 0.5, NAN),
                                (0, "revised", NAN, NAN, NAN)]],
-        schema_overrides={"layer": pl.Int32, "neuron": pl.Int32})
+        schema_overrides={"layer": pl.Int32, "unit": pl.Int32})
     by = {r["variant"]: r for r in summarize(scores, embedding=embedding).iter_rows(named=True)}
     assert set(by) == {"llm", "revised"}  # the control folds into its variant's row
     llm = by["llm"]

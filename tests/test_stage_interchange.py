@@ -23,14 +23,14 @@ def layer_tables():
     for neuron, text in TEXTS.items():
         for variant, explanation, score in (("llm", text, 0.5), ("token_baseline", "t0_1", 0.25),
                                             ("llm_shuffled", TEXTS[14 - neuron], 0.0)):
-            scores.append({"neuron": neuron, "variant": variant, "explanation": explanation, "score_all": score,
+            scores.append({"unit": neuron, "variant": variant, "explanation": explanation, "score_all": score,
                            "rsquared": score / 2, "abs_dev_explained": score / 3})
-            sims += [{"neuron": neuron, "variant": variant, "kind": kind, "seq_id": s,
+            sims += [{"unit": neuron, "variant": variant, "kind": kind, "seq_id": s,
                       "expected": rng.uniform(0, 10, T).tolist()} for kind, s in (("random", 2), ("top", 0))]
         for kind, seq_ids in (("top", (0, 1)), ("random", (2, 3))):
-            records += [{"neuron": neuron, "kind": kind, "rank": rank, "seq_id": s,
+            records += [{"unit": neuron, "kind": kind, "rank": rank, "seq_id": s,
                          "activations": rng.standard_normal(T).tolist()} for rank, s in enumerate(seq_ids)]
-        stats.append({"neuron": neuron, "mean": 0.1, "variance": 1.0, "skewness": 0.0, "kurtosis": 0.0,
+        stats.append({"unit": neuron, "mean": 0.1, "variance": 1.0, "skewness": 0.0, "kurtosis": 0.0,
                       "max_activation": 3.0, "n_tokens": 16, "quantile_boundaries": [0.5, 1.0]})
     return (pl.DataFrame(scores), pl.DataFrame(sims), pl.DataFrame(records, schema=RECORDS_SCHEMA),
             pl.DataFrame(stats, schema=STATS_SCHEMA), tokens)
@@ -55,7 +55,7 @@ def test_export_then_import_gives_back_the_llm_explanations(tmp_path):
     assert llm["ev_correlation_score"] == 0.5 and llm["rsquared_score"] == 0.25
     # the top record's simulation first, each sequence with its own true activations
     sequences = llm["scored_sequence_simulations"]
-    top0 = records.filter((pl.col("neuron") == 9) & (pl.col("seq_id") == 0))["activations"][0].to_list()
+    top0 = records.filter((pl.col("unit") == 9) & (pl.col("seq_id") == 0))["activations"][0].to_list()
     assert [s["simulation"]["tokens"] for s in sequences] == [tokens[0], tokens[2]]
     np.testing.assert_allclose(sequences[0]["true_activations"], top0)
     record = json.loads(written[f"collated-activations/{LAYER}/9.json"])
@@ -63,7 +63,7 @@ def test_export_then_import_gives_back_the_llm_explanations(tmp_path):
     assert record["mean"] == 0.1
 
     imported = import_explanations(str(tmp_path), LAYER, [5, 9], "c1")
-    assert [(r["neuron"], r["variant"], r["text"], r["error"]) for r in imported.rows] == [
+    assert [(r["unit"], r["variant"], r["text"], r["error"]) for r in imported.rows] == [
         (5, "imported", TEXTS[5], None), (9, "imported", TEXTS[9], None)]
     assert imported.reported_scores == [0.5, 0.5] and {r["code_version"] for r in imported.rows} == {"c1"}
     # the row records the file's version (as its prompt_version): another file, another version
@@ -85,7 +85,7 @@ def test_each_bad_file_is_an_error_row_naming_it(tmp_path):
     (folder / "4.jsonl").write_text(dumps(simulation_results(LAYER, 4, [])))
     (folder / "5.jsonl").write_text(dumps(simulation_results(LAYER, 5, [good])))
     imported = import_explanations(str(tmp_path), LAYER, [0, 1, 2, 3, 4, 5], "c1")
-    errors = {r["neuron"]: r["error"] for r in imported.rows}
+    errors = {r["unit"]: r["error"] for r in imported.rows}
     assert errors[0] == f"no file {folder / '0.jsonl'}: export it there or change {IMPORT_SETTING}"
     assert errors[1].startswith(f"{folder / '1.jsonl'}: not JSON")
     assert errors[2] == f"{folder / '2.jsonl'}: holds neuron ({LAYER}, 7), expected ({LAYER}, 2)"

@@ -43,11 +43,11 @@ def simulated(explanations: pl.DataFrame, unit: int, variant: str, expected, cos
               error: str | None = None) -> list[dict]:
     """Simulation rows of SEQUENCES for a unit's variant: expected(kind, seq_id, real) per sequence
     (None: that sequence failed with `error`)."""
-    explanation_id = explanations.filter((pl.col("neuron") == unit) & (pl.col("variant") == variant))["explanation_id"][0]
+    explanation_id = explanations.filter((pl.col("unit") == unit) & (pl.col("variant") == variant))["explanation_id"][0]
     rows = []
     for kind, seq_id in SEQUENCES:
         values = expected(kind, seq_id, REAL[unit][seq_id])
-        rows.append({"layer": 0, "neuron": unit, "variant": variant, "explanation_id": explanation_id,
+        rows.append({"layer": 0, "unit": unit, "variant": variant, "explanation_id": explanation_id,
                      "seq_id": seq_id, "kind": kind, "expected": None if values is None else list(values),
                      "n_failed_tokens": 0 if values is None else int(np.isnan(values).sum()),
                      "simulator_model": "sim", "method": "json", "cost_usd": cost_usd,
@@ -69,12 +69,12 @@ def test_scores_are_the_pooled_correlation_of_simulated_with_real_activations(ex
             *simulated(explanations, 0, "llm_shuffled", lambda kind, s, real: real)]
     table = score_units(pl.DataFrame(rows, schema=SIMULATIONS), explanations, RECORDS)
     assert table.schema == pl.Schema(SCHEMA) and table.height == 6
-    by = {(r["neuron"], r["variant"]): r for r in table.iter_rows(named=True)}
+    by = {(r["unit"], r["variant"]): r for r in table.iter_rows(named=True)}
 
     perfect = by[(0, "llm")]
     assert [perfect[c] for c in ("score_all", "score_top", "score_random")] == pytest.approx([1.0, 1.0, 1.0])
     assert perfect["rsquared"] < 1  # right shape, wrong scale
-    assert perfect["explanation"] == "llm of 0" and perfect["error"] is None and perfect["donor_neuron"] is None
+    assert perfect["explanation"] == "llm of 0" and perfect["error"] is None and perfect["donor_unit"] is None
     assert perfect["cost_usd"] == pytest.approx(0.5 + 4 * 0.01)  # explainer + simulator
     assert perfect["records_hash"] == records_hash([(s, REAL[0][s]) for _, s in SEQUENCES])
     assert by[(0, "token_baseline")]["score_all"] == pytest.approx(-1.0)
@@ -99,7 +99,7 @@ def test_scores_are_the_pooled_correlation_of_simulated_with_real_activations(ex
 
     # a control scores another unit's explanation, at no explainer cost
     control = by[(0, "llm_shuffled")]
-    assert control["donor_neuron"] in (1, 2) and control["explanation"] == f"llm of {control['donor_neuron']}"
+    assert control["donor_unit"] in (1, 2) and control["explanation"] == f"llm of {control['donor_unit']}"
     assert control["cost_usd"] == pytest.approx(4 * 0.01) and control["score_all"] == pytest.approx(1.0)
 
 
@@ -111,7 +111,7 @@ def test_a_simulation_of_another_length_than_its_record_is_an_error(explanations
 
 def scores(rows: list[tuple]) -> pl.DataFrame:
     """A scores table from (neuron, variant, method, score_all, cost_usd, error) rows of layer 0."""
-    return pl.DataFrame([{"layer": 0, "neuron": n, "variant": v, "method": m, "score_all": s, "score_top": s,
+    return pl.DataFrame([{"layer": 0, "unit": n, "variant": v, "method": m, "score_all": s, "score_top": s,
                           "score_random": s, "cost_usd": c, "error": e} for n, v, m, s, c, e in rows], schema=SCHEMA)
 
 
@@ -133,7 +133,7 @@ def test_summary_folds_controls_into_their_variant_and_gains_over_llm_from_pairs
     assert sorted(by) == [("llm", "all_at_once"), ("llm", "json"), ("revised", "json"), ("token_baseline", "json")]
 
     llm = by[("llm", "json")]
-    assert (llm["neurons"], llm["scored"], llm["errors"]) == (4, 3, 1)
+    assert (llm["units"], llm["scored"], llm["errors"]) == (4, 3, 1)
     assert llm["mean_score_all"] == pytest.approx(0.7) and llm["median_score_all"] == pytest.approx(0.7)
     assert llm["share_at_least_0.8"] == pytest.approx(1 / 3)
     assert llm["control_mean_score_all"] == pytest.approx(0.1) and llm["margin_over_control"] == pytest.approx(0.6)
@@ -152,10 +152,10 @@ def test_summary_folds_controls_into_their_variant_and_gains_over_llm_from_pairs
 def test_summary_with_detection_scores_and_the_quality_report():
     json_only = SCORES.filter(pl.col("method") == "json")
     detection = pl.DataFrame({
-        "layer": [0, 0, 0], "neuron": [0, 1, 3], "variant": ["llm"] * 3,
+        "layer": [0, 0, 0], "unit": [0, 1, 3], "variant": ["llm"] * 3,
         "detection": [0.6, 0.8, 1.0], "detection_random": [0.7, 0.9, 1.0], "detection_hard_negative": [NAN] * 3,
         "fuzzing": [0.5, 0.5, 0.8], "fuzzing_random": [0.5, 0.5, 0.8], "fuzzing_hard_negative": [0.4, NAN, 0.6],
-        "cost_usd": [0.1, 0.1, 0.1]}, schema_overrides={"layer": pl.Int32, "neuron": pl.Int32})
+        "cost_usd": [0.1, 0.1, 0.1]}, schema_overrides={"layer": pl.Int32, "unit": pl.Int32})
     summary = summarize(json_only, detection)
     llm = summary.filter(pl.col("variant") == "llm").row(0, named=True)
     assert llm["mean_detection"] == pytest.approx(0.8) and llm["mean_fuzzing_hard_negative"] == pytest.approx(0.5)

@@ -43,7 +43,7 @@ def explained(explainer):
     result = explain_units(0, [3, 4, 5, 6], records, tokens, None, explainer,
                            load_fewshot(f"{PROMPTS}/explainer_fewshot.json"), "p1", seed=0, code_version="c1",
                            report=quiet)
-    return pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant"), records, tokens
+    return pl.DataFrame(result.rows, schema=SCHEMA).sort("unit", "variant"), records, tokens
 
 
 def shard(peaks: dict[int, float]):
@@ -64,9 +64,9 @@ def test_explains_units_reuses_unchanged_ones_and_keeps_errors_as_rows(explainer
     records[6] = {"top": records[3]["top"][:7], "random": records[3]["random"]}  # too few top records
     first = explain_units(0, [3, 4, 5, 6], records, tokens, None, explainer, fewshot, "p1", seed=0,
                           code_version="c1", report=quiet)
-    table = pl.DataFrame(first.rows, schema=SCHEMA).sort("neuron", "variant")
+    table = pl.DataFrame(first.rows, schema=SCHEMA).sort("unit", "variant")
     assert table.height == 8 and first.reused == 0 and first.asked == 2  # units 3 and 4 asked
-    by = {(r["neuron"], r["variant"]): r for r in table.iter_rows(named=True)}
+    by = {(r["unit"], r["variant"]): r for r in table.iter_rows(named=True)}
     assert "cat" in by[(3, "token_baseline")]["text"]
     assert by[(5, "llm")]["error"].startswith("neuron never activates") and by[(5, "llm")]["text"] is None
     assert by[(6, "llm")]["error"].startswith("not enough records")
@@ -76,7 +76,7 @@ def test_explains_units_reuses_unchanged_ones_and_keeps_errors_as_rows(explainer
     again = explain_units(0, [3, 4, 5, 6], records, tokens, table, explainer, fewshot, "p1", seed=0,
                           code_version="c1", report=quiet)
     assert (again.reused, again.asked) == (2, 0)
-    assert pl.DataFrame(again.rows, schema=SCHEMA).sort("neuron", "variant").equals(table)
+    assert pl.DataFrame(again.rows, schema=SCHEMA).sort("unit", "variant").equals(table)
     # another seed is another input: every unit is asked again
     reseeded = explain_units(0, [3, 4], records, tokens, table, explainer, fewshot, "p1", seed=1,
                              code_version="c1", report=quiet)
@@ -100,13 +100,13 @@ def test_simulates_every_variant_and_control_reusing_unchanged_rows(explained, e
     n_sequences = 10 * ok.height + 10 * ok.filter(~CONTROL_ROWS).height
     assert sims.filter(pl.col("error").is_null()).height == n_sequences
     assert first.sequences == n_sequences and first.reused == 0
-    one = sims.filter((pl.col("neuron") == 3) & (pl.col("variant") == "token_baseline"))
+    one = sims.filter((pl.col("unit") == 3) & (pl.col("variant") == "token_baseline"))
     assert one["split"].to_list() == ["valid"] * 10 + ["calibration"] * 10
     assert one["kind"].to_list() == (["top"] * 5 + ["random"] * 5) * 2
     assert all(len(e) == len(WORDS) and 0 <= min(e) and max(e) <= 10 for e in one["expected"])
-    control = sims.filter((pl.col("neuron") == 3) & (pl.col("variant") == "token_baseline_shuffled"))
+    control = sims.filter((pl.col("unit") == 3) & (pl.col("variant") == "token_baseline_shuffled"))
     assert control["split"].to_list() == ["valid"] * 10
-    failed = sims.filter(pl.col("neuron") == 5)
+    failed = sims.filter(pl.col("unit") == 5)
     assert failed["expected"].is_null().all() and failed["error"].str.starts_with("no explanation").all()
     # the controls are simulated with their donor's text under their own explanation id
     assert set(sims["variant"]) >= {"llm", "token_baseline", "llm_shuffled", "token_baseline_shuffled"}
@@ -147,7 +147,7 @@ def test_an_unusable_simulator_is_an_error_row_per_explanation_not_a_failed_shar
     result = simulate_units(table, records, tokens, None, missing, [], "s1", report=quiet)
     rows = pl.DataFrame(result.rows, schema=SIMULATIONS)
     assert rows.height == table.height and rows["expected"].is_null().all()
-    ok = rows.join(table.filter(pl.col("error").is_null()), on=["neuron", "variant"], how="semi")
+    ok = rows.join(table.filter(pl.col("error").is_null()), on=["unit", "variant"], how="semi")
     assert ok.height == 4 and ok["error"].str.starts_with("simulator unusable").all()  # units 3, 4: two variants
 
 
@@ -161,17 +161,17 @@ def test_revises_llm_explanations_and_reuses_unchanged_revisions(explained, expl
                             code_version="c1", report=quiet)
 
     result = revise(None)
-    rows = pl.DataFrame(result.rows, schema=REVISED_SCHEMA).sort("neuron")
-    assert rows["neuron"].to_list() == [3, 4, 5, 6] and set(rows["variant"]) == {"revised"}
-    assert rows["revised_from"].to_list() == first.sort("neuron")["explanation_id"].to_list()
+    rows = pl.DataFrame(result.rows, schema=REVISED_SCHEMA).sort("unit")
+    assert rows["unit"].to_list() == [3, 4, 5, 6] and set(rows["variant"]) == {"revised"}
+    assert rows["revised_from"].to_list() == first.sort("unit")["explanation_id"].to_list()
     done = rows.filter(pl.col("error").is_null())
-    assert done["neuron"].to_list() == [3, 4] and result.revised + result.kept == 2
-    assert rows.filter(pl.col("neuron") == 5)["error"][0].startswith("no llm explanation to revise")
+    assert done["unit"].to_list() == [3, 4] and result.revised + result.kept == 2
+    assert rows.filter(pl.col("unit") == 5)["error"][0].startswith("no llm explanation to revise")
     # every revision of a mispredicted explanation saw at least one miss or false alarm
-    assert ((done["misses"] + done["false_alarms"] > 0) | (done["text"] == first.sort("neuron")["text"][:2])).all()
+    assert ((done["misses"] + done["false_alarms"] > 0) | (done["text"] == first.sort("unit")["text"][:2])).all()
     assert (done["tokens_in"] > 0).all()  # the simulations of the held-out records are counted
 
     again = revise(rows)
     assert (again.reused, again.revised, again.kept) == (2, 0, 0)
-    assert pl.DataFrame(again.rows, schema=REVISED_SCHEMA).sort("neuron").equals(rows)
+    assert pl.DataFrame(again.rows, schema=REVISED_SCHEMA).sort("unit").equals(rows)
     assert revise(rows, seed=1).reused == 0

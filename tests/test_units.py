@@ -74,23 +74,23 @@ def test_planted_latents_top_records_explanations_and_scores_find_their_words(wo
     for layer in LAYERS:
         records = storage.read("neuron_records", layer, "records").filter(pl.col("kind") == "top")
         for latent, word in enumerate(WORDS):
-            for seq_id, acts in records.filter(pl.col("neuron") == latent).select("seq_id", "activations").iter_rows():
+            for seq_id, acts in records.filter(pl.col("unit") == latent).select("seq_id", "activations").iter_rows():
                 peak = int(np.argmax(acts))
                 assert word_fires(tokens[seq_id], word)[peak], (layer, latent, tokens[seq_id][peak])
         stats = storage.read("neuron_records", layer, "stats")
         assert stats.height == N_LATENTS
-        assert stats.filter(pl.col("neuron").is_in(list(DEAD)))["activation_frequency"].to_list() == [0.0, 0.0]
+        assert stats.filter(pl.col("unit").is_in(list(DEAD)))["activation_frequency"].to_list() == [0.0, 0.0]
         promoted = storage.read("neuron_records", layer, "output_tokens").filter(pl.col("rank") == 0)
         assert promoted["token"].to_list()[: len(WORDS)] == WORDS, layer
         explanations = storage.read("explanations", f"{layer}|{SHARD}")
         for latent, word in enumerate(WORDS):
             for variant in ("token_baseline", OUTPUT_TOKENS):
-                text = explanations.filter((pl.col("neuron") == latent) & (pl.col("variant") == variant))["text"][0]
+                text = explanations.filter((pl.col("unit") == latent) & (pl.col("variant") == variant))["text"][0]
                 assert f'"{word.strip()}"' in text, (layer, variant, text)
-        dead = explanations.filter(pl.col("neuron") == DEAD[0])
+        dead = explanations.filter(pl.col("unit") == DEAD[0])
         assert dead["text"].is_null().all() and dead["error"].is_not_null().all()
         scores = storage.read("scores", f"{layer}|{SHARD}")
-        baseline = scores.filter((pl.col("variant") == "token_baseline") & pl.col("neuron").is_in([0, 1, 2]))
+        baseline = scores.filter((pl.col("variant") == "token_baseline") & pl.col("unit").is_in([0, 1, 2]))
         assert (baseline["score_all"] > 0.9).all(), baseline
         summary = storage.read("layer_summary", layer).row(0, named=True)
         assert summary["hookpoint"] == HOOKPOINTS[int(layer)]
@@ -236,3 +236,24 @@ def test_coders_in_an_s3_folder_are_read_like_local_ones(world, s3, tmp_path):
     after = remote_units.layer_hashes(layers)
     assert [after[layer] != before[layer] for layer in layers] == [False, True, False]
     assert len(list((tmp_path / "cache" / "units").iterdir())) == 2  # a fresh copy for the new files
+
+
+def test_tables_written_before_the_unit_rename_read_under_the_new_names(tmp_path):
+    storage = TableStorage(root=str(tmp_path))
+    storage.write(pl.DataFrame({"neuron": [3, 4], "variant": ["llm_shuffled", "llm"], "donor_neuron": [4, None]}),
+                  "scores", "00|0-7")
+    assert storage.read("scores", "00|0-7").columns == ["unit", "variant", "donor_unit"]
+    picked = storage.read("scores", "00|0-7", columns=["unit", "donor_unit"])
+    assert picked.columns == ["unit", "donor_unit"] and picked["donor_unit"].to_list() == [4, None]
+
+
+def test_the_demo_runs_the_first_two_layers_in_force_or_those_asked_for():
+    from neuron_assets.cli import demo_layers
+
+    keys = ["03", "05", "07"]
+    assert demo_layers(None, keys) == ["03", "05"]
+    assert demo_layers(["7", "03"], keys) == ["07", "03"]
+    with pytest.raises(SettingsError, match=r"--layers 04: not among the layers in force \(03, 05, 07"):
+        demo_layers(["4"], keys)
+    with pytest.raises(SettingsError, match="takes layer numbers or keys"):
+        demo_layers(["x"], keys)

@@ -94,7 +94,7 @@ def test_the_hostile_corpus_runs_without_errors(viewer):
         table = storage.read(asset, SHARD)
         assert table.height and table["error"].is_null().all(), (asset, table["error"].drop_nulls().to_list())
     scores = storage.read("scores", SHARD)
-    assert scores.filter(pl.col("variant") == "llm").sort("neuron")["explanation"].to_list() == [
+    assert scores.filter(pl.col("variant") == "llm").sort("unit")["explanation"].to_list() == [
         'the token "the"', 'the token "is"', 'the token "<"']
     assert (scores["score_all"] > 0.9).all()
     for asset in ("neuron_viewer", "neuron_viewer_index"):
@@ -120,7 +120,7 @@ def test_script_json_and_tokens_cannot_break_out():
     assert "<" not in payload and ">" not in payload and "&" not in payload
     assert json.loads(payload) == {"text": "</script><script>alert(1)</script>&", "nan": None}
     assert visible_token("\t<b>\n") == "\u21e5&lt;b&gt;\u21b5"
-    page = layer_page("00", [{"neuron": 0, "variants": [{"variant": "llm", "explanation": "</script><i>x</i>",
+    page = layer_page("00", [{"unit": 0, "variants": [{"variant": "llm", "explanation": "</script><i>x</i>",
                                                           "score_all": 0.5}], "top": [], "random": []}])
     assert "</script><i>" not in page and "&lt;/script&gt;&lt;i&gt;x&lt;/i&gt;" in page
 
@@ -132,7 +132,7 @@ def test_layer_page_shows_scores_shaded_records_and_a_screenshot(viewer, browser
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     scores = storage.read("scores", SHARD)
-    expected = {(n, v): s for n, v, s in scores.select("neuron", "variant", "score_all").iter_rows()}
+    expected = {(n, v): s for n, v, s in scores.select("unit", "variant", "score_all").iter_rows()}
     rows = shown_rows(browser)
     assert {row_key(r) for r in rows} == set(expected)
     for row in rows:
@@ -141,7 +141,7 @@ def test_layer_page_shows_scores_shaded_records_and_a_screenshot(viewer, browser
         "n0", "n1", "n2"]
 
     # real activations shaded by activation / the neuron's max; simulated ones by expected / 10
-    stats = {r["neuron"]: r["max_activation"] for r in storage.read("neuron_records", "00", "stats").iter_rows(named=True)}
+    stats = {r["unit"]: r["max_activation"] for r in storage.read("neuron_records", "00", "stats").iter_rows(named=True)}
     values = spans(browser, "#n2 .tok.real")
     assert len(values) == 10 * 32  # 5 top + 5 random records of 32 tokens
     assert all(a == pytest.approx(min(1.0, max(0.0, v / stats[2])), abs=0.006) for v, a in values)
@@ -163,7 +163,7 @@ def test_sorting_by_score_all_and_filtering(viewer, browser):
     settings, storage, _ = viewer
     browser.get(url(settings, "00"))
     scores = storage.read("scores", SHARD)
-    score = {(n, v): s for n, v, s in scores.select("neuron", "variant", "score_all").iter_rows()}
+    score = {(n, v): s for n, v, s in scores.select("unit", "variant", "score_all").iter_rows()}
     header = browser.find_element(By.CSS_SELECTOR, "#neurons th[data-column=score_all]")
     original = [row_key(r) for r in shown_rows(browser)]
     header.click()
@@ -239,8 +239,8 @@ def test_sections_are_bounded_to_the_best_neurons(viewer):
     tokens = dict(zip(*storage.read("corpus_tokens").select("seq_id", "tokens").to_dict(as_series=False).values()))
     neurons = layer_neurons(scores, storage.read("simulations", SHARD), storage.read("neuron_records", "00", "records"),
                             storage.read("neuron_records", "00", "stats"), tokens, limit=1)
-    best = scores.sort("score_all", descending=True)["neuron"][0]
-    assert [(n["neuron"], n["detail"]) for n in neurons] == [(k, k == best) for k in (0, 1, 2)]
+    best = scores.sort("score_all", descending=True)["unit"][0]
+    assert [(n["unit"], n["detail"]) for n in neurons] == [(k, k == best) for k in (0, 1, 2)]
     page = layer_page("00", neurons)
     assert re.findall(r'<section id="n(\d+)"', page) == [str(best)]
     assert page.count("<tr data-i=") == 6 and re.findall(r'href="#n(\d+)"', page) == [str(best)] * 2

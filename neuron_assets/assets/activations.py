@@ -44,8 +44,8 @@ def build_neuron_records(layout: Layout):
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
         # 4: the stats column max is max_activation. 5: the stats column active_share. 6: activation_frequency.
-        # 7: the output_tokens table
-        code_version="7",
+        # 7: the output_tokens table. 8: the column neuron is now unit
+        code_version="8",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,

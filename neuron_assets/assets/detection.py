@@ -19,7 +19,8 @@ from neuron_assets.stages.variants import explanation_variants
 # bump when the judging logic changes; the prompt version is appended. 2: columns cost_usd and
 # *_hard_negative (were cost and *_hard). 3: an answer that cannot be read is unanswered, not an error.
 # 4: a local judge decides from its logits; columns detection_auroc, fuzzing_auroc, judge_method
-CODE_VERSION = "5"
+# 6: the column neuron is now unit (donor_neuron: donor_unit)
+CODE_VERSION = "6"
 
 
 def build_detection_scores(layout: Layout, prompt_version: str, sources: list[str]):
@@ -49,7 +50,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
         layer_key, _ = layer_and_shard(context)
         explained = explanation_variants([storage.read(s, context.partition_key) for s in sources],
                                          context.partition_key, study.seed, control=False)
-        records = records_of(storage.read("neuron_records", layer_key, "records"), explained["neuron"].unique().to_list())
+        records = records_of(storage.read("neuron_records", layer_key, "records"), explained["unit"].unique().to_list())
         result = judge_units(
             explained, records, tokens_by_seq(storage.read("corpus_tokens")), simulator, study.seed,
             context.assets_def.code_versions_by_key[context.asset_key], report=progress_log(context),
@@ -69,7 +70,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
                 "judge": simulator.label,
                 "judge method": simulator.judge_method,
                 **llm_metadata(df, result.seconds, result.model_seconds),
-                "preview": markdown_table(df.select("neuron", "variant", "detection_random", "detection_hard_negative",
+                "preview": markdown_table(df.select("unit", "variant", "detection_random", "detection_hard_negative",
                                                     "fuzzing_random", "fuzzing_hard_negative").head(10)),
                 PATH: dg.MetadataValue.path(str(storage.path("detection_scores", context.partition_key))),
             },

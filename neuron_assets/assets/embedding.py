@@ -18,7 +18,8 @@ from neuron_assets.stages.records import records_of, tokens_by_seq
 from neuron_assets.stages.variants import CONTROL_ROWS, explanation_variants
 
 # bump when the scoring logic changes; the embedding model's version is appended
-CODE_VERSION = "1"
+# 2: the column neuron is now unit (donor_neuron: donor_unit)
+CODE_VERSION = "2"
 
 
 def _mean(df: pl.DataFrame) -> float:
@@ -53,12 +54,12 @@ def build_embedding_scores(layout: Layout, embedder_version: str, sources: list[
         explained = explanation_variants([storage.read(s, context.partition_key) for s in sources],
                                          context.partition_key, study.seed, control)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
-                             explained["neuron"].unique().to_list())
+                             explained["unit"].unique().to_list())
         result = embed_units(
             explained, records, tokens_by_seq(storage.read("corpus_tokens")), embedder,
             context.assets_def.code_versions_by_key[context.asset_key], report=progress_log(context),
             what=f"embedding {context.partition_key}")
-        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
+        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("unit", "variant")
         version = storage.write(df, "embedding_scores", context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
@@ -70,7 +71,7 @@ def build_embedding_scores(layout: Layout, embedder_version: str, sources: list[
                 "embedding model": embedder.label,
                 "seconds": round(result.seconds, 1),
                 MODEL_SECONDS: round(result.model_seconds, 1),
-                "preview": markdown_table(df.select("neuron", "variant", "auroc", "auroc_random",
+                "preview": markdown_table(df.select("unit", "variant", "auroc", "auroc_random",
                                                     "auroc_hard_negative").head(10)),
                 PATH: dg.MetadataValue.path(str(storage.path("embedding_scores", context.partition_key))),
             },

@@ -15,8 +15,8 @@ from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units, 
 from neuron_assets.stages.records import records_of, tokens_by_seq
 
 # bump when the explanation logic changes; the prompt version is appended. 3: inputs_version. 4: cost_usd.
-# 5: rare units get a reason row; the output variants
-CODE_VERSION = "5"
+# 5: rare units get a reason row; the output variants. 6: the column neuron is now unit (donor_neuron: donor_unit)
+CODE_VERSION = "6"
 
 
 def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict]):
@@ -54,14 +54,14 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
             report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}", rare=rare,
             promoted=(promoted_by_unit(storage.read("neuron_records", layer_key, "output_tokens"))
                       if study.output_variants else None))
-        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant")
+        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("unit", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": df.height,
-                "neurons": len(neurons),
+                "units": len(neurons),
                 "kept (valid, outside the selection)": result.kept,
                 "rare (not explained)": len(rare),
                 "errors": df.height - ok.height,
@@ -71,7 +71,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
                 "explainer": explainer.label,
                 "prompt version": prompt_version,
                 **llm_metadata(df, result.seconds, result.model_seconds),
-                "preview": markdown_table(df.select("neuron", "variant", "text", "error").head(10)),
+                "preview": markdown_table(df.select("unit", "variant", "text", "error").head(10)),
                 PATH: dg.MetadataValue.path(str(storage.path("explanations", context.partition_key))),
                 "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
             },

@@ -1,6 +1,8 @@
 """The published per-neuron JSON files (docs/method.md, Interchange): exported_neurons[layer] writes them,
 imported_explanations[layer|shard] reads explanations in that layout and scores them beside ours."""
 
+import json
+
 import numpy as np
 import polars as pl
 import dagster as dg
@@ -23,7 +25,7 @@ def build_imported_explanations(layout: Layout, root: str):
         # neuron_records: a 'top:N:<statistic>' selection ranks the shard's neurons by its stats
         deps=["import_source", "neuron_selection",
               dg.AssetDep("neuron_records", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))],
-        code_version="1",
+        code_version="2",  # 2: the column neuron is now unit (donor_neuron: donor_unit)
         kinds={"json", "parquet"},
         owners=OWNERS,
         group_name="explanations",
@@ -40,7 +42,7 @@ def build_imported_explanations(layout: Layout, root: str):
                    *previous_units(previous_rows(storage, "imported_explanations", context.partition_key))}
         result = import_explanations(root, int(layer_key), sorted(neurons),
                                      context.assets_def.code_versions_by_key[context.asset_key])
-        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron")
+        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("unit")
         version = storage.write(df, "imported_explanations", context.partition_key)
         errors = int(df["error"].is_not_null().sum())
         finite = [s for s in result.reported_scores if s is not None]
@@ -52,7 +54,7 @@ def build_imported_explanations(layout: Layout, root: str):
                 "errors": errors,
                 "source": root,
                 "mean score reported in the files": float(np.mean(finite)) if finite else float("nan"),
-                "preview": markdown_table(df.select("neuron", "text", "error").head(10)),
+                "preview": markdown_table(df.select("unit", "text", "error").head(10)),
             },
         )
 
@@ -67,16 +69,17 @@ def build_exported_neurons(layout: Layout):
         deps=[dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))
               for name in ("scores", "simulations")],
         # 2: activation_scale "simulated_normalized_activations" (the published value); a failed token
-        # written as 0, not null; the calibration split is not exported.
-        code_version="2",
+        # written as 0, not null; the calibration split is not exported. 3: units.json names the units
+        code_version="3",
         automation_condition=ON_CHANGE,
         kinds={"json"},
         owners=OWNERS,
         group_name="summaries",
-        description="Every scored neuron of the layer in the published layout: "
-        "`collated-activations/<layer>/<neuron>.json` (records and stats) and "
-        "`explanations/<layer>/<neuron>.jsonl` (each variant's explanation, llm first, with its "
-        "valid-split simulation and scores: the scores table's). Controls are not exported.",
+        description="Every scored unit of the layer in the published layout: "
+        "`collated-activations/<layer>/<unit>.json` (records and stats) and "
+        "`explanations/<layer>/<unit>.jsonl` (each variant's explanation, llm first, with its "
+        "valid-split simulation and scores: the scores table's), whose neuron_index is the unit; "
+        "`units/<layer>.json` says what the units are (hookpoint: 'mlp' or the coder's). Controls are not exported.",
     )
     def exported_neurons(context: dg.AssetExecutionContext, storage: TableStorage) -> dg.MaterializeResult:
         layer_key = context.partition_key
@@ -90,10 +93,15 @@ def build_exported_neurons(layout: Layout):
             storage.read("neuron_records", layer_key, "records"), storage.read("neuron_records", layer_key, "stats"),
             tokens_by_seq(storage.read("corpus_tokens")),
             write=lambda relative, text: write_atomic(root / relative, text.encode()))
+        # the published layout calls every unit a neuron: say what this layer's units are
+        layer = int(layer_key)
+        write_atomic(root / "units" / f"{layer}.json", json.dumps(
+            {"layer": layer, "hookpoint": layout.hookpoint(layer), "units_per_layer": layout.n_neurons}).encode())
         return dg.MaterializeResult(
             metadata={
-                "neurons": result.neurons,
-                "files": 2 * result.neurons,
+                "units": result.neurons,
+                "hookpoint": layout.hookpoint(layer),
+                "files": 2 * result.neurons + 1,
                 "variants": ", ".join(result.variants),
                 "path": dg.MetadataValue.path(str(root)),
                 "import with": f"{IMPORT_SETTING}={root}",

@@ -15,7 +15,8 @@ from neuron_assets.resources.study import Study
 from neuron_assets.stages.records import records_of, tokens_by_seq
 from neuron_assets.stages.revise import REVISED_SCHEMA, revise_units
 
-CODE_VERSION = "3"  # 2: inputs_version (explainer and simulator versions, seed) decides reuse. 3: cost_usd
+CODE_VERSION = "4"  # 2: inputs_version (explainer and simulator versions, seed) decides reuse. 3: cost_usd.
+# 4: the column neuron is now unit (donor_neuron: donor_unit)
 
 
 def build_revised_explanations(layout: Layout, explainer_version: str, simulator_version: str,
@@ -43,14 +44,14 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
         first = storage.read("explanations", context.partition_key).filter(pl.col("variant") == "llm")
         result = revise_units(
             int(layer_key), first, records_of(storage.read("neuron_records", layer_key, "records"),
-                                              first["neuron"].to_list()),
+                                              first["unit"].to_list()),
             tokens_by_seq(storage.read("corpus_tokens")),
             previous_rows(storage, "revised_explanations", context.partition_key), explainer, simulator,
             simulator_fewshot, explainer_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
             report=progress_log(context), what=f"revising {context.partition_key}", log=context.log.info)
-        df = pl.DataFrame(result.rows, schema=REVISED_SCHEMA).sort("neuron")
+        df = pl.DataFrame(result.rows, schema=REVISED_SCHEMA).sort("unit")
         version = storage.write(df, "revised_explanations", context.partition_key)
-        preview = df.join(first.select("neuron", first=pl.col("text")), on="neuron", how="left")
+        preview = df.join(first.select("unit", first=pl.col("text")), on="unit", how="left")
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
             metadata={
@@ -62,7 +63,7 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
                 "misses shown": int(df["misses"].sum()),
                 "false alarms shown": int(df["false_alarms"].sum()),
                 **llm_metadata(df, result.seconds, result.model_seconds),
-                "preview": markdown_table(preview.select("neuron", "first", revised=pl.col("text")).head(10)),
+                "preview": markdown_table(preview.select("unit", "first", revised=pl.col("text")).head(10)),
                 PATH: dg.MetadataValue.path(str(storage.path("revised_explanations", context.partition_key))),
             },
         )

@@ -40,8 +40,8 @@ def build_scores(layout: Layout, sources: list[str], control: bool, failed_token
         # in another order, so scores can differ from version 1's in the last bits (< 1e-14).
         # 3: controls (donor_neuron) and several explanation sources. 4: column cost -> cost_usd.
         # 5: failed tokens scored as 0 (NEURON_ASSETS_FAILED_TOKENS); rsquared and abs_dev_explained
-        # calibrated on the calibration split (column calibrated).
-        code_version="5",
+        # calibrated on the calibration split (column calibrated). 6: the column neuron is now unit (donor_neuron: donor_unit)
+        code_version="6",
         automation_condition=ON_CHANGE,
         kinds={"numpy", "parquet"},
         owners=OWNERS,
@@ -61,7 +61,7 @@ def build_scores(layout: Layout, sources: list[str], control: bool, failed_token
         explanations = explanation_variants([storage.read(s, context.partition_key) for s in sources],
                                             context.partition_key, study.seed, control)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
-                             simulations["neuron"].unique().to_list())
+                             simulations["unit"].unique().to_list())
         df = score_units(simulations, explanations, records, failed_tokens)
         version = storage.write(df, "scores", context.partition_key)
         best = df.filter(pl.col("score_all").is_not_nan()).sort("score_all", descending=True)
@@ -70,7 +70,7 @@ def build_scores(layout: Layout, sources: list[str], control: bool, failed_token
             metadata={
                 "dagster/row_count": df.height,
                 **percentiles(df.filter(pl.col("variant") == "llm")["score_all"].to_list(), "llm score_all"),
-                "best neurons": markdown_table(best.select("neuron", "variant", "score_all", "explanation").head(5)),
+                "best neurons": markdown_table(best.select("unit", "variant", "score_all", "explanation").head(5)),
                 "path": dg.MetadataValue.path(str(storage.path("scores", context.partition_key))),
                 "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c, str(t)) for c, t in SCHEMA.items()]),
                 "dagster/column_lineage": LINEAGE,
@@ -96,8 +96,8 @@ def _ranked_neurons(scores: pl.DataFrame, columns: list[str]) -> dict:
     """Metadata: the best and the worst neurons by score_all among the real variants (not the
     shuffled controls), NaN scores left out; best first, then worst first."""
     finite = scores.filter(pl.col("score_all").is_not_nan() & ~CONTROL_ROWS)
-    best = finite.sort(["score_all", "layer", "neuron", "variant"], descending=[True, False, False, False])
-    worst = finite.sort(["score_all", "layer", "neuron", "variant"])
+    best = finite.sort(["score_all", "layer", "unit", "variant"], descending=[True, False, False, False])
+    worst = finite.sort(["score_all", "layer", "unit", "variant"])
     return {"best neurons": markdown_table(best.select(columns).head(RANKED)),
             "worst neurons": markdown_table(worst.select(columns).head(RANKED))}
 
@@ -137,7 +137,7 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
         # worst neurons, viewer link); the table is the same. 4: columns mean_detection_hard and
         # mean_fuzzing_hard -> mean_detection_hard_negative and mean_fuzzing_hard_negative; the
         # quality report shows errors. 5: mean embedding AUROCs and their control's. 6: dead and rare units.
-        # 7: the hookpoint column
+        # 7: the hookpoint column; the columns neuron and neurons are now unit and units
         code_version="7",
         automation_condition=ON_SCORES_CHANGE,
         kinds={"polars", "parquet"},
@@ -171,10 +171,10 @@ def build_layer_summary(layout: Layout, detection: bool, embedding: bool):
                 "shards present": f"{len(present)}/{len(shards)}",
                 "shards with detection scores": f"{len(judged)}/{len(shards)}" if detection else "off",
                 "shards with embedding scores": f"{len(embedded)}/{len(shards)}" if embedding else "off",
-                "units scored": scores["neuron"].n_unique(), "hookpoint": layout.hookpoint(int(layer_key)),
+                "units scored": scores["unit"].n_unique(), "hookpoint": layout.hookpoint(int(layer_key)),
                 **{f"{name} units (not explained)": f"{len(units)}: {_listed(units)}" if units else "0"
                    for name, units in (("dead", dead), ("rare", rare))},
-                **_summary_metadata(summary.drop("layer"), scores, ["neuron", "variant", "score_all", "explanation"],
+                **_summary_metadata(summary.drop("layer"), scores, ["unit", "variant", "score_all", "explanation"],
                                     viewer_link(storage.root, layer_key)),
             },
         )
@@ -194,8 +194,8 @@ def build_model_summary(layout: Layout):
         deps=["layer_summary", "scores"],
         # 3: metadata only (plots, best and worst neurons, viewer link); the table is the same.
         # 4: the layer summaries' columns ..._hard -> ..._hard_negative; the quality report shows errors.
-        # 5: the quality report shows the mean embedding AUROC and its control's.
-        code_version="5",
+        # 5: the quality report shows the mean embedding AUROC and its control's. 6: columns unit, units
+        code_version="6",
         automation_condition=ON_CHANGE,
         kinds={"polars", "parquet"},
         owners=OWNERS,
@@ -221,7 +221,7 @@ def build_model_summary(layout: Layout):
             data_version=dg.DataVersion(version),
             metadata={"dagster/row_count": summary.height, "layers present": f"{len(present)}/{len(keys)}",
                       "score by layer": dg.MetadataValue.md(png_markdown(score_by_layer(by_layer), "score by layer")),
-                      **_summary_metadata(summary, scores, ["layer", "neuron", "variant", "score_all", "explanation"],
+                      **_summary_metadata(summary, scores, ["layer", "unit", "variant", "score_all", "explanation"],
                                           viewer_link(storage.root))},
         )
 

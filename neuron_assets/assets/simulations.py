@@ -30,7 +30,8 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
               corpus_tokens, "simulator", "sampling", "controls"],
         # 2: shuffled controls and several explanation sources. 3: simulator_version decides reuse.
         # 4: columns split -> kind, cost -> cost_usd. 5: the calibration split (column split).
-        code_version=f"5-{prompt_version}",
+        # 6: the column neuron is now unit (donor_neuron: donor_unit)
+        code_version=f"6-{prompt_version}",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -53,12 +54,12 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
                                          context.partition_key, study.seed, control)
         result = simulate_units(
             explained, records_of(storage.read("neuron_records", layer_key, "records"),
-                                  explained["neuron"].unique().to_list()),
+                                  explained["unit"].unique().to_list()),
             tokens_by_seq(storage.read("corpus_tokens")), previous_rows(storage, "simulations", context.partition_key),
             simulator, fewshot, context.assets_def.code_versions_by_key[context.asset_key],
             report=progress_log(context), what=f"simulating {context.partition_key}", log=context.log.info)
         # per explanation, the stage's order: valid then calibration split, top then random records
-        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("neuron", "variant", maintain_order=True)
+        df = pl.DataFrame(result.rows, schema=SCHEMA).sort("unit", "variant", maintain_order=True)
         version = storage.write(df, "simulations", context.partition_key)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),

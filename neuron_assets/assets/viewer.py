@@ -56,9 +56,9 @@ def _valid(kinds: dict, kind: str) -> list:
 def _section_neurons(scores: pl.DataFrame, limit: int) -> list[int]:
     """The neurons with a section: all of them, or the `limit` best by their best real score_all."""
     best = (scores.filter(~CONTROL_ROWS)
-            .group_by("neuron").agg(pl.col("score_all").fill_nan(None).max().alias("best"))
-            .sort(["best", "neuron"], descending=[True, False], nulls_last=True))
-    return sorted(best["neuron"].head(limit).to_list())
+            .group_by("unit").agg(pl.col("score_all").fill_nan(None).max().alias("best"))
+            .sort(["best", "unit"], descending=[True, False], nulls_last=True))
+    return sorted(best["unit"].head(limit).to_list())
 
 
 def layer_neurons(scores: pl.DataFrame, sims: pl.DataFrame, records: pl.DataFrame, stats: pl.DataFrame,
@@ -67,16 +67,16 @@ def layer_neurons(scores: pl.DataFrame, sims: pl.DataFrame, records: pl.DataFram
     stats for the neurons with a section."""
     detailed = set(_section_neurons(scores, limit))
     recs = records_of(records, sorted(detailed))
-    stat = {r["neuron"]: r for r in stats.filter(pl.col("neuron").is_in(list(detailed))).iter_rows(named=True)}
+    stat = {r["unit"]: r for r in stats.filter(pl.col("unit").is_in(list(detailed))).iter_rows(named=True)}
     simulated: dict[int, dict[tuple[str, int], list]] = {}
     for neuron, variant, seq_id, expected in sims.filter(
-            pl.col("neuron").is_in(list(detailed)) & pl.col("expected").is_not_null()
-            & ~CONTROL_ROWS).select("neuron", "variant", "seq_id", "expected").iter_rows():
+            pl.col("unit").is_in(list(detailed)) & pl.col("expected").is_not_null()
+            & ~CONTROL_ROWS).select("unit", "variant", "seq_id", "expected").iter_rows():
         simulated.setdefault(neuron, {})[(variant, seq_id)] = expected
     out = []
-    for (neuron,), rows in scores.sort("neuron").group_by("neuron", maintain_order=True):
+    for (neuron,), rows in scores.sort("unit").group_by("unit", maintain_order=True):
         variants = sorted(rows.iter_rows(named=True), key=lambda r: _variant_key(r["variant"]))
-        entry = {"neuron": neuron, "variants": variants, "detail": neuron in detailed}
+        entry = {"unit": neuron, "variants": variants, "detail": neuron in detailed}
         if neuron in detailed:
             sims_here = simulated.get(neuron, {})
             entry["simulated_variants"] = sorted({v for v, _ in sims_here}, key=_variant_key)
@@ -95,7 +95,7 @@ def build_neuron_viewer(layout: Layout):
         partitions_def=layer_partitions(layout),
         deps=[*(dg.AssetDep(name, partition_mapping=dg.MultiToSingleDimensionPartitionMapping("layer"))
                 for name in ("scores", "simulations", "explanations")), "neuron_records", "corpus_tokens"],
-        code_version="2",  # 2: the stats table shows max_activation (was max)
+        code_version="3",  # 2: the stats table shows max_activation (was max). 3: units, their hookpoint
         automation_condition=ON_SCORES_CHANGE,
         kinds={"html"},
         owners=OWNERS,
@@ -115,8 +115,8 @@ def build_neuron_viewer(layout: Layout):
         scores = pl.concat([storage.read("scores", p) for p in present], how="diagonal_relaxed")
         sims = pl.concat([storage.read("simulations", p) for p in present if storage.exists("simulations", p)],
                          how="diagonal_relaxed")
-        neurons_scored = sorted(scores["neuron"].unique().to_list())
-        records = storage.read("neuron_records", layer_key, "records").filter(pl.col("neuron").is_in(neurons_scored))
+        neurons_scored = sorted(scores["unit"].unique().to_list())
+        records = storage.read("neuron_records", layer_key, "records").filter(pl.col("unit").is_in(neurons_scored))
         stats = storage.read("neuron_records", layer_key, "stats")
         corpus = storage.read("corpus_tokens", columns=["seq_id", "tokens"])
         wanted = set(records["seq_id"].unique().to_list())
@@ -124,13 +124,13 @@ def build_neuron_viewer(layout: Layout):
         tokens = dict(zip(corpus["seq_id"].to_list(), corpus["tokens"].to_list()))
         neurons = layer_neurons(scores, sims, records, stats, tokens)
         shown = sum(n["detail"] for n in neurons)
-        note = (f"{len(neurons)} scored neurons from {len(present)}/{len(layout.shard_keys())} shards; records "
+        note = (f"units: {layout.hookpoint(int(layer_key))}; {len(neurons)} scored from {len(present)}/{len(layout.shard_keys())} shards; records "
                 f"for {shown}" + (f" (the best {MAX_SECTIONS} by score_all)" if shown < len(neurons) else ""))
         page = layer_page(layer_key, neurons, note=note)
         version = _write_page(viewer_page(storage.root, layer_key), page)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
-            metadata={"pages written": 1, "neurons shown": shown, "neurons in the table": len(neurons),
+            metadata={"pages written": 1, "units shown": shown, "units in the table": len(neurons),
                       "shards present": f"{len(present)}/{len(layout.shard_keys())}",
                       "page size (KB)": round(len(page.encode()) / 1024, 1),
                       "page": viewer_link(storage.root, layer_key)},
@@ -144,7 +144,7 @@ def excerpt_windows(records: pl.DataFrame, explained: pl.DataFrame, n: int = EXC
     that have the window among their top records, of the window's max / the neuron's max activation
     (records: layer, neuron, kind, seq_id, activations). Ties: lower seq_id first."""
     top = records.filter(pl.col("kind") == "top").join(
-        explained.select("layer", "neuron", "max_activation"), on=["layer", "neuron"])
+        explained.select("layer", "unit", "max_activation"), on=["layer", "unit"])
     if top.height == 0:
         return []
     window_max = pl.col("activations").list.max().cast(pl.Float64)
@@ -182,7 +182,7 @@ def explorer_excerpts(storage: TableStorage, layout: Layout, subject_model: Subj
 def build_neuron_viewer_index(layout: Layout):
     @dg.asset(
         deps=["neuron_viewer", "model_summary", "scores", "neuron_records", "corpus_tokens"],
-        code_version="1",
+        code_version="2",  # 2: says units
         automation_condition=ON_SCORES_CHANGE,
         kinds={"html", "pytorch"},
         owners=OWNERS,

@@ -204,7 +204,7 @@ class RecordSampler:
         order = np.lexsort((rank, kind, neuron))
         kinds = ("top", "random", *(f"quantile_{q}" for q in range(Q + 1)))
         records = {
-            "neuron": neuron[order],
+            "unit": neuron[order],
             "kind": np.array(kinds)[kind[order]],
             "rank": rank[order],
             "seq_id": seq[order],
@@ -223,7 +223,7 @@ class RecordSampler:
         shown = (pool_acts >= HARD_FRACTION * self.max[:, None, None]) & (self.max > 0)[:, None, None]
         active_share = shown.mean(axis=(1, 2)) if n else empty
         return {
-            "neuron": list(range(N)),
+            "unit": list(range(N)),
             "mean": (self.mean if n else empty).tolist(),
             "variance": variance.tolist(),
             "skewness": skewness.tolist(),
@@ -381,7 +381,7 @@ class HardNegativeCollector:
         among the kept candidates."""
         keep = pick_hard_negatives(self.window_max, self.peaks, self.n_hard, self.fraction)
         neuron, _, rank, seq, acts = _rows(0, keep, self.seq, self.acts)
-        return {"neuron": neuron, "kind": np.full(len(neuron), HARD_NEGATIVE), "rank": rank, "seq_id": seq,
+        return {"unit": neuron, "kind": np.full(len(neuron), HARD_NEGATIVE), "rank": rank, "seq_id": seq,
                 "activations": acts.reshape(-1, self.seq_len)}
 
 
@@ -400,7 +400,7 @@ def add_records(records: dict, extra: dict) -> dict:
     """The rows of both, sorted by neuron; within a neuron the rows of `records` come first, so
     extra kinds sort after the sampler's (top, random, quantile_q, then hard_negative)."""
     merged = {k: np.concatenate([records[k], extra[k]]) for k in records}
-    order = np.argsort(merged["neuron"], kind="stable")
+    order = np.argsort(merged["unit"], kind="stable")
     return {k: v[order] for k, v in merged.items()}
 
 

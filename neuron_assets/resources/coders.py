@@ -31,8 +31,8 @@ from upath import UPath
 
 from neuron_assets.resources.files import s3_errors
 from neuron_assets.resources.models import ModelFileError, check_safetensors
+from neuron_assets.settings import MLP_UNITS
 
-MLP_UNITS = "mlp"
 SETTING = "NEURON_ASSETS_UNITS"
 CONFIG = "cfg.json"
 SPARSIFY, SAELENS = "sparsify", "saelens"

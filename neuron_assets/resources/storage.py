@@ -10,6 +10,18 @@ from upath import UPath
 from neuron_assets.resources.files import StorageError, check_s3_root, s3_errors, write_atomic
 
 
+# Columns renamed since tables were first written, old name -> new: a table written before reads as if
+# written now (its asset is stale by its code version; reading it is what reuses its rows).
+RENAMED = {"neuron": "unit", "donor_neuron": "donor_unit", "neurons": "units"}
+
+
+def _current_names(payload: bytes, columns: list[str] | None) -> pl.DataFrame:
+    """The table in `payload`, its renamed columns under their current names, only `columns` if given."""
+    old = {new: name for name, new in RENAMED.items() if name in pl.read_parquet_schema(io.BytesIO(payload))}
+    table = pl.read_parquet(payload, columns=[old.get(c, c) for c in columns] if columns else None)
+    return table.rename({name: new for new, name in old.items()}, strict=False)
+
+
 class TableStorage(ConfigurableResource):
     """`{root}/{asset}/{partition}/{table}.parquet`; a multi-partition 'layer|shard' is 'layer/shard'."""
 
@@ -43,7 +55,7 @@ class TableStorage(ConfigurableResource):
         with s3_errors(str(target), "read"):
             payload = target.read_bytes()
         try:
-            return pl.read_parquet(payload, columns=columns)
+            return _current_names(payload, columns)
         except pl.exceptions.ComputeError as error:  # damaged after it was written: writes are whole
             raise StorageError(
                 f"the table {target} under NEURON_ASSETS_STORAGE is not readable Parquet ({error}); "

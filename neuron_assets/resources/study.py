@@ -41,8 +41,8 @@ class Study(ConfigurableResource):
         if column not in stats.columns:  # a table written before the column existed
             raise ValueError(f"NEURON_ASSETS_NEURONS={selection} ranks by {column}, which these neuron_records stats "
                              "lack: materialize neuron_records for the layer again")
-        shard = stats.filter(pl.col("neuron").is_between(shard_neurons.start, shard_neurons.stop - 1))
-        return sorted(top_neurons(shard["neuron"].to_list(), shard[column].to_list(),
+        shard = stats.filter(pl.col("unit").is_between(shard_neurons.start, shard_neurons.stop - 1))
+        return sorted(top_neurons(shard["unit"].to_list(), shard[column].to_list(),
                                   shard["max_activation"].to_list(), selection.numbers[0], highest_first))
 
     def dead_and_rare(self, stats: pl.DataFrame) -> tuple[list[int], list[int]]:
@@ -50,5 +50,5 @@ class Study(ConfigurableResource):
         if "activation_frequency" not in stats.columns:  # a table written before the column existed
             raise ValueError("these neuron_records stats lack activation_frequency: materialize neuron_records "
                              "for the layer again")
-        return dead_and_rare(stats["neuron"].to_list(), stats["activation_frequency"].to_list(),
+        return dead_and_rare(stats["unit"].to_list(), stats["activation_frequency"].to_list(),
                              self.min_activation_frequency)

@@ -19,14 +19,14 @@ from neuron_assets.method.records import (
 )
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
-RECORDS_SCHEMA = {"neuron": pl.Int32, "kind": pl.String, "rank": pl.Int32, "seq_id": pl.Int32,
+RECORDS_SCHEMA = {"unit": pl.Int32, "kind": pl.String, "rank": pl.Int32, "seq_id": pl.Int32,
                   "activations": pl.List(pl.Float32)}
-STATS_SCHEMA = {"neuron": pl.Int32, "mean": pl.Float64, "variance": pl.Float64, "skewness": pl.Float64,
+STATS_SCHEMA = {"unit": pl.Int32, "mean": pl.Float64, "variance": pl.Float64, "skewness": pl.Float64,
                 "kurtosis": pl.Float64, "max_activation": pl.Float64, "active_share": pl.Float64,
                 "activation_frequency": pl.Float64, "n_tokens": pl.Int64,
                 "quantile_boundaries": pl.List(pl.Float64)}
 # per neuron, the tokens its output direction promotes most, best first (rank 0)
-OUTPUT_TOKENS_SCHEMA = {"neuron": pl.Int32, "rank": pl.Int32, "token_id": pl.Int64, "token": pl.String,
+OUTPUT_TOKENS_SCHEMA = {"unit": pl.Int32, "rank": pl.Int32, "token_id": pl.Int64, "token": pl.String,
                         "logit": pl.Float32}
 N_OUTPUT_TOKENS = 10
 SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (docs/method.md)
@@ -45,7 +45,7 @@ class LayerRecords:
 
     def short_neurons(self) -> dict[str, int]:
         """{"top": n, "random": n}: how many neurons have fewer such records than the splits need."""
-        counts = self.records.group_by("neuron", "kind").len()
+        counts = self.records.group_by("unit", "kind").len()
         return {kind: self.stats.height - counts.filter((pl.col("kind") == kind) & (pl.col("len") >= need)).height
                 for kind, need in (("top", SPLIT_TOP), ("random", SPLIT_RANDOM))}
 
@@ -70,7 +70,7 @@ def _layer_records(records: dict, stats: dict, hard: dict, n_neurons: int) -> La
     # a 2D array becomes a fixed-width column in one copy; a list of row arrays is 10x slower
     records["activations"] = pl.Series(records["activations"]).cast(pl.List(pl.Float32))
     return LayerRecords(pl.DataFrame(records, schema=RECORDS_SCHEMA), pl.DataFrame(stats, schema=STATS_SCHEMA),
-                        np.bincount(hard["neuron"], minlength=n_neurons))
+                        np.bincount(hard["unit"], minlength=n_neurons))
 
 
 def _forward_pass(model, windows: np.ndarray, seq_ids: np.ndarray, layers: list[int], consumers: dict, pool,
@@ -120,6 +120,6 @@ def output_tokens_table(ids: np.ndarray, logits: np.ndarray, decode: Callable[[i
     """OUTPUT_TOKENS_SCHEMA rows from `SubjectModel.promoted_tokens`' [neurons, k] ids and logits,
     each token written as `decode` gives it."""
     n, k = ids.shape
-    return pl.DataFrame({"neuron": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(k), n),
+    return pl.DataFrame({"unit": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(k), n),
                          "token_id": ids.reshape(-1), "token": [decode(int(i)) for i in ids.reshape(-1)],
                          "logit": logits.reshape(-1)}, schema=OUTPUT_TOKENS_SCHEMA)

@@ -30,7 +30,7 @@ ACCURACIES = {f"{scorer}{suffix}": (scorer, key) for scorer in ("detection", "fu
               for suffix, key in (("", "all"), ("_random", "random"), ("_hard_negative", "hard_negative"))}
 AUROCS = {f"{scorer}_auroc": scorer for scorer in ("detection", "fuzzing")}  # of p("1"), all negatives
 COUNTS = ("n_positive", "n_random", "n_hard_negative", "n_unanswered")
-SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
+SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           **dict.fromkeys(ACCURACIES, pl.Float64), **dict.fromkeys(AUROCS, pl.Float64),
           **dict.fromkeys(COUNTS, pl.Int32), "judge_model": pl.String, "judge_method": pl.String,
           "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64, "code_version": pl.String,
@@ -146,10 +146,10 @@ def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[s
     progress = Progress(report, explained.height, what, "explanations")
     clock = ModelClock()
     rows, unreadable = {}, []
-    for (neuron,), group in explained.group_by("neuron", maintain_order=True):
+    for (neuron,), group in explained.group_by("unit", maintain_order=True):
         bases, texts = [], []
         for e in group.iter_rows(named=True):
-            base = {"layer": e["layer"], "neuron": neuron, "variant": e["variant"],
+            base = {"layer": e["layer"], "unit": neuron, "variant": e["variant"],
                     "explanation_id": e["explanation_id"], "judge_model": judge.label,
                     "judge_method": judge.judge_method, "code_version": code_version}
             if e["error"] is not None:
@@ -162,5 +162,5 @@ def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[s
                                   unit_seed(seed, group["layer"][0], neuron), clock, unreadable)
             rows.update({(row["variant"], neuron): row for row in judged})
         progress.advance(group.height)
-    ordered = [rows[variant, neuron] for neuron, variant in explained.select("neuron", "variant").iter_rows()]
+    ordered = [rows[variant, neuron] for neuron, variant in explained.select("unit", "variant").iter_rows()]
     return Judged(ordered, progress.seconds, clock.seconds, unreadable)

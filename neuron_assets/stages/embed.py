@@ -17,8 +17,8 @@ from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 # AUROC column -> key of `embedding_aurocs`
 AUROCS = {"auroc": "all", "auroc_random": "random", "auroc_hard_negative": "hard_negative"}
 COUNTS = tuple(f"n_{kind}" for kind in KINDS)  # n_positive, n_random, n_hard_negative
-SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
-          "donor_neuron": pl.Int32, **dict.fromkeys(AUROCS, pl.Float64), **dict.fromkeys(COUNTS, pl.Int32),
+SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
+          "donor_unit": pl.Int32, **dict.fromkeys(AUROCS, pl.Float64), **dict.fromkeys(COUNTS, pl.Int32),
           "embedding_model": pl.String, "code_version": pl.String, "error": pl.String}
 
 
@@ -72,16 +72,16 @@ def embed_unit(explained: list[dict], bases: list[dict], kinds: dict, tokens: di
 def embed_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[str]], embedder, code_version: str,
                 report: Callable[[ProgressState], None] = print, what: str = "embedding") -> Embedded:
     """Score every row of `explained` (explanation_variants: layer, neuron, variant, explanation_id,
-    donor_neuron, text, error) on its unit's `records` ({unit: {kind: [(seq_id, activations)]}}) and
+    donor_unit, text, error) on its unit's `records` ({unit: {kind: [(seq_id, activations)]}}) and
     the corpus `tokens`; `embedder` has `embed(texts) -> unit vectors` and a `label`."""
-    units = explained.partition_by("neuron", maintain_order=True, as_dict=True)
-    progress = Progress(report, len(units), what, "neurons")
+    units = explained.partition_by("unit", maintain_order=True, as_dict=True)
+    progress = Progress(report, len(units), what, "units")
     clock = ModelClock()
     rows = []
     for (unit,), group in units.items():
         variants = group.to_dicts()
-        bases = [{"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
-                  "explanation_id": e["explanation_id"], "donor_neuron": e["donor_neuron"],
+        bases = [{"layer": e["layer"], "unit": e["unit"], "variant": e["variant"],
+                  "explanation_id": e["explanation_id"], "donor_unit": e["donor_unit"],
                   "embedding_model": embedder.label, "code_version": code_version} for e in variants]
         rows += embed_unit(variants, bases, records.get(unit, {}), tokens, embedder, clock)
         progress.advance()

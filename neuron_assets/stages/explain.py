@@ -19,7 +19,7 @@ from neuron_assets.stages.seeds import EXPLAIN, EXPLAIN_OUTPUT, unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 from neuron_assets.versions import digest
 
-SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
+SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "text": pl.String, "explainer_model": pl.String, "prompt_version": pl.String,
           "records_hash": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
           "cache_hit": pl.Boolean, "code_version": pl.String, "inputs_version": pl.String, "error": pl.String}
@@ -36,7 +36,7 @@ def explanation_row(layer: int, neuron: int, variant: str, text: str | None, mod
     """A row of SCHEMA (but code_version); its explanation_id hashes what the explanation is and
     what it was made from."""
     explanation_id = hashlib.sha256(f"{layer}|{neuron}|{variant}|{text}|{model}|{prompt_version}|{rhash}".encode())
-    return {"layer": layer, "neuron": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
+    return {"layer": layer, "unit": neuron, "variant": variant, "explanation_id": explanation_id.hexdigest()[:16],
             "text": text, "explainer_model": model, "prompt_version": prompt_version, "records_hash": rhash,
             **usage.row(), "inputs_version": inputs_version, "error": error}
 
@@ -48,7 +48,7 @@ def reusable_explanation(previous: pl.DataFrame | None, neuron: int, rhash: str,
     if previous is None or "inputs_version" not in previous.columns:
         return None
     match = previous.filter(
-        (pl.col("neuron") == neuron) & (pl.col("variant") == variant) & pl.col("error").is_null()
+        (pl.col("unit") == neuron) & (pl.col("variant") == variant) & pl.col("error").is_null()
         & (pl.col("records_hash") == rhash) & (pl.col("inputs_version") == inputs)
         & (pl.col("code_version") == code_version)
     )
@@ -65,7 +65,7 @@ def explanation_text(answer: Answer, what: str) -> tuple[str | None, str | None]
 
 def previous_units(previous: pl.DataFrame | None) -> list[int]:
     """The units the table's previous rows explain (whose records a run also needs: `kept_units`)."""
-    return [] if previous is None else sorted(set(previous["neuron"].to_list()))
+    return [] if previous is None else sorted(set(previous["unit"].to_list()))
 
 
 def kept_units(selected: list[int], records: dict, previous: pl.DataFrame | None, inputs: str,
@@ -97,15 +97,15 @@ class Explained:
 
 def rare_reasons(stats: pl.DataFrame, rare: list[int], min_frequency: float) -> dict[int, str]:
     """{unit: why it is not explained} for the `rare` units of neuron_records' `stats` table."""
-    frequency = dict(zip(stats["neuron"].to_list(), stats["activation_frequency"].to_list()))
+    frequency = dict(zip(stats["unit"].to_list(), stats["activation_frequency"].to_list()))
     return {unit: f"rare unit: above 0 on {frequency[unit]:.3g} of the corpus's tokens, under "
                   f"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY={min_frequency:g}; not explained" for unit in rare}
 
 
 def promoted_by_unit(output_tokens: pl.DataFrame) -> dict[int, list[str]]:
     """{unit: its promoted tokens, best first} from neuron_records' output_tokens table."""
-    ranked = output_tokens.sort("neuron", "rank").group_by("neuron", maintain_order=True).agg("token")
-    return dict(zip(ranked["neuron"].to_list(), ranked["token"].to_list()))
+    ranked = output_tokens.sort("unit", "rank").group_by("unit", maintain_order=True).agg("token")
+    return dict(zip(ranked["unit"].to_list(), ranked["token"].to_list()))
 
 
 def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int, list[str]],
@@ -165,7 +165,7 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
                 pending.append((unit, variant, rhash, explainer_messages(
                     shown, fewshot, prefill=explainer.continues_assistant_turn, note=note)))
 
-    progress = Progress(report, len(pending), what, "neurons" if promoted is None else "explanations")
+    progress = Progress(report, len(pending), what, "units" if promoted is None else "explanations")
     clock = ModelClock()
     for start in range(0, len(pending), explainer.batch_size):
         batch = pending[start : start + explainer.batch_size]

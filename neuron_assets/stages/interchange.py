@@ -101,16 +101,16 @@ def export_neurons(layer: int, scores: pl.DataFrame, sims: pl.DataFrame, records
     scores; controls are not exported), one neuron at a time: its records and `stats` row, and its
     explanations with their `sims` (simulations) and scores. `tokens`: the corpus tokens by seq_id."""
     scores, sims = scores.filter(~CONTROL_ROWS), sims.filter(~CONTROL_ROWS)
-    neurons = sorted(scores["neuron"].unique().to_list())
-    stats_of = {r["neuron"]: r for r in stats.filter(pl.col("neuron").is_in(neurons)).iter_rows(named=True)}
+    neurons = sorted(scores["unit"].unique().to_list())
+    stats_of = {r["unit"]: r for r in stats.filter(pl.col("unit").is_in(neurons)).iter_rows(named=True)}
     for neuron, kinds in records_of(records, neurons).items():
         quantiles = sorted(k for k in kinds if k.startswith("quantile_"))
         record = neuron_record(layer, neuron, [(tokens[s], a) for s, a in kinds.get("top", [])],
                                [(tokens[s], a) for s, a in kinds.get("random", [])],
                                [[(tokens[s], a) for s, a in kinds[q]] for q in quantiles], stats_of[neuron])
         truth = {kind: dict(pairs) for kind, pairs in kinds.items()}
-        results = simulation_results(layer, neuron, _scored(scores.filter(pl.col("neuron") == neuron),
-                                                            sims.filter(pl.col("neuron") == neuron), truth, tokens))
+        results = simulation_results(layer, neuron, _scored(scores.filter(pl.col("unit") == neuron),
+                                                            sims.filter(pl.col("unit") == neuron), truth, tokens))
         for relative, obj in zip(file_paths(layer, neuron), (record, results)):
             write(relative, dumps(obj) + "\n")
     return Exported(len(neurons), sorted(set(scores["variant"]), key=variant_order))

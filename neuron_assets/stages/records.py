@@ -9,8 +9,8 @@ import polars as pl
 def records_of(records: pl.DataFrame, neurons: list[int]) -> dict[int, dict[str, list[tuple[int, np.ndarray]]]]:
     """{neuron: {kind: [(seq_id, activations), ...] in rank order}} for the given neurons."""
     out: dict[int, dict[str, list]] = {n: {} for n in neurons}
-    rows = records.filter(pl.col("neuron").is_in(neurons)).sort("neuron", "kind", "rank")
-    for neuron, kind, seq_id, acts in rows.select("neuron", "kind", "seq_id", "activations").iter_rows():
+    rows = records.filter(pl.col("unit").is_in(neurons)).sort("unit", "kind", "rank")
+    for neuron, kind, seq_id, acts in rows.select("unit", "kind", "seq_id", "activations").iter_rows():
         out[neuron].setdefault(kind, []).append((seq_id, np.asarray(acts, dtype=np.float32)))
     return out
 

@@ -33,7 +33,7 @@ def reusable_revision(previous: pl.DataFrame | None, first: dict, rhash: str, in
     versions, seed and code."""
     if previous is None or "inputs_version" not in previous.columns:
         return None
-    match = previous.filter((pl.col("neuron") == first["neuron"]) & pl.col("error").is_null()
+    match = previous.filter((pl.col("unit") == first["unit"]) & pl.col("error").is_null()
                             & (pl.col("revised_from") == first["explanation_id"]) & (pl.col("records_hash") == rhash)
                             & (pl.col("inputs_version") == inputs) & (pl.col("code_version") == code_version))
     return match.row(0, named=True) if match.height else None
@@ -63,7 +63,7 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
 
     def row(e: dict, text: str | None, rhash: str | None, usage: Usage = Usage(), error: str | None = None,
             misses: int = 0, false_alarms: int = 0) -> dict:
-        out = explanation_row(layer, e["neuron"], "revised", text, label, prompt_version, rhash, usage, error, inputs)
+        out = explanation_row(layer, e["unit"], "revised", text, label, prompt_version, rhash, usage, error, inputs)
         return {**out, "revised_from": e["explanation_id"], "misses": misses, "false_alarms": false_alarms,
                 "code_version": code_version}
 
@@ -72,7 +72,7 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
         if e["error"] is not None:
             rows.append(row(e, None, None, error=f"no llm explanation to revise: {e['error']}"))
             continue
-        kinds = records[e["neuron"]]
+        kinds = records[e["unit"]]
         calibration = held_out(kinds)
         rhash = records_hash(calibration)
         earlier = reusable_revision(previous, e, rhash, inputs, code_version)
@@ -110,7 +110,7 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
     asked = Progress(report, len(pending), f"{what}: asking the explainer", "revisions")
     for start in range(0, len(pending), explainer.batch_size):
         batch = pending[start : start + explainer.batch_size]
-        seeds = [unit_seed(seed, layer, e["neuron"], REVISE) for e, *_ in batch]
+        seeds = [unit_seed(seed, layer, e["unit"], REVISE) for e, *_ in batch]
         try:
             with clock.running():
                 answers = explainer.complete([messages for _, _, messages, *_ in batch], seeds)

@@ -12,14 +12,14 @@ from neuron_assets.method.scoring import linear_calibration, score_neurons
 from neuron_assets.stages.records import records_hash
 from neuron_assets.stages.variants import CONTROL_ROWS
 
-SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation": pl.String,
+SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation": pl.String,
           "score_all": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64,
           "rsquared": pl.Float64, "abs_dev_explained": pl.Float64, "calibrated": pl.Boolean,
           "n_failed_tokens": pl.Int64, "cost_usd": pl.Float64, "simulator_model": pl.String, "method": pl.String,
-          "explanation_id": pl.String, "records_hash": pl.String, "donor_neuron": pl.Int32, "error": pl.String}
+          "explanation_id": pl.String, "records_hash": pl.String, "donor_unit": pl.Int32, "error": pl.String}
 SCORES = ("score_all", "score_top", "score_random", "rsquared", "abs_dev_explained")
 GOOD = 0.8  # the paper's bar for a well-explained neuron
-REPORT_COLUMNS = ("layer", "variant", "method", "neurons", "errors", "mean_score_all", "share_at_least_0.8",
+REPORT_COLUMNS = ("layer", "variant", "method", "units", "errors", "mean_score_all", "share_at_least_0.8",
                   "control_mean_score_all", "margin_over_control", "gain_over_llm", "mean_detection_random",
                   "mean_detection_hard_negative", "mean_fuzzing_random", "mean_fuzzing_hard_negative",
                   "mean_embedding_auroc", "control_mean_embedding_auroc", "cost_usd")
@@ -80,13 +80,13 @@ def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: 
     simulations = with_split(simulations)
     text = dict(zip(explanations["explanation_id"], explanations["text"]))
     explain_cost = dict(zip(explanations["explanation_id"], explanations["cost_usd"]))
-    donor = dict(zip(explanations["explanation_id"], explanations["donor_neuron"]))
+    donor = dict(zip(explanations["explanation_id"], explanations["donor_unit"]))
     rows, scored = [], []  # scored: (index in rows, real and simulated sequences by kind, calibration)
-    for (unit, variant), group in simulations.group_by("neuron", "variant", maintain_order=True):
+    for (unit, variant), group in simulations.group_by("unit", "variant", maintain_order=True):
         first = group.row(0, named=True)
         explanation_id = first["explanation_id"]
-        row = {"layer": first["layer"], "neuron": unit, "variant": variant, "explanation": text.get(explanation_id),
-               "donor_neuron": donor.get(explanation_id), "simulator_model": first["simulator_model"],
+        row = {"layer": first["layer"], "unit": unit, "variant": variant, "explanation": text.get(explanation_id),
+               "donor_unit": donor.get(explanation_id), "simulator_model": first["simulator_model"],
                "method": first["method"], "explanation_id": explanation_id,
                "cost_usd": explain_cost.get(explanation_id, 0.0) + float(group["cost_usd"].sum())}
         valid, calibration = group.filter(~CALIBRATION_ROWS), group.filter(CALIBRATION_ROWS)
@@ -113,7 +113,7 @@ def score_units(simulations: pl.DataFrame, explanations: pl.DataFrame, records: 
                            failed_tokens, np.array([fit for _, _, _, fit in scored]).reshape(-1, 2))
     for i, (row, _, _, _) in enumerate(scored):
         rows[row].update({name: values[i].item() for name, values in scores.items()})
-    return pl.DataFrame(rows, schema=SCHEMA).sort("neuron", "variant")
+    return pl.DataFrame(rows, schema=SCHEMA).sort("unit", "variant")
 
 
 def _finite_mean(column: str) -> pl.Expr:
@@ -123,8 +123,8 @@ def _finite_mean(column: str) -> pl.Expr:
 def _gains_over_llm(real: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     """Per `keys` of the variants other than llm: `revision_gain` over the units whose score_all is
     finite for both the variant and llm (no row where there is no such unit)."""
-    llm = real.filter(pl.col("variant") == "llm").select("layer", "neuron", "method", llm_score=pl.col("score_all"))
-    pairs = (real.filter(pl.col("variant") != "llm").join(llm, on=["layer", "neuron", "method"])
+    llm = real.filter(pl.col("variant") == "llm").select("layer", "unit", "method", llm_score=pl.col("score_all"))
+    pairs = (real.filter(pl.col("variant") != "llm").join(llm, on=["layer", "unit", "method"])
              .filter(pl.col("score_all").is_not_nan() & pl.col("llm_score").is_not_nan()))
     gains = [(*key, revision_gain(group["llm_score"].to_list(), group["score_all"].to_list()))
              for key, group in pairs.group_by(keys)]
@@ -155,7 +155,7 @@ def summarize(scores: pl.DataFrame, detection: pl.DataFrame | None = None,
     real, controls = scores.filter(~CONTROL_ROWS), scores.filter(CONTROL_ROWS)
     finite = pl.col("score_all").filter(pl.col("score_all").is_not_nan())
     out = real.group_by(keys).agg(
-        pl.len().alias("neurons"),
+        pl.len().alias("units"),
         finite.len().alias("scored"),
         finite.mean().alias("mean_score_all"),
         finite.median().alias("median_score_all"),
@@ -191,8 +191,8 @@ def with_unit_activity(summary: pl.DataFrame, dead: list[int], rare: list[int]) 
 
 def _detection_summary(real: pl.DataFrame, detection: pl.DataFrame) -> pl.DataFrame:
     """Per (layer, variant, method): mean balanced accuracies and their correlation with score_all."""
-    joined = real.select("layer", "neuron", "variant", "method", "score_all").join(
-        detection, on=["layer", "neuron", "variant"])
+    joined = real.select("layer", "unit", "variant", "method", "score_all").join(
+        detection, on=["layer", "unit", "variant"])
 
     def r(column: str) -> pl.Expr:
         both = pl.col("score_all").is_not_nan() & pl.col(column).is_not_nan()
@@ -208,8 +208,8 @@ def _embedding_summary(scores: pl.DataFrame, embedding: pl.DataFrame) -> pl.Data
     """Per (layer, variant, method): the variant's mean embedding AUROCs and its control's mean AUROC
     (NaN, not null, where no neuron has a finite one)."""
     keys = ["layer", "variant", "method"]
-    joined = scores.select("layer", "neuron", "variant", "method").join(
-        embedding.select("layer", "neuron", "variant", *EMBEDDING_AUROCS), on=["layer", "neuron", "variant"])
+    joined = scores.select("layer", "unit", "variant", "method").join(
+        embedding.select("layer", "unit", "variant", *EMBEDDING_AUROCS), on=["layer", "unit", "variant"])
     means = joined.filter(~CONTROL_ROWS).group_by(keys).agg(
         _finite_mean(c).fill_null(float("nan")).alias(f"mean_embedding_{c}") for c in EMBEDDING_AUROCS)
     controls = joined.filter(CONTROL_ROWS).with_columns(pl.col("variant").str.strip_suffix(SUFFIX)).group_by(keys).agg(

@@ -15,7 +15,7 @@ from neuron_assets.method.records import split_random, split_top
 from neuron_assets.stages.results import Simulation
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
-SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
+SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
           "seq_id": pl.Int32, "split": pl.String, "kind": pl.String, "expected": pl.List(pl.Float32),
           "n_failed_tokens": pl.Int32, "simulator_model": pl.String, "simulator_version": pl.String,
           "method": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
@@ -42,7 +42,7 @@ def reusable_simulations(previous: pl.DataFrame | None, simulator_version: str, 
     if previous is None or "simulator_version" not in previous.columns:
         return {}
     ok = previous.filter((pl.col("simulator_version") == simulator_version) & (pl.col("code_version") == code_version))
-    groups = ok.partition_by("neuron", "variant", as_dict=True)
+    groups = ok.partition_by("unit", "variant", as_dict=True)
     return {key: rows for key, rows in groups.items() if rows["error"].is_null().all()}
 
 
@@ -89,7 +89,7 @@ def simulate_units(explained: pl.DataFrame, records: dict, tokens: dict[int, lis
     def row(e: dict, method: str, split: str | None, kind: str | None, seq_id: int | None,
             result: Simulation) -> dict:
         expected = None if result.expected is None else result.expected.tolist()
-        return {"layer": e["layer"], "neuron": e["neuron"], "variant": e["variant"],
+        return {"layer": e["layer"], "unit": e["unit"], "variant": e["variant"],
                 "explanation_id": e["explanation_id"], "seq_id": seq_id, "split": split, "kind": kind,
                 "expected": expected, "n_failed_tokens": result.n_failed, "simulator_model": simulator.label,
                 "simulator_version": version, "method": method, **result.usage.row(), "code_version": code_version,
@@ -100,8 +100,8 @@ def simulate_units(explained: pl.DataFrame, records: dict, tokens: dict[int, lis
         if e["error"] is not None:
             done.append([row(e, "none", None, None, None, Simulation.failed(f"no explanation: {e['error']}"))])
             continue
-        sequences = simulated_sequences(records[e["neuron"]], calibrate=not is_control(e["variant"]))
-        before = earlier.get((e["neuron"], e["variant"]))
+        sequences = simulated_sequences(records[e["unit"]], calibrate=not is_control(e["variant"]))
+        before = earlier.get((e["unit"], e["variant"]))
         if (before is not None and before["explanation_id"][0] == e["explanation_id"]
                 and "split" in before.columns and set(before.select("split", "kind", "seq_id").rows()) == set(sequences)):
             done.append(before.to_dicts())  # no LLM call, and identical rows

@@ -16,23 +16,23 @@ TOO_FEW = "a shuffled control needs at least 2 neurons of the shard explained by
 
 def explanation_variants(tables: list[pl.DataFrame], partition_key: str, seed: int, control: bool) -> pl.DataFrame:
     """The rows of the explanation `tables` (explanations, revised_explanations, imported_explanations)
-    with a `donor_neuron` column, and with `control` each variant's shuffled control: every neuron
+    with a `donor_unit` column, and with `control` each variant's shuffled control: every neuron
     explained by that variant gets the explanation of another such neuron of the shard
-    (`donor_neuron`; a seeded derangement per partition and variant), at no explainer cost."""
-    own = pl.concat(tables, how="diagonal_relaxed").select(*SCHEMA).with_columns(donor_neuron=pl.lit(None, pl.Int32))
+    (`donor_unit`; a seeded derangement per partition and variant), at no explainer cost."""
+    own = pl.concat(tables, how="diagonal_relaxed").select(*SCHEMA).with_columns(donor_unit=pl.lit(None, pl.Int32))
     if not control:
         return own
     controls = []
     for (variant,), rows in own.filter(pl.col("error").is_null()).group_by("variant", maintain_order=True):
-        rows = rows.sort("neuron")
+        rows = rows.sort("unit")
         if rows.height < 2:
             controls.append(rows.with_columns(variant=pl.lit(control_of(variant)), text=pl.lit(None, pl.String),
                                               error=pl.lit(TOO_FEW), cost_usd=0.0, tokens_in=0, tokens_out=0))
             continue
         donor = rows[donors(rows.height, zlib.crc32(f"{seed}|{partition_key}|{variant}".encode()))]
         ids = [hashlib.sha256(f"{control_of(variant)}|{n}|{d}".encode()).hexdigest()[:16]
-               for n, d in zip(rows["neuron"], donor["explanation_id"])]
+               for n, d in zip(rows["unit"], donor["explanation_id"])]
         controls.append(donor.with_columns(
-            neuron=rows["neuron"], variant=pl.lit(control_of(variant)), explanation_id=pl.Series(ids),
-            donor_neuron=donor["neuron"], tokens_in=0, tokens_out=0, cost_usd=0.0, cache_hit=False))
-    return pl.concat([own, *controls], how="diagonal_relaxed").sort("neuron", "variant")
+            unit=rows["unit"], variant=pl.lit(control_of(variant)), explanation_id=pl.Series(ids),
+            donor_unit=donor["unit"], tokens_in=0, tokens_out=0, cost_usd=0.0, cache_hit=False))
+    return pl.concat([own, *controls], how="diagonal_relaxed").sort("unit", "variant")
