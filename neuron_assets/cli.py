@@ -55,7 +55,7 @@ def demo(args) -> None:
     settings = Settings.from_env()
     print(f"neuron_assets demo: subject, explainer and simulator = {settings.model}, corpus = {settings.corpus}; "
           f"layers {', '.join(args.layers)}, the first {args.shards} of {settings.shards} shards per layer, "
-          f"neurons per shard = {settings.neurons}")
+          f"units per shard = {settings.neurons}")
     check_s3_root(settings.storage)  # an unusable s3:// root fails here, before any run
     source_versions(settings)  # so does a setting that cannot be versioned (a missing import folder)
     print("loading definitions (the first run converts the embedded GGUF model once, ~30 s)...")
@@ -140,7 +140,7 @@ def show_settings(args) -> None:
             layout = layout_of(current)
         except ValueError as e:
             sys.exit(f"neuron-assets: {e}")
-        print(f"units: {layout.n_neurons} latents per layer; layers and hookpoints: "
+        print(f"units: {layout.n_units} latents per layer; layers and hookpoints: "
               + ", ".join(f"{layout.layer_key(i)} {layout.hookpoint(i)}" for i in layout.layers))
 
 
@@ -239,7 +239,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("explore", help="per token of a text, the most active explained neurons of each layer")
     p.add_argument("text", help="the text to run the subject model on")
     p.add_argument("--layers", nargs="+", help="layer keys or numbers (default: every layer with scores)")
-    p.add_argument("--top", type=int, default=3, help="neurons per token and layer (default: 3)")
+    p.add_argument("--top", type=int, default=3, help="units per token and layer (default: 3)")
     p.set_defaults(run=explore)
     add_audit_parser(sub)
     args = parser.parse_args(argv)

@@ -40,7 +40,7 @@ def build_definitions(settings: Settings, code_versions: dict[str, str] | None =
     """`code_versions` replaces the code version of the named assets (tests: what a code change reruns)."""
     subject_model = subject_model_of(settings)
     layout = build_layout(settings.layers, subject_model.unit_shape(), settings.shards)
-    check_neurons(settings.neurons, layout.n_neurons)
+    check_neurons(settings.neurons, layout.n_units)
     study = Study(seq_len=settings.seq_len, max_windows=settings.max_windows, top_records=settings.top_records,
                   random_records=settings.random_records, neurons=settings.neurons,
                   min_activation_frequency=float(settings.min_activation_frequency),

@@ -1,7 +1,8 @@
-"""Layer and layer x shard partitions, built from the subject model's shape and the settings.
+"""Layer and layer x shard partitions, built from the units (the model's MLP neurons, or its coders'
+latents) and the settings.
 
 Keys are zero-padded so that lexical order is numeric order: layers "00".."29", shards named by
-their neuron range, "0000-0191".."1344-1535". (Shard keys that looked like layer keys would also
+their unit range, "0000-0191".."1344-1535". (Shard keys that looked like layer keys would also
 make Dagster's layer mapping ambiguous.)
 """
 
@@ -16,13 +17,13 @@ from neuron_assets.settings import MLP_UNITS, SettingsError, parse_layers
 class Layout:
     layers: list[int]
     n_layers: int
-    n_neurons: int  # units per layer: MLP neurons, or a coder's latents
+    n_units: int  # per layer: MLP neurons, or a coder's latents
     shards: int
     hookpoints: dict[int, str] = field(default_factory=dict, compare=False)  # per layer, for coders' latents
 
     @property
     def shard_size(self) -> int:
-        return -(-self.n_neurons // self.shards)
+        return -(-self.n_units // self.shards)
 
     def hookpoint(self, layer: int) -> str:
         """What the layer's units read: its coder's hookpoint, or 'mlp' for its MLP neurons."""
@@ -32,9 +33,9 @@ class Layout:
         return str(layer).zfill(max(2, len(str(self.n_layers - 1))))
 
     def shard_keys(self) -> list[str]:
-        width = len(str(self.n_neurons - 1))
-        starts = range(0, self.n_neurons, self.shard_size)
-        return [f"{s:0{width}d}-{min(s + self.shard_size, self.n_neurons) - 1:0{width}d}" for s in starts]
+        width = len(str(self.n_units - 1))
+        starts = range(0, self.n_units, self.shard_size)
+        return [f"{s:0{width}d}-{min(s + self.shard_size, self.n_units) - 1:0{width}d}" for s in starts]
 
     def shard_neurons(self, shard_key: str) -> range:
         first, last = shard_key.split("-")

@@ -253,9 +253,9 @@ SETTINGS = (
     Setting("NEURON_ASSETS_SEQ_LEN", "64", "tokens per window", enters="tokenization", low=2),
     Setting("NEURON_ASSETS_LAYERS", "all", "layer partitions: 'all', '0-2' or '0,5,10'", enters=PARTITIONS,
             grammar=_layers),
-    Setting("NEURON_ASSETS_SHARDS", "8", "neuron shards per layer (under 100)", enters=PARTITIONS, low=1, high=99),
+    Setting("NEURON_ASSETS_SHARDS", "8", "unit shards per layer (under 100)", enters=PARTITIONS, low=1, high=99),
     Setting("NEURON_ASSETS_NEURONS", "all",
-            "neurons explained and scored per shard: 'all', 'first:N', 'list:3,17,1200' (layer indices), or the N "
+            "units explained and scored per shard: 'all', 'first:N', 'list:3,17,1200' (indices in the layer), or the N "
             "ranked first by an activation statistic: 'top:N:max' (highest max activation), 'top:N:kurtosis' "
             "(highest kurtosis), 'top:N:sparsity' (fewest tokens at or above 10% of the max)", enters="neuron_selection",
             grammar=_neurons),
@@ -268,8 +268,8 @@ SETTINGS = (
             "units above 0 on a smaller share of the corpus's tokens than this are rare, and dead ones never; "
             "both are counted and listed in layer_summary and get an explanation row saying why, not LLM work",
             enters="rare_units", grammar=_share),
-    Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per neuron (at least 20 for the splits)", enters="sampling", low=20),
-    Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per neuron (at least 15)", enters="sampling", low=15),
+    Setting("NEURON_ASSETS_TOP_RECORDS", "40", "top records per unit (at least 20 for the splits)", enters="sampling", low=20),
+    Setting("NEURON_ASSETS_RANDOM_RECORDS", "20", "random records per unit (at least 15)", enters="sampling", low=15),
     Setting("NEURON_ASSETS_SEED", "0", "seed of random sampling and LLM sampling", enters="sampling", low=0),
     Setting("NEURON_ASSETS_BATCH_SIZE", "16", "windows per forward pass of the subject model", low=1),
     Setting("NEURON_ASSETS_DEVICE", "auto", "torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0'", grammar=_device),
@@ -288,10 +288,10 @@ SETTINGS = (
     Setting("NEURON_ASSETS_SIMULATION_METHOD", "auto",
             "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'", enters="simulator", choices=("auto", "all_at_once", "chat_logprobs", "json")),
     Setting("NEURON_ASSETS_REVISION", "on",
-            "'on': a 'revised' variant per neuron, written after showing the explainer held-out excerpts "
+            "'on': a 'revised' variant per unit, written after showing the explainer held-out excerpts "
             "where its first explanation predicted badly; 'off' skips it", enters=GRAPH, choices=("on", "off")),
     Setting("NEURON_ASSETS_CONTROL", "shuffled",
-            "'shuffled': every variant also scored on explanations of other neurons of the shard (its "
+            "'shuffled': every variant also scored on explanations of other units of the shard (its "
             "control; doubles simulation cost); 'none' skips controls", enters="controls", choices=("shuffled", "none")),
     Setting("NEURON_ASSETS_FAILED_TOKENS", "zero",
             "a failed token (the simulator gave no value 0-10; counted either way): 'zero' scores it as an "

@@ -100,7 +100,7 @@ def test_the_hostile_corpus_runs_without_errors(viewer):
     for asset in ("neuron_viewer", "neuron_viewer_index"):
         record = instance.fetch_materializations(AssetKey(asset), limit=1).records[0]
         metadata = record.asset_materialization.metadata
-        assert metadata["pages written"].value == 1 and metadata["neurons shown"].value == 3
+        assert metadata["pages written"].value == 1 and metadata["units shown"].value == 3
         assert metadata["page"].value.endswith("index.html")
 
 

@@ -34,7 +34,7 @@ def _enough_records(layers: list[LayerRecords]) -> dg.AssetCheckResult:
     top, random = sum(s["top"] for s in short), sum(s["random"] for s in short)
     return dg.AssetCheckResult(check_name=ENOUGH_RECORDS, passed=top == 0 and random == 0,
                             severity=dg.AssetCheckSeverity.WARN,
-                            metadata={"neurons short of top records": top, "neurons short of random records": random})
+                            metadata={"units short of top records": top, "units short of random records": random})
 
 
 def build_neuron_records(layout: Layout):

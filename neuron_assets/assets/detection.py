@@ -63,7 +63,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
                 "dagster/row_count": df.height,
                 **percentiles(df["detection_random"].to_list(), "detection (random negatives)"),
                 **percentiles(df["detection_hard_negative"].to_list(), "detection (hard negatives)"),
-                "neurons without hard negatives": int((df["n_hard_negative"] == 0).sum()),
+                "units without hard negatives": int((df["n_hard_negative"] == 0).sum()),
                 "unanswered excerpts": int(df["n_unanswered"].sum()),
                 "unreadable answers": len(result.unreadable),
                 "first unreadable answer": result.unreadable[0] if result.unreadable else "none",

@@ -96,7 +96,7 @@ def build_exported_neurons(layout: Layout):
         # the published layout calls every unit a neuron: say what this layer's units are
         layer = int(layer_key)
         write_atomic(root / "units" / f"{layer}.json", json.dumps(
-            {"layer": layer, "hookpoint": layout.hookpoint(layer), "units_per_layer": layout.n_neurons}).encode())
+            {"layer": layer, "hookpoint": layout.hookpoint(layer), "units_per_layer": layout.n_units}).encode())
         return dg.MaterializeResult(
             metadata={
                 "units": result.neurons,

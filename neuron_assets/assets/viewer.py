@@ -217,7 +217,7 @@ def build_neuron_viewer_index(layout: Layout):
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
             metadata={"pages written": 1, "layer pages linked": len(pages),
-                      "neurons shown": int(explained.height), "explorer excerpts": len(excerpts),
+                      "units shown": int(explained.height), "explorer excerpts": len(excerpts),
                       "page": viewer_link(storage.root)},
         )
 

@@ -86,7 +86,7 @@ def _forward_pass(model, windows: np.ndarray, seq_ids: np.ndarray, layers: list[
 def capture_records(model, token_ids: np.ndarray, layers: list[int], n_top: int, n_random: int, seed: int,
                     report: Callable[[ProgressState], None] = print, what: str = "layers") -> Captured:
     """Each of `layers`' records and stats over the corpus windows `token_ids` int [W, T] (window i
-    has seq_id i). `model` has `shape().n_neurons` and `neuron_activations(windows, layers)`, which
+    has seq_id i). `model` has `unit_shape().n_units` and `unit_activations(windows, layers)`, which
     yields (first window index, {layer: float32 [B, T, N]}) (resources/subject_model.py). Each layer
     keeps its `n_top` top and `n_random` random records; `what` names the layers in progress lines."""
     n_neurons = model.unit_shape().n_units
