@@ -134,14 +134,15 @@ def show_settings(args) -> None:
         sys.exit(f"neuron-assets: {e}")
     print("settings source versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if current.units != MLP_UNITS:  # the coders, checked against the model as the definitions check them
-        from neuron_assets.definitions import layout_of
+        from neuron_assets.definitions import layout_of, subject_model_of
 
         try:
             layout = layout_of(current)
         except ValueError as e:
             sys.exit(f"neuron-assets: {e}")
-        print(f"units: {layout.n_units} latents per layer; layers and hookpoints: "
-              + ", ".join(f"{layout.layer_key(i)} {layout.hookpoint(i)}" for i in layout.layers))
+        coders = subject_model_of(current).coders()
+        print(f"units: {layout.n_units} latents per layer, in layers "
+              + "; ".join(f"{layout.layer_key(i)}: {coders[i].describe()}" for i in layout.layers))
 
 
 def scores(args) -> None:

@@ -53,8 +53,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 
 SORT_JS = """
 (function(){
-  var data = JSON.parse(document.getElementById('neuron-rows').textContent);
-  var table = document.getElementById('neurons'), body = table.tBodies[0];
+  var data = JSON.parse(document.getElementById('unit-rows').textContent);
+  var table = document.getElementById('units'), body = table.tBodies[0];
   var rows = Array.prototype.slice.call(body.rows);
   function key(row, column){ var v = data[+row.getAttribute('data-i')][column]; return v; }
   Array.prototype.forEach.call(table.tHead.rows[0].cells, function(th){
@@ -182,7 +182,7 @@ def _neuron_section(layer: str, neuron: dict) -> str:
     if not (max_activation and max_activation > 0):  # no stats: the records' own maximum
         max_activation = max((max(r["activations"], default=0.0) for r in records), default=0.0)
     variants = neuron.get("variants", [])
-    parts = [f"<section id=\"n{n}\" class=\"neuron\"><h2>Layer {html.escape(layer)}, unit {n}</h2>"]
+    parts = [f"<section id=\"n{n}\" class=\"unit\"><h2>Layer {html.escape(layer)}, unit {n}</h2>"]
     parts.append(_table(("variant", "method", "score_all", "score_top", "score_random", "explanation", "error"),
                         [(v["variant"], v.get("method"), v.get("score_all"), v.get("score_top"),
                           v.get("score_random"), v.get("explanation"), v.get("error")) for v in variants],
@@ -241,7 +241,7 @@ def layer_page(layer: str, neurons: list[dict], title: str = "Neuron viewer", no
                 cells.append(f"<td class=\"num\">{html.escape(_number(value))}</td>")
             else:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
-        body.append(f"<tr data-i=\"{i}\" data-neuron=\"{row['unit']}\">{''.join(cells)}</tr>")
+        body.append(f"<tr data-i=\"{i}\" data-unit=\"{row['unit']}\">{''.join(cells)}</tr>")
     legend = (f"<p class=\"legend\"><span style=\"{_shade(REAL_RGB, 0.8)}\">real activation</span>"
               f"<span style=\"{_shade(SIM_RGB, 0.8)}\">simulated activation (0-10)</span>"
               "<span class=\"tok nosim\">no simulation</span> ⇥ tab, ↵ newline</p>")
@@ -250,9 +250,9 @@ def layer_page(layer: str, neurons: list[dict], title: str = "Neuron viewer", no
             f"<p class=\"muted\">{html.escape(note)}</p>" if note else "", legend,
             "<input id=\"filter\" type=\"search\" placeholder=\"filter rows (unit, variant, explanation...)\">",
             f" <span class=\"muted\"><span id=\"shown\">{len(rows)}</span> of {len(rows)} rows</span>",
-            f"<table id=\"neurons\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
+            f"<table id=\"units\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
             *(_neuron_section(layer, n) for n in neurons if n.get("detail", True))]
-    scripts = [f"<script type=\"application/json\" id=\"neuron-rows\">{script_json(rows)}</script>",
+    scripts = [f"<script type=\"application/json\" id=\"unit-rows\">{script_json(rows)}</script>",
                f"<script>{SORT_JS}</script>"]
     return _page(f"{title}: layer {layer}", "\n".join(page), scripts)
 

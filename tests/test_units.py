@@ -257,3 +257,23 @@ def test_the_demo_runs_the_first_two_layers_in_force_or_those_asked_for():
         demo_layers(["4"], keys)
     with pytest.raises(SettingsError, match="takes layer numbers or keys"):
         demo_layers(["x"], keys)
+
+
+def test_the_settings_command_lists_the_coders_and_names_a_bad_one(world, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from neuron_assets.cli import show_settings
+
+    settings, *_ = world
+    for name, value in settings.environment().items():
+        monkeypatch.setenv(name, value)
+    show_settings(SimpleNamespace(markdown=False))
+    out = capsys.readouterr().out
+    assert ("units: 8 latents per layer, in layers 00: sae h.0 (sparsify, 8 latents, topk); "
+            "01: transcoder h.1.mlp (sparsify, 8 latents, groupmax); "
+            "02: sae blocks.2.hook_resid_post (saelens, 8 latents, jumprelu)") in out
+    _, target = _copy_units(world, "for-settings")
+    _edit_json(target / "h.0" / "cfg.json", activation="relu")
+    monkeypatch.setenv("NEURON_ASSETS_UNITS", str(target))
+    with pytest.raises(SystemExit, match="activation 'relu' is not one sparsify writes"):
+        show_settings(SimpleNamespace(markdown=False))

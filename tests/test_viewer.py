@@ -62,11 +62,11 @@ def url(settings, layer=None) -> str:
 
 
 def shown_rows(browser) -> list:
-    return [r for r in browser.find_elements(By.CSS_SELECTOR, "#neurons tbody tr") if r.is_displayed()]
+    return [r for r in browser.find_elements(By.CSS_SELECTOR, "#units tbody tr") if r.is_displayed()]
 
 
 def row_key(row) -> tuple[int, str]:
-    return int(row.get_attribute("data-neuron")), row.find_elements(By.TAG_NAME, "td")[2].text
+    return int(row.get_attribute("data-unit")), row.find_elements(By.TAG_NAME, "td")[2].text
 
 
 def alpha(style: str) -> float:
@@ -137,7 +137,7 @@ def test_layer_page_shows_scores_shaded_records_and_a_screenshot(viewer, browser
     assert {row_key(r) for r in rows} == set(expected)
     for row in rows:
         assert row.find_elements(By.TAG_NAME, "td")[3].text == f"{expected[row_key(row)]:.3f}"
-    assert [s.get_attribute("id") for s in browser.find_elements(By.CSS_SELECTOR, "section.neuron")] == [
+    assert [s.get_attribute("id") for s in browser.find_elements(By.CSS_SELECTOR, "section.unit")] == [
         "n0", "n1", "n2"]
 
     # real activations shaded by activation / the neuron's max; simulated ones by expected / 10
@@ -164,7 +164,7 @@ def test_sorting_by_score_all_and_filtering(viewer, browser):
     browser.get(url(settings, "00"))
     scores = storage.read("scores", SHARD)
     score = {(n, v): s for n, v, s in scores.select("unit", "variant", "score_all").iter_rows()}
-    header = browser.find_element(By.CSS_SELECTOR, "#neurons th[data-column=score_all]")
+    header = browser.find_element(By.CSS_SELECTOR, "#units th[data-column=score_all]")
     original = [row_key(r) for r in shown_rows(browser)]
     header.click()
     ascending = [row_key(r) for r in shown_rows(browser)]
@@ -174,7 +174,7 @@ def test_sorting_by_score_all_and_filtering(viewer, browser):
     descending = [row_key(r) for r in shown_rows(browser)]
     assert header.get_attribute("aria-sort") == "descending"
     assert [score[k] for k in descending] == sorted(score.values(), reverse=True)
-    browser.find_element(By.CSS_SELECTOR, "#neurons th[data-column=neuron]").click()
+    browser.find_element(By.CSS_SELECTOR, "#units th[data-column=unit]").click()
     assert [row_key(r) for r in shown_rows(browser)] == sorted(score)
 
     box = browser.find_element(By.ID, "filter")
@@ -204,9 +204,9 @@ def test_hostile_text_renders_as_text(viewer, browser):
     assert any("\u21e5" in s for s in spans) and any("\u21b5" in s for s in spans)
     assert not any("\t" in s or "\n" in s for s in spans)
     # the explanation 'the token "<"' is in the table and in the JSON data, escaped there
-    data = browser.execute_script("return JSON.parse(document.getElementById('neuron-rows').textContent)")
+    data = browser.execute_script("return JSON.parse(document.getElementById('unit-rows').textContent)")
     assert 'the token "<"' in {row["explanation"] for row in data}
-    block = re.search(r'<script type="application/json" id="neuron-rows">(.*?)</script>', source, re.S).group(1)
+    block = re.search(r'<script type="application/json" id="unit-rows">(.*?)</script>', source, re.S).group(1)
     assert "<" not in block and "\\u003c" in block
 
 
@@ -226,10 +226,10 @@ def test_index_links_layers_quality_and_token_explorer(viewer, browser):
     for row in explorer[0].find_elements(By.CSS_SELECTOR, "tbody tr"):
         token = row.find_elements(By.TAG_NAME, "td")[1].text.strip()
         neurons = [a.text for a in row.find_elements(By.TAG_NAME, "a")]
-        assert f"layer 00 neuron {WORDS.index(' ' + token if token != '<' else token)}" in neurons, (token, neurons)
+        assert f"layer 00 unit {WORDS.index(' ' + token if token != '<' else token)}" in neurons, (token, neurons)
     link.click()
     assert browser.current_url.endswith("/neuron_viewer/00/index.html")
-    browser.find_element(By.CSS_SELECTOR, "#neurons a[href='#n2']").click()
+    browser.find_element(By.CSS_SELECTOR, "#units a[href='#n2']").click()
     assert browser.current_url.endswith("#n2")
 
 
