@@ -253,7 +253,7 @@ def test_the_demo_runs_the_first_two_layers_in_force_or_those_asked_for():
     keys = ["03", "05", "07"]
     assert demo_layers(None, keys) == ["03", "05"]
     assert demo_layers(["7", "03"], keys) == ["07", "03"]
-    with pytest.raises(SettingsError, match=r"--layers 04: not among the layers in force \(03, 05, 07"):
+    with pytest.raises(SettingsError, match=r"--layers 4: not among the layers in force \(03, 05, 07"):
         demo_layers(["4"], keys)
     with pytest.raises(SettingsError, match="takes layer numbers or keys"):
         demo_layers(["x"], keys)
