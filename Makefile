@@ -63,6 +63,7 @@ bench: setup
 	$(BIN)/python bench/explanations.py
 	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/orchestration.py
+	$(BIN)/python bench/remote_throughput.py
 
 clean:
 	rm -rf $(VENV) .dagster_home data
