@@ -1,4 +1,4 @@
-"""Throughput of the remote LLM path (issue 19, item 2): a shard's explanations and simulations
+"""Throughput of the remote LLM path: a shard's explanations and simulations
 through a loopback OpenAI-compatible server with a fixed latency, two orders side by side in one run.
 
 Server: tests/oracle_server.py's rule-based `OracleServer` (no model; JSON simulation, as a
