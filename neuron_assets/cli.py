@@ -54,8 +54,8 @@ def score_table(storage_root: str) -> str:
 def demo(args) -> None:
     settings = Settings.from_env()
     print(f"neuron_assets demo: subject, explainer and simulator = {settings.model}, corpus = {settings.corpus}; "
-          f"layers {', '.join(args.layers)}, the first {args.shards} of {settings.shards} shards per layer, "
-          f"units per shard = {settings.neurons}")
+          f"layers {' '.join(args.layers) if args.layers else f'the first {N_DEMO_LAYERS} in force'}, the first "
+          f"{args.shards} of {settings.shards} shards per layer, units per shard = {settings.neurons}")
     check_s3_root(settings.storage)  # an unusable s3:// root fails here, before any run
     source_versions(settings)  # so does a setting that cannot be versioned (a missing import folder)
     print("loading definitions (the first run converts the embedded GGUF model once, ~30 s)...")
@@ -67,7 +67,9 @@ def demo(args) -> None:
     defs = with_progress_bar(build_definitions(settings), tracebacks=args.verbose)
     instance = open_instance()
     shards = shard_keys(defs)[: args.shards]
-    runs = shape_of(defs).demo_runs(tuple(demo_layers(args.layers, layer_keys(defs))), shards)
+    layers = demo_layers(args.layers, layer_keys(defs))
+    print(f"layers {', '.join(layers)}; shards {', '.join(shards)}")
+    runs = shape_of(defs).demo_runs(tuple(layers), shards)
     started = time.monotonic()
     with reporting_errors(settings.storage, runs):
         materialize_runs(defs, instance, runs, workers=settings.workers)

@@ -109,3 +109,32 @@ def test_failing_requests_become_error_rows_and_the_shard_completes(subject, ser
         assert llm["error"][1] is None  # the other neuron was explained
         scores = storage.read("scores", f"00|{SHARD}")
         assert scores.height == 4 and scores.filter(pl.col("error").is_null()).height >= 1
+
+
+def test_llm_steps_that_may_run_at_once_share_the_endpoint_limits():
+    """With the 'llm' pool at 3 slots, a step's LLM takes a third of each limit (at least 1; 0, no
+    limit, stays 0), so that 3 step processes together stay within the endpoint's limits."""
+    import dagster as dg
+
+    from neuron_assets.resources.llm import LLM, LLM_POOL
+    from neuron_assets.resources.openai_client import reset_shared_limits
+
+    reset_shared_limits()
+    seen = {}
+
+    @dg.asset(pool=LLM_POOL)
+    def calls_the_llm(llm: LLM) -> None:
+        seen["limits"] = llm.limits()
+        limits = llm.endpoint().limits  # what the endpoint's requests wait on
+        seen["endpoint"] = (limits.requests.per_minute, limits.tokens, limits.max_concurrency)
+
+    llm = LLM(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", requests_per_minute=600,
+              tokens_per_minute=0, max_concurrency=2)
+    with in_memory_instance() as instance:
+        dg.materialize([calls_the_llm], instance=instance, resources={"llm": llm})
+        assert seen["limits"] == {"requests_per_minute": 600, "tokens_per_minute": 0, "max_concurrency": 2}
+        instance.event_log_storage.set_concurrency_slots(LLM_POOL, 3)
+        dg.materialize([calls_the_llm], instance=instance, resources={"llm": llm})
+    assert seen["limits"] == {"requests_per_minute": 200, "tokens_per_minute": 0, "max_concurrency": 1}
+    assert seen["endpoint"] == (200, None, 1)
+    reset_shared_limits()

@@ -228,10 +228,12 @@ def test_demo_draws_progress_bars_on_a_terminal(tmp_path):
                     CORPUS=write_corpus(tmp_path / "corpus.jsonl"),
                     STORAGE=tmp_path / "data", CACHE=tmp_path / "cache", MAX_WINDOWS=120, SEQ_LEN=16, SHARDS=2,
                     NEURONS="first:2", TOP_RECORDS=20, RANDOM_RECORDS=15, REVISION="off", DETECTION="off",
-                    DEVICE="cpu", WORKERS=1)
+                    DEVICE="cpu", WORKERS=1, LAYERS="0")
     environ = {**env(**settings), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
-    output, _ = run_in_terminal([sys.executable, "-m", "neuron_assets.cli", "demo", "--layers", "00"], environ)
+    # no --layers: the demo's default, the first two layers in force (here the one of NEURON_ASSETS_LAYERS)
+    output, _ = run_in_terminal([sys.executable, "-m", "neuron_assets.cli", "demo"], environ)
     shown = screen(output)
+    assert "layers 00; shards 00-31" in shown, output
     done = re.compile(r"(?P<what>.+) \[#{10}\] 100% (?P<n>\d+)/(?P=n) (?P<unit>\w+) [0-9.]+/s ETA 0 s")
     bars = {m["what"]: (m["n"], m["unit"]) for m in map(done.fullmatch, shown) if m}
     assert bars["forward pass, layers 00..00"] == ("120", "windows"), output

@@ -9,7 +9,7 @@ from neuron_assets.assets.common import (OWNERS, PATH, layer_and_shard, llm_meta
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_shard_partitions
-from neuron_assets.resources.llm import LLM
+from neuron_assets.resources.llm import LLM, LLM_POOL
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.detect import NEGATIVES, SCHEMA, judge_units
@@ -34,7 +34,7 @@ def build_detection_scores(layout: Layout, prompt_version: str, sources: list[st
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="scores",
-        pool="llm",
+        pool=LLM_POOL,
         description="Balanced accuracy of the simulator LLM, as a judge at temperature 0, on whole "
         "excerpts: detection (does the neuron fire on this excerpt?) and fuzzing (are the highlighted "
         "tokens what the explanation describes?), deciding from its logits where it runs in this process "

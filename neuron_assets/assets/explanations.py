@@ -8,7 +8,7 @@ from neuron_assets.assets.common import (CACHE_HITS, CACHE_MISSES, OWNERS, PATH,
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_shard_partitions
-from neuron_assets.resources.llm import LLM
+from neuron_assets.resources.llm import LLM, LLM_POOL
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units, promoted_by_unit, rare_reasons
@@ -30,7 +30,7 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="explanations",
-        pool="llm",
+        pool=LLM_POOL,
         description="Explanations per neuron: 'llm' (the explainer sees the 5 train top records) and "
         "'token_baseline' (no LLM: the tokens with the highest mean activation), and with "
         "NEURON_ASSETS_OUTPUT_VARIANTS=on 'output_tokens' (no LLM: the tokens its output promotes) and "

@@ -9,7 +9,7 @@ from neuron_assets.assets.common import (OWNERS, PATH, REUSED, layer_and_shard, 
 from neuron_assets.assets.corpus import corpus_tokens
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.partitions import Layout, layer_shard_partitions
-from neuron_assets.resources.llm import LLM
+from neuron_assets.resources.llm import LLM, LLM_POOL
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.records import records_of, tokens_by_seq
@@ -31,7 +31,7 @@ def build_revised_explanations(layout: Layout, explainer_version: str, simulator
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="explanations",
-        pool="llm",
+        pool=LLM_POOL,
         description="The 'revised' variant: the llm explanation is simulated on the held-out calibration "
         "split (5 top + 5 random records); the excerpts where it misses activations or raises false "
         "alarms are shown to the explainer with its train records and first explanation, and it writes "

@@ -10,7 +10,7 @@ from neuron_assets.stages.variants import explanation_variants
 from neuron_assets.automation import ON_CHANGE
 from neuron_assets.checks import no_silent_zero_simulations
 from neuron_assets.partitions import Layout, layer_shard_partitions
-from neuron_assets.resources.llm import LLM
+from neuron_assets.resources.llm import LLM, LLM_POOL
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.stages.records import records_of, tokens_by_seq
@@ -36,7 +36,7 @@ def build_simulations(layout: Layout, prompt_version: str, fewshot: list[dict], 
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
         group_name="simulations",
-        pool="llm",
+        pool=LLM_POOL,
         check_specs=[dg.AssetCheckSpec(NO_SILENT_ZEROS, asset="simulations",
                                        description="a failed simulation is an error row, never zeros")],
         description="Expected activation (0-10) of each token of the valid split (5 top + 5 random "

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import PrivateAttr
 
 from neuron_assets.method.prompts import simulator_prefix, simulator_segments, simulator_target_header
 from neuron_assets.method.remote import (
@@ -32,6 +33,7 @@ from neuron_assets.stages.results import Answer, Simulation, Usage, Verdict
 from neuron_assets.versions import llm_version, model_identity
 
 BACKENDS = ("local", "openai")
+LLM_POOL = "llm"  # the Dagster pool of the steps that call an LLM: at most its limit run at once
 PRICES = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 TOP_LOGPROBS = 15  # what the reference requests; OpenAI allows up to 20
 JUDGE_TOP_LOGPROBS = 5  # "0" and "1" are all a judge's value needs
@@ -192,6 +194,21 @@ class LLM(ConfigurableResource):
     timeout_s: float = 60.0
     max_retries: int = 5
     prices: str = str(PRICES)
+    # how many steps may call this endpoint at once, each in its own process with its own limiter
+    _sharing: int = PrivateAttr(default=1)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        if context.instance is not None and self.backend == "openai":
+            self._sharing = steps_at_once(context.instance)
+            if self._sharing > 1 and context.log is not None:
+                context.log.info(f"{self._sharing} LLM steps may run at once (pool '{LLM_POOL}'): this one takes "
+                                 f"1/{self._sharing} of the endpoint's limits {self.limits()}")
+
+    def limits(self) -> dict[str, int]:
+        """This step's share of the endpoint's limits (0: none): requests and tokens per minute, requests in flight."""
+        return {name: share(limit, self._sharing) for name, limit in (
+            ("requests_per_minute", self.requests_per_minute), ("tokens_per_minute", self.tokens_per_minute),
+            ("max_concurrency", self.max_concurrency))}
 
     @property
     def label(self) -> str:
@@ -213,8 +230,10 @@ class LLM(ConfigurableResource):
     def endpoint(self) -> OpenAIEndpoint:
         if self.backend not in BACKENDS:
             raise ValueError(f"LLM backend {self.backend!r} is not supported; use one of {', '.join(BACKENDS)}")
-        return _endpoint(self.base_url, self.api_key, self.model, self.response_cache, self.requests_per_minute,
-                         self.tokens_per_minute, self.max_concurrency, self.timeout_s, self.max_retries, self.prices)
+        limits = self.limits()
+        return _endpoint(self.base_url, self.api_key, self.model, self.response_cache, limits["requests_per_minute"],
+                         limits["tokens_per_minute"], limits["max_concurrency"], self.timeout_s, self.max_retries,
+                         self.prices)
 
     def complete(self, conversations: list[list[dict]], seeds: list[int], temperature: float | None = None,
                  max_tokens: int | None = None) -> list[Answer]:
@@ -359,6 +378,18 @@ def _judge_request(endpoint: OpenAIEndpoint, messages: list[dict], seed: int, ma
                 raise
             _NO_CHAT_LOGPROBS.add(name)
     return endpoint.chat(messages, **params)
+
+
+def steps_at_once(instance, pool: str = LLM_POOL) -> int:
+    """How many steps of `pool` may run at once on `instance`: its slots, else the instance's default
+    pool limit; 1 where the pool has no limit (nothing then bounds the steps: each keeps every limit)."""
+    slots = instance.event_log_storage.get_concurrency_info(pool).slot_count
+    return max(1, slots or instance.event_log_storage.get_pool_config().default_pool_limit or 1)
+
+
+def share(limit: int, n: int) -> int:
+    """One of `n` equal shares of a limit, at least 1; 0 (no limit) stays 0."""
+    return max(1, limit // n) if limit else 0
 
 
 @functools.lru_cache(maxsize=16)
