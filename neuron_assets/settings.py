@@ -312,9 +312,9 @@ SETTINGS = (
     Setting("NEURON_ASSETS_IMPORT_FROM", "",
             "a local or s3:// folder of explanations in the published layout (explanations/<layer>/<neuron>.jsonl) "
             "scored beside ours as the 'imported' variant (empty: none)", enters="import_source"),
-    Setting("NEURON_ASSETS_LLM_RPM", "0", "requests per minute per endpoint (0 = no limit)", low=0),
-    Setting("NEURON_ASSETS_LLM_TPM", "0", "tokens per minute per endpoint (0 = no limit)", low=0),
-    Setting("NEURON_ASSETS_LLM_CONCURRENCY", "4", "requests in flight per endpoint", low=1),
+    Setting("NEURON_ASSETS_LLM_RPM", "0", "requests per minute per endpoint (0 = no limit), split evenly among the LLM steps the 'llm' pool lets run at once", low=0),
+    Setting("NEURON_ASSETS_LLM_TPM", "0", "tokens per minute per endpoint (0 = no limit), split like the requests", low=0),
+    Setting("NEURON_ASSETS_LLM_CONCURRENCY", "4", "requests in flight per endpoint, split like the requests (at least 1 per step)", low=1),
     Setting("NEURON_ASSETS_LLM_TIMEOUT", "60", "seconds before a request times out (then it is retried)", low=1),
     Setting("NEURON_ASSETS_LLM_RETRIES", "5", "retries on 429, 5xx and timeouts (exponential backoff with jitter)", low=0),
     Setting("NEURON_ASSETS_PRICES", "resources/prices.json", "price table, USD per million tokens per model", path="shipped"),
