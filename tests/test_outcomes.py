@@ -69,4 +69,4 @@ def test_every_unit_failing_is_reported_and_exits_non_zero(model, tmp_path):
     assert "Traceback" not in err and "Stack Trace" not in err
     # the quality report still printed, with the errors beside the scores
     assert "errors" in done.stdout.splitlines()[next(i for i, line in enumerate(done.stdout.splitlines())
-                                                     if line.lstrip().startswith("layer"))]
+                                                     if line.split()[:2] == ["layer", "variant"])]
