@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from dagster import ConfigurableResource
 
-from neuron_assets.resources.coders import MLP_UNITS, Coder, encode, load_weights, read_units
+from neuron_assets.resources.coders import Coder, coder_hash, encode, load_weights, read_units
 from neuron_assets.resources.models import (
     ModelShape,
     base_module_names,
@@ -24,6 +24,7 @@ from neuron_assets.resources.models import (
     output_logits,
     resolve_model,
 )
+from neuron_assets.settings import MLP_UNITS
 
 
 class _StopForward(Exception):
@@ -90,8 +91,6 @@ class SubjectModel(ConfigurableResource):
         coders = self.coders()
         if not coders:
             return hashes
-        from neuron_assets.resources.coders import coder_hash
-
         return {layer: hashlib.sha256(f"{hashes[layer]}|{coder_hash(coders[layer])}".encode()).hexdigest()[:16]
                 for layer in layers}
 
@@ -102,7 +101,7 @@ class SubjectModel(ConfigurableResource):
         model, _ = self.load()
         coder = self.coders().get(layer)
         decoder = load_weights(coder, model.device).decoder if coder else None
-        n = self.unit_shape().n_units
+        n = len(decoder) if coder else self.shape().n_neurons
         ids, logits = [], []
         with torch.inference_mode():
             for start in range(0, n, chunk):  # bounded memory: chunk x vocabulary logits at a time
