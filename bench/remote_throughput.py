@@ -87,13 +87,6 @@ class _Backlog(_HTTPServer):
     request_queue_size = 256
 
 
-class _NoDelay(_Handler):
-    # The handler writes a response's headers and body in two sends: with Nagle's algorithm the body
-    # waits for the client's delayed ACK (40 ms on Linux). Servers made for this (uvicorn, vLLM) set
-    # TCP_NODELAY, as the client does.
-    disable_nagle_algorithm = True
-
-
 class SlowOracle(OracleServer):
     """The oracle answering each chat request after `latency_s`, at most `slots` at once."""
 
@@ -103,7 +96,7 @@ class SlowOracle(OracleServer):
         self.slots = threading.BoundedSemaphore(slots)
 
     def start(self) -> "SlowOracle":
-        self._httpd = _Backlog(("127.0.0.1", 0), _NoDelay)
+        self._httpd = _Backlog(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="slow-oracle", daemon=True)

@@ -142,6 +142,10 @@ class _Engine:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "_HTTPServer"
+    # A response's headers and body go out in two sends: with Nagle's algorithm the body would wait
+    # for the client's delayed ACK (40 ms on Linux) on every request. Real servers (uvicorn, vLLM)
+    # set TCP_NODELAY too.
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # quiet
         pass
@@ -265,6 +269,7 @@ class FakeOpenAIServer:
         self._lock = threading.Lock()
         self._script: deque[str] = deque()
         self.requests: list[tuple[str, dict | None]] = []
+        self.times: list[float] = []  # time.monotonic() of each request, as it arrived
         self.in_flight = 0
         self.max_in_flight = 0
         self._httpd: _HTTPServer | None = None
@@ -329,9 +334,21 @@ class FakeOpenAIServer:
         with self._lock:
             return [body for path, body in self.requests if body is not None and path.endswith(path_suffix)]
 
+    def most_in_window(self, seconds: float) -> int:
+        """The most requests that arrived within any `seconds` of each other."""
+        with self._lock:
+            times = sorted(self.times)
+        first, most = 0, 0
+        for last, t in enumerate(times):
+            while t - times[first] > seconds:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
+
     def _record(self, path: str, body) -> None:
         with self._lock:
             self.requests.append((path, body))
+            self.times.append(time.monotonic())
 
     def _next_behaviour(self) -> str:
         with self._lock:

@@ -51,7 +51,7 @@ class FakeJudge:
     read, as a remote judge's, from the text `answer(conversation)`, with p("1") = 0.8 where it says 1
     and 0.3 where it says 0; it records each call's conversations and seed."""
 
-    label, judge_method = "fake judge", "text"
+    label, judge_method, concurrency = "fake judge", "text", 1
 
     def __init__(self, answer=correct):
         self.answer, self.calls = answer, []

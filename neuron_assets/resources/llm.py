@@ -5,7 +5,6 @@ import base64
 import functools
 import hashlib
 from dataclasses import replace
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,15 @@ from neuron_assets.resources.local_llm import LocalSimulator, generate_texts
 from neuron_assets.resources.models import describe_model, load_causal_lm, pick_device
 from neuron_assets.resources.openai_client import UNSUPPORTED_STATUSES, LLMRequestError, OpenAIEndpoint, load_prices
 from neuron_assets.resources.response_cache import ResponseCache
+from neuron_assets.stages.concurrent import in_order
 from neuron_assets.stages.results import Answer, Simulation, Usage, Verdict
 from neuron_assets.versions import llm_version, model_identity
 
 BACKENDS = ("local", "openai")
 LLM_POOL = "llm"  # the Dagster pool of the steps that call an LLM: at most its limit run at once
+# Rounds of an endpoint's concurrency that a stage hands to one call: a call waits for its slowest
+# request, so its last round fills part of the slots only; over 16 rounds that is a small share.
+ROUNDS_PER_CALL = 16
 PRICES = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 TOP_LOGPROBS = 15  # what the reference requests; OpenAI allows up to 20
 JUDGE_TOP_LOGPROBS = 5  # "0" and "1" are all a judge's value needs
@@ -126,20 +129,19 @@ def _decode_array(entry: dict) -> np.ndarray:
 class RemoteSimulation:
     """One request per sequence through an OpenAI-compatible endpoint, by the given method."""
 
-    def __init__(self, endpoint: OpenAIEndpoint, method: str, fewshot: list[dict], max_concurrency: int):
+    def __init__(self, endpoint: OpenAIEndpoint, method: str, fewshot: list[dict], concurrency: int):
         self.endpoint, self.method, self.fewshot = endpoint, method, fewshot
         self.prefix = simulator_prefix(fewshot)
-        self.max_concurrency = max_concurrency
+        self.concurrency = concurrency
 
     def simulate(self, explanation: str, sequences: list[list[str]]) -> list[Simulation]:
         return self.simulate_many([(explanation, sequences)])[0]
 
     def simulate_many(self, jobs: list[tuple[str, list[list[str]]]]) -> list[list[Simulation]]:
-        """Per (explanation, sequences) job, its simulations; the requests of all jobs share one pool
-        of `max_concurrency` threads, so the endpoint stays busy across explanations."""
+        """Per (explanation, sequences) job, its simulations; the requests of all jobs go out
+        `concurrency` at once, so the endpoint stays busy across explanations."""
         flat = [(explanation, tokens) for explanation, sequences in jobs for tokens in sequences]
-        with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
-            results = list(pool.map(lambda job: self._one(*job), flat))
+        results = in_order(lambda job: self._one(*job), flat, self.concurrency)
         ends = np.cumsum([len(sequences) for _, sequences in jobs])
         return [results[end - len(sequences):end] for end, (_, sequences) in zip(ends, jobs)]
 
@@ -211,6 +213,19 @@ class LLM(ConfigurableResource):
             ("max_concurrency", self.max_concurrency))}
 
     @property
+    def concurrency(self) -> int:
+        """Requests this step keeps in flight: its share of max_concurrency; 1 for the local backend,
+        whose one model batches instead."""
+        return 1 if self.backend == "local" else max(1, self.limits()["max_concurrency"])
+
+    @property
+    def requests_per_call(self) -> int:
+        """How many requests a stage hands to one call: a batch of the local model; ROUNDS_PER_CALL
+        rounds of an endpoint's concurrency (a remote request carries its own seed, so how requests
+        are grouped into calls changes no answer)."""
+        return self.batch_size if self.backend == "local" else max(self.batch_size, ROUNDS_PER_CALL * self.concurrency)
+
+    @property
     def label(self) -> str:
         if self.backend == "local":
             return describe_model(self.model)
@@ -256,8 +271,7 @@ class LLM(ConfigurableResource):
             except LLMRequestError as e:
                 return Answer.failed(f"request failed: {e}")
 
-        with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
-            return list(pool.map(one, conversations, seeds))
+        return in_order(lambda job: one(*job), zip(conversations, seeds), self.concurrency)
 
     def _local_request(self, **request) -> dict:
         """What decides a local model's answer to `request`: the model's files and the device type
@@ -320,8 +334,7 @@ class LLM(ConfigurableResource):
             p_one = answer_probabilities(text, tokens, n) if decisions and tokens else [None] * n
             return Verdict(decisions or [None] * n, p_one, reply.usage, unreadable)
 
-        with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
-            return list(pool.map(one, conversations, sizes))
+        return in_order(lambda job: one(*job), zip(conversations, sizes), self.concurrency)
 
     def _judge_locally(self, conversations: list[list[dict]], sizes: list[int]) -> list[Verdict]:
         """`judge_conversations` through the response cache, one entry per conversation: a rerun
@@ -362,7 +375,7 @@ class LLM(ConfigurableResource):
                 log(f"simulation method for {self.label}: {method} (probed; best of {', '.join(METHODS)})")
         elif method not in METHODS:
             raise ValueError(f"simulation method {method!r} is not one of auto, {', '.join(METHODS)}")
-        return RemoteSimulation(endpoint, method, fewshot, self.max_concurrency)
+        return RemoteSimulation(endpoint, method, fewshot, self.concurrency)
 
 
 def _judge_request(endpoint: OpenAIEndpoint, messages: list[dict], seed: int, max_tokens: int):

@@ -20,6 +20,7 @@ from neuron_assets.method.detection import (
     top_token_texts,
 )
 from neuron_assets.method.records import split_top
+from neuron_assets.stages.concurrent import in_order
 from neuron_assets.stages.records import max_activation
 from neuron_assets.stages.results import Usage, Verdict, total
 from neuron_assets.stages.seeds import unit_seed
@@ -145,22 +146,28 @@ def judge_units(explained: pl.DataFrame, records: dict, tokens: dict[int, list[s
     `explained`."""
     progress = Progress(report, explained.height, what, "explanations")
     clock = ModelClock()
-    rows, unreadable = {}, []
-    for (neuron,), group in explained.group_by("unit", maintain_order=True):
-        bases, texts = [], []
+
+    def unit_rows(group: pl.DataFrame) -> tuple[list[dict], list[str]]:
+        """The rows of one unit's explanations, and why any of its judge answers could not be read."""
+        neuron, rows, bases, texts, unreadable = group["unit"][0], [], [], [], []
         for e in group.iter_rows(named=True):
             base = {"layer": e["layer"], "unit": neuron, "variant": e["variant"],
                     "explanation_id": e["explanation_id"], "judge_model": judge.label,
                     "judge_method": judge.judge_method, "code_version": code_version}
             if e["error"] is not None:
-                rows[e["variant"], neuron] = unjudged_row(base, f"no explanation: {e['error']}")
+                rows.append(unjudged_row(base, f"no explanation: {e['error']}"))
             else:
                 bases.append(base)
                 texts.append(e["text"])
         if texts:
-            judged = judge_neuron(bases, texts, records.get(neuron, {}), tokens, judge,
-                                  unit_seed(seed, group["layer"][0], neuron), clock, unreadable)
-            rows.update({(row["variant"], neuron): row for row in judged})
+            rows += judge_neuron(bases, texts, records.get(neuron, {}), tokens, judge,
+                                 unit_seed(seed, group["layer"][0], neuron), clock, unreadable)
         progress.advance(group.height)
+        return rows, unreadable
+
+    # units at once up to the judge's concurrency (one for a local judge): an endpoint stays busy
+    judged = in_order(unit_rows, explained.partition_by("unit", maintain_order=True), judge.concurrency)
+    rows = {(row["variant"], row["unit"]): row for unit_judged, _ in judged for row in unit_judged}
+    unreadable = [reason for _, reasons in judged for reason in reasons]
     ordered = [rows[variant, neuron] for neuron, variant in explained.select("unit", "variant").iter_rows()]
     return Judged(ordered, progress.seconds, clock.seconds, unreadable)

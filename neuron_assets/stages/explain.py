@@ -167,8 +167,8 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
 
     progress = Progress(report, len(pending), what, "units" if promoted is None else "explanations")
     clock = ModelClock()
-    for start in range(0, len(pending), explainer.batch_size):
-        batch = pending[start : start + explainer.batch_size]
+    for start in range(0, len(pending), explainer.requests_per_call):
+        batch = pending[start : start + explainer.requests_per_call]
         seeds = [unit_seed(seed, layer, unit, ASKED[variant]) for unit, variant, _, _ in batch]
         try:
             with clock.running():

@@ -16,6 +16,7 @@ from neuron_assets.stages.explain import SCHEMA, explanation_row, explanation_te
 from neuron_assets.stages.records import max_activation, records_hash
 from neuron_assets.stages.results import Answer, Usage, total
 from neuron_assets.stages.seeds import REVISE, unit_seed
+from neuron_assets.stages.simulate import explanations_per_call, simulate_jobs
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 from neuron_assets.versions import digest
 
@@ -67,25 +68,39 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
         return {**out, "revised_from": e["explanation_id"], "misses": misses, "false_alarms": false_alarms,
                 "code_version": code_version}
 
-    for e in first.iter_rows(named=True):
-        progress.advance()
+    # the held-out excerpts of every explanation to revise, simulated in calls of several explanations
+    explanations = list(first.iter_rows(named=True))
+    ok = [i for i, e in enumerate(explanations) if e["error"] is None]
+    calibrations = {i: held_out(records[explanations[i]["unit"]]) for i in ok}
+    hashes = {i: records_hash(calibrations[i]) for i in ok}
+    earlier = {i: reusable_revision(previous, explanations[i], hashes[i], inputs, code_version) for i in ok}
+    to_simulate = [i for i in ok if not earlier[i]]
+    progress.advance(first.height - len(to_simulate))
+    simulations: dict[int, list | str] = {}  # per explanation, its simulations or why there are none
+    per_call = explanations_per_call(simulator, max((len(c) for c in calibrations.values()), default=1))
+    for start in range(0, len(to_simulate), per_call):
+        chunk = to_simulate[start:start + per_call]
+        try:
+            engine = engine or simulator.simulation(fewshot, log=log)
+        except Exception as exc:  # endpoint down, prefix too long: every row says so
+            simulations.update({i: f"simulator failed: {type(exc).__name__}: {exc}" for i in to_simulate})
+            break
+        jobs = [(explanations[i]["text"], [tokens[s] for s, _ in calibrations[i]]) for i in chunk]
+        with clock.running():
+            simulations.update(zip(chunk, simulate_jobs(engine, jobs)))
+        progress.advance(len(chunk))
+
+    for i, e in enumerate(explanations):
         if e["error"] is not None:
             rows.append(row(e, None, None, error=f"no llm explanation to revise: {e['error']}"))
             continue
-        kinds = records[e["unit"]]
-        calibration = held_out(kinds)
-        rhash = records_hash(calibration)
-        earlier = reusable_revision(previous, e, rhash, inputs, code_version)
-        if earlier:  # same first explanation, excerpts, models and code: no LLM call
-            rows.append(earlier)
+        kinds, calibration, rhash, results = records[e["unit"]], calibrations[i], hashes[i], simulations.get(i)
+        if earlier[i]:  # same first explanation, excerpts, models and code: no LLM call
+            rows.append(earlier[i])
             reused += 1
             continue
-        try:
-            engine = engine or simulator.simulation(fewshot, log=log)
-            with clock.running():
-                results = engine.simulate(e["text"], [tokens[s] for s, _ in calibration])
-        except Exception as exc:  # endpoint down, prefix too long: this neuron's row says so
-            rows.append(row(e, None, rhash, error=f"simulator failed: {type(exc).__name__}: {exc}"))
+        if isinstance(results, str):
+            rows.append(row(e, None, rhash, error=results))
             continue
         spent = total(r.usage for r in results)
         usage = Usage(spent.tokens_in, spent.tokens_out, spent.cost_usd)  # cache_hit: the explainer answer's alone
@@ -108,8 +123,8 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
 
     # the explainer's revisions, after the simulations: their own progress, so 100% above is not the end
     asked = Progress(report, len(pending), f"{what}: asking the explainer", "revisions")
-    for start in range(0, len(pending), explainer.batch_size):
-        batch = pending[start : start + explainer.batch_size]
+    for start in range(0, len(pending), explainer.requests_per_call):
+        batch = pending[start : start + explainer.requests_per_call]
         seeds = [unit_seed(seed, layer, e["unit"], REVISE) for e, *_ in batch]
         try:
             with clock.running():

@@ -21,8 +21,9 @@ SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanatio
           "method": pl.String, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "cost_usd": pl.Float64,
           "cache_hit": pl.Boolean, "code_version": pl.String, "error": pl.String}
 SPLITS = ("valid", "calibration")  # the split that is scored, the split that calibrates it
-# Explanations whose sequences go to the simulator in one call: enough for full batches, few enough
-# that the response cache is written (and progress reported) often.
+# Explanations whose sequences go to a local simulator in one call: enough for full batches, few
+# enough that the response cache is written (and progress reported) often. An endpoint's call
+# carries its `requests_per_call` sequences, if that is more.
 EXPLANATIONS_PER_CALL = 8
 
 
@@ -56,7 +57,12 @@ class Simulated:
     model_seconds: float
 
 
-def _simulate_jobs(engine, jobs: list[tuple[str, list[list[str]]]]) -> list[list[Simulation]]:
+def explanations_per_call(simulator, sequences: int) -> int:
+    """How many explanations of `sequences` sequences each go to `simulator` in one call."""
+    return max(EXPLANATIONS_PER_CALL, simulator.requests_per_call // max(1, sequences))
+
+
+def simulate_jobs(engine, jobs: list[tuple[str, list[list[str]]]]) -> list[list[Simulation]]:
     """`engine.simulate_many(jobs)`; where that call fails, each job alone, so that a failure (a
     prompt over the context) is the error of its own explanation's rows only."""
     try:
@@ -113,8 +119,9 @@ def simulate_units(explained: pl.DataFrame, records: dict, tokens: dict[int, lis
     progress = Progress(report, len(todo), what, "explanations")
     clock = ModelClock()
     engine, calls, hits = None, 0, 0
-    for start in range(0, len(todo), EXPLANATIONS_PER_CALL):
-        chunk = todo[start:start + EXPLANATIONS_PER_CALL]
+    per_call = explanations_per_call(simulator, max((len(sequences) for *_, sequences in todo), default=1))
+    for start in range(0, len(todo), per_call):
+        chunk = todo[start:start + per_call]
         if engine is None:
             try:
                 engine = simulator.simulation(fewshot, log=log)
@@ -126,7 +133,7 @@ def simulate_units(explained: pl.DataFrame, records: dict, tokens: dict[int, lis
                 break
         jobs = [(e["text"], [tokens[seq_id] for _, _, seq_id in sequences]) for _, e, sequences in chunk]
         with clock.running():
-            results = _simulate_jobs(engine, jobs)
+            results = simulate_jobs(engine, jobs)
         for (i, e, sequences), simulated in zip(chunk, results):
             calls += len(sequences)
             hits += sum(result.usage.cache_hit for result in simulated)

@@ -2,6 +2,7 @@
 callable; an asset logs them as run log lines that carry the state itself, which the console's
 progress bar draws (progress.py) without reading the text back."""
 
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -50,15 +51,19 @@ class Progress:
         self.report, self.total, self.what, self.unit, self.every = report, total, what, unit, every
         self.start = self.last = time.monotonic()
         self.done = 0
+        self.lock = threading.Lock()  # units done by several threads (stages/concurrent.py) advance it
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done >= self.total:
+        with self.lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self.last < self.every and self.done < self.total:
+                return
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.report(ProgressState(self.what, self.unit, self.done, self.total, rate, eta))
+            state = ProgressState(self.what, self.unit, self.done, self.total, rate, eta)
+        self.report(state)
 
     @property
     def seconds(self) -> float:
@@ -67,18 +72,28 @@ class Progress:
 
 class ModelClock:
     """Seconds spent inside the models (forward passes, generation, simulation): what is left of
-    a step's time is orchestration and I/O, reported beside it in the metadata."""
+    a step's time is orchestration and I/O, reported beside it in the metadata. Where several
+    threads wait on the models at once, a second counts once: the clock runs while any of them does."""
 
     def __init__(self):
         self.seconds = 0.0
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.since = 0.0
 
     @contextmanager
     def running(self):
-        start = time.monotonic()
+        with self.lock:
+            if self.inside == 0:
+                self.since = time.monotonic()
+            self.inside += 1
         try:
             yield
         finally:
-            self.seconds += time.monotonic() - start
+            with self.lock:
+                self.inside -= 1
+                if self.inside == 0:
+                    self.seconds += time.monotonic() - self.since
 
     def timed(self, batches):
         """Yield from `batches`, counting the time spent producing each item."""

@@ -1,0 +1,22 @@
+"""Per-unit work that waits on an LLM endpoint, several units at once, results in input order.
+
+A remote LLM's requests spend their time waiting on the network, so threads keep the endpoint
+busy; the endpoint's own limits (resources/openai_client.py: requests in flight, requests and
+tokens per minute) decide how many requests really go out at once. A local model gets one worker:
+it batches its work itself and is not shared between threads."""
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
+    """[fn(item) for item in items], up to `workers` calls at once; the results in the order of `items`
+    whatever order they finish in, so a table is the same as a serial run's."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
