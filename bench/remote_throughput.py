@@ -18,10 +18,11 @@ the embedded corpus (the Python docs), distinct across units. Per unit: 1 explan
 then 60 simulation requests (llm and token_baseline: 10 valid + 10 calibration sequences each;
 their shuffled controls: the 10 valid ones).
 
-(a) now: `simulate_units` as it is (EXPLANATIONS_PER_CALL explanations per `simulate_many` call,
-    their sequences on one pool of max_concurrency threads);
-(b) old order: one explanation at a time (EXPLANATIONS_PER_CALL set to 1 for this mode, so each
-    explanation's sequences are one `simulate_many([(text, sequences)])` call, then the next).
+(a) now: the stages as they are (`LLM.requests_per_call` explanation requests per `complete` call,
+    `explanations_per_call` explanations' sequences per `simulate_many` call, each call's requests
+    max_concurrency at once);
+(b) old order: batch_size (8) explanations per `complete` call, and one explanation at a time to
+    the simulator (each explanation's sequences one `simulate_many` call, then the next).
 
 Prints per mode and phase the requests the server got, wall seconds, requests/s, their ratio to
 the ideal (concurrency / latency), the share of request slots the calls' sizes can fill at best
@@ -178,11 +179,14 @@ def quiet(_state) -> None:
     pass
 
 
-def run_mode(conn, llm: LLM, per_call: int, records: dict, tokens: dict, units: int) -> dict[str, Phase]:
-    """Explain the shard, then simulate its variants with `per_call` explanations per simulate_many call."""
+def run_mode(conn, llm: LLM, old: bool, records: dict, tokens: dict, units: int) -> dict[str, Phase]:
+    """Explain the shard, then simulate its variants: as the stages do now, or in the `old` order
+    (explanations batch_size per call, simulations one explanation per call)."""
     explainer_fewshot = load_fewshot(f"{PROMPTS}/explainer_fewshot.json")
     simulator_fewshot = load_fewshot(f"{PROMPTS}/simulator_fewshot.json")
-    batches = [min(llm.batch_size, units - start) for start in range(0, units, llm.batch_size)]
+    per_request = llm.batch_size if old else llm.requests_per_call
+    per_call = 1 if old else simulate.explanations_per_call(llm, 20)
+    batches = [min(per_request, units - start) for start in range(0, units, per_request)]
 
     def explain():
         result = explain_units(0, list(range(units)), records, tokens, None, llm, explainer_fewshot, "bench",
@@ -190,22 +194,24 @@ def run_mode(conn, llm: LLM, per_call: int, records: dict, tokens: dict, units: 
         table = pl.DataFrame(result.rows, schema=SCHEMA)
         return table, table.filter(pl.col("variant") == "llm")["error"].is_not_null().sum()
 
-    table, explained = measured(conn, explain, batches, llm.max_concurrency)
-    variants = explanation_variants([table], "bench", seed=0, control=True)
-    ok = [len(simulated_sequences(records[e["unit"]], calibrate=not is_control(e["variant"])))
-          for e in variants.filter(pl.col("error").is_null()).iter_rows(named=True)]
-    calls = [sum(ok[start:start + per_call]) for start in range(0, len(ok), per_call)]
-
-    def simulate_all():
-        result = simulate_units(variants, records, tokens, None, llm, simulator_fewshot, "bench", report=quiet)
-        return result, sum(row["error"] is not None for row in result.rows)
-
-    saved = simulate.EXPLANATIONS_PER_CALL
-    simulate.EXPLANATIONS_PER_CALL = per_call
+    saved = LLM.requests_per_call, simulate.explanations_per_call
+    if old:
+        LLM.requests_per_call = property(lambda self: self.batch_size)
+        simulate.explanations_per_call = lambda simulator, sequences: 1
     try:
+        table, explained = measured(conn, explain, batches, llm.max_concurrency)
+        variants = explanation_variants([table], "bench", seed=0, control=True)
+        ok = [len(simulated_sequences(records[e["unit"]], calibrate=not is_control(e["variant"])))
+              for e in variants.filter(pl.col("error").is_null()).iter_rows(named=True)]
+        calls = [sum(ok[start:start + per_call]) for start in range(0, len(ok), per_call)]
+
+        def simulate_all():
+            result = simulate_units(variants, records, tokens, None, llm, simulator_fewshot, "bench", report=quiet)
+            return result, sum(row["error"] is not None for row in result.rows)
+
         _, simulated = measured(conn, simulate_all, calls, llm.max_concurrency)
     finally:
-        simulate.EXPLANATIONS_PER_CALL = saved
+        LLM.requests_per_call, simulate.explanations_per_call = saved
     return {"explanations": explained, "simulations": simulated}
 
 
@@ -239,12 +245,12 @@ def main() -> None:
     load_before = os.getloadavg()
     results = {}
     try:
-        for mode, per_call in (("now", simulate.EXPLANATIONS_PER_CALL), ("old order", 1)):
+        for mode, old in (("now", False), ("old order", True)):
             reset_shared_limits()  # each mode configures the endpoint's limits afresh
             with tempfile.TemporaryDirectory(prefix="bench-remote-") as cache:
                 llm = LLM(backend="openai", model="oracle", base_url=base_url, api_key="sk-bench",
                           simulation_method="json", response_cache=cache, max_concurrency=args.concurrency)
-                results[mode] = run_mode(conn, llm, per_call, records, tokens, args.units)
+                results[mode] = run_mode(conn, llm, old, records, tokens, args.units)
     finally:
         conn.send("stop")
         server.join(timeout=10)
@@ -254,11 +260,12 @@ def main() -> None:
     print("Remote LLM throughput: a shard through a loopback OpenAI-compatible server, now vs old order")
     print(f"server: oracle (tests/oracle_server.py) in a child process, {args.latency_ms:g} ms per request, "
           f"{args.concurrency} at once; ideal {ideal:.1f} requests/s")
-    print(f"client: LLM openai, max_concurrency {args.concurrency}, batch_size {llm.batch_size} explanations per "
-          f"complete call, json simulation, fresh response cache per mode; {os.cpu_count()} CPUs")
+    print(f"client: LLM openai, max_concurrency {args.concurrency}, json simulation, fresh response cache per mode; "
+          f"{os.cpu_count()} CPUs")
     print(f"shard: {args.units} units, {args.seq_len}-word windows; per unit 1 explanation and {per_unit:.0f} "
-          f"simulation requests; simulate_many gets {simulate.EXPLANATIONS_PER_CALL} explanations per call now, "
-          f"1 in the old order")
+          f"simulation requests; per call now {llm.requests_per_call} explanations and "
+          f"{simulate.explanations_per_call(llm, 20)} explanations' simulations, in the old order "
+          f"{llm.batch_size} and 1")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print()
     print(f"{'':<26} {'':>8} {'':>7} {'':>7} {'':>6} {'slots':>8} {'most in':>8} {'client CPU':>14} "

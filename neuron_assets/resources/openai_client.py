@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PRICES_PATH = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 MAX_RETRY_AFTER_S = 120.0  # a server asking for longer than this is clamped to it
 
+ENDPOINTS = {"chat": "chat/completions", "completions": "completions"}  # our names -> their paths
 # Statuses that mean "this endpoint / model does not offer that feature" during a probe.
 UNSUPPORTED_STATUSES = {400, 404, 405, 422, 501}
 
@@ -354,14 +355,14 @@ class OpenAIEndpoint:
         return Reply(response, Usage(tokens_in, tokens_out, cost, cache_hit))
 
     def _send(self, endpoint: str, request: dict) -> dict:
-        # The raw body, parsed as plain JSON: building the SDK's typed objects for a prompt's
-        # logprobs (thousands of tokens x 15 alternatives) costs several times the request itself.
-        api = self.client.chat.completions if endpoint == "chat" else self.client.completions
-        raw = api.with_raw_response.create(model=self.model, **request)
+        # The SDK's plain POST (its auth, headers, timeout and error types), the body as text, parsed
+        # as plain JSON: the typed methods' per-field transform of the request and the typed objects
+        # of a response (thousands of logprobs) cost more client CPU than the request itself.
+        text = self.client.post(f"/{ENDPOINTS[endpoint]}", cast_to=str, body={"model": self.model, **request})
         try:
-            response = json.loads(self._scrub(raw.http_response.text))
+            response = json.loads(self._scrub(text))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _MalformedResponse(f"response is not a JSON object: {raw.http_response.text[:200]!r}") from None
+            raise _MalformedResponse(f"response is not a JSON object: {text[:200]!r}") from None
         if not isinstance(response, dict):
             raise _MalformedResponse(f"response is not a JSON object: {str(response)[:200]!r}")
         if not isinstance(response.get("choices"), list) or not response["choices"]:
@@ -373,7 +374,7 @@ class OpenAIEndpoint:
         return len(canonical(request)) / 4 + max_tokens
 
     def _request_with_retries(self, endpoint: str, request: dict) -> dict:
-        url = f"{self.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
+        url = f"{self.base_url}/{ENDPOINTS[endpoint]}"
         estimate = self._estimate_tokens(request)
         attempt = 0
         while True:
