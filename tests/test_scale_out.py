@@ -16,6 +16,7 @@ import requests
 import s3fs
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
 from openai_server import FakeOpenAIServer
+from oracle_server import OracleServer
 from pipeline import demo_runs, in_memory_instance, remote, run_graph, tiny_settings
 from services import free_port, postgres_server
 from tiny_models import build_tiny_model
@@ -24,6 +25,7 @@ from neuron_assets.runs import materialize_runs
 from neuron_assets.definitions import build_definitions
 from neuron_assets.instance import InstanceError, open_instance
 from neuron_assets.resources.files import StorageError, check_s3_root
+from neuron_assets.resources.llm import LLM_POOL
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.assets.common import CACHE_HITS
 
@@ -103,10 +105,13 @@ def test_bad_s3_settings_name_the_setting_and_write_nothing(subject, tmp_path, s
     assert s3.find("study") == []  # nothing half-written anywhere
 
 
-def _pool_dagster_home(tmp_path: Path) -> Path:
+def _pool_dagster_home(tmp_path: Path, llm_steps: int = 1) -> Path:
+    """A DAGSTER_HOME with resources/dagster_postgres.yaml, its pools' default limit `llm_steps`."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "resources" / "dagster_postgres.yaml", home / "dagster.yaml")
+    config = (REPO / "resources" / "dagster_postgres.yaml").read_text()
+    assert "default_limit: 1\n" in config
+    (home / "dagster.yaml").write_text(config.replace("default_limit: 1\n", f"default_limit: {llm_steps}\n"))
     return home
 
 
@@ -120,18 +125,32 @@ def _steps(instance, run_id) -> dict:
     return {step: tuple(sorted(t)) for step, t in times.items()}
 
 
-def test_parallel_runs_on_postgresql_equal_a_serial_run(subject, tmp_path, monkeypatch):
-    settings = tiny_settings(subject, tmp_path, layers="0-1", shards=1, workers=2)
+RPM = 600  # the endpoint's requests per minute in the parallel test: 10 a second
+
+
+def test_parallel_runs_on_postgresql_share_the_endpoint_and_equal_a_serial_run(subject, tmp_path, monkeypatch):
+    """Two layers' runs at once, each step in its own process, two LLM steps at a time (the 'llm'
+    pool's slots): together they stay within the endpoint's requests per minute, and the tables are
+    a serial run's."""
     shard = "00-63"
-    runs = demo_runs(settings, ("00", "01"), [shard])
-    with postgres_server() as pg:
-        for name, value in {**pg, **settings.environment(), "DAGSTER_HOME": str(_pool_dagster_home(tmp_path))}.items():
+    with OracleServer() as server, postgres_server() as pg:
+        settings = replace(remote(tiny_settings(subject, tmp_path, layers="0-1", shards=1, workers=2), server),
+                           simulation_method="json", llm_rpm=RPM)
+        runs = demo_runs(settings, ("00", "01"), [shard])
+        for name, value in {**pg, **settings.environment(), "DAGSTER_HOME": str(_pool_dagster_home(tmp_path, llm_steps=2))}.items():
             monkeypatch.setenv(name, value)  # step processes read the same settings and instance
         instance = open_instance(create=False)
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         defs = build_definitions(settings)
         materialize_runs(defs, instance, runs[:3], log=lambda _: None)  # weights, corpus, records: in-process
+        server.requests.clear()
+        server.times.clear()
         materialize_runs(defs, instance, runs[3:5], log=lambda _: None, workers=2)  # the two layers at once
+        # Each step sends at most half of RPM, with a burst of one second of its share: within any 5 s
+        # both together send at most 5 s of RPM and 2 bursts. Each with the whole of RPM would send
+        # about twice that while their simulations overlap.
+        requests = len(server.posts())
+        assert requests > 150 and server.most_in_window(5.0) <= RPM / 60 * 5 + 2 * RPM / 2 / 60
         materialize_runs(defs, instance, runs[5:], log=lambda _: None)
 
         parallel = [r for r in instance.get_runs() if r.tags.get("dagster/partition", "").endswith(f"|{shard}")]
@@ -146,14 +165,15 @@ def test_parallel_runs_on_postgresql_equal_a_serial_run(subject, tmp_path, monke
             assert materialized == {"explanations", "simulations", "scores"}
         records = [instance.get_run_record_by_id(r.run_id) for r in parallel]
         assert max(r.start_time for r in records) < min(r.end_time for r in records)  # in progress at once
-        llm = sorted(t for s in steps.values() for step, t in s.items() if step in ("explanations", "simulations"))
-        assert all(earlier[1] <= later[0] for earlier, later in zip(llm, llm[1:]))  # pool "llm" limit 1
-        assert "llm" in instance.event_log_storage.get_concurrency_keys()
+        simulating = [s["simulations"] for s in steps.values()]
+        assert max(start for start, _ in simulating) < min(end for _, end in simulating)  # two LLM steps at once
+        assert LLM_POOL in instance.event_log_storage.get_concurrency_keys()
         storage = TableStorage(root=settings.storage)
         instance.dispose()
 
-    with in_memory_instance() as other:
-        serial = run_graph(replace(settings, storage=str(tmp_path / "serial"), workers=1), other, ("00", "01"), [shard])
+        with in_memory_instance() as other:
+            serial = run_graph(replace(settings, storage=str(tmp_path / "serial"), workers=1, llm_rpm=0), other,
+                               ("00", "01"), [shard])
     for asset, partition in [("explanations", f"00|{shard}"), ("explanations", f"01|{shard}"),
                              ("simulations", f"01|{shard}"), ("scores", f"00|{shard}"), ("scores", f"01|{shard}"),
                              ("layer_summary", "01"), ("model_summary", None)]:
