@@ -30,7 +30,7 @@ from neuron_assets.resources.llm import LLM
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
-from neuron_assets.settings import Settings, api_key_variable, check_neurons
+from neuron_assets.settings import SETTINGS, Settings, api_key_variable, check_neurons
 from neuron_assets.versions import digest
 
 K8S_EXECUTOR = Path(__file__).resolve().parents[1] / "resources" / "k8s" / "executor.yaml"
@@ -140,6 +140,7 @@ def _llm(settings: Settings, role: str) -> LLM:
         response_cache=f"{settings.storage}/llm_cache", requests_per_minute=settings.llm_rpm,
         tokens_per_minute=settings.llm_tpm, max_concurrency=settings.llm_concurrency,
         timeout_s=settings.llm_timeout, max_retries=settings.llm_retries, prices=settings.prices,
+        model_setting=next(s.env for s in SETTINGS if s.field == f"{role}_model"),
     )
 
 

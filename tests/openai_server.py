@@ -36,7 +36,7 @@ from tiny_models import build_tiny_model
 
 MODEL_NAME = "tiny-llama"
 DEFAULT_MAX_TOKENS = 16
-BEHAVIOURS = ("ok", "429", "500", "malformed")  # plus "slow:<seconds>"
+BEHAVIOURS = ("ok", "429", "500", "malformed", "drop")  # plus "slow:<seconds>" and "429:<seconds>"
 
 
 @functools.lru_cache(maxsize=4)
@@ -208,15 +208,28 @@ class _Handler(BaseHTTPRequestHandler):
             behaviour = owner._next_behaviour()
             if behaviour.startswith("slow:"):
                 time.sleep(float(behaviour.split(":", 1)[1]))
-            elif behaviour == "429":
+            elif behaviour == "429" or behaviour.startswith("429:"):
                 error = _ApiError(429, "Rate limit reached for requests", type_="requests", code="rate_limit_exceeded")
-                return self._json(429, error.body, headers={"Retry-After": "0"})
+                return self._json(429, error.body, headers={"Retry-After": behaviour.partition(":")[2] or "0"})
+            elif behaviour == "drop":  # the connection closes mid-response
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"id": "chatcmpl-dropped", "choi')
+                self.wfile.flush()
+                self.close_connection = True
+                return
             elif behaviour == "500":
                 return self._json(500, _ApiError(500, "The server had an error", type_="server_error").body)
             elif behaviour == "malformed":
                 return self._send(200, b'{"id": "cmpl-broken", "choices": [')
             if body is None or not isinstance(body, dict):
                 return self._json(400, _ApiError(400, "We could not parse the JSON body of your request.").body)
+            if owner.only_model and body.get("model") != owner.model_name:
+                error = _ApiError(404, f"The model `{body.get('model')}` does not exist or you do not have access to it.",
+                                  code="model_not_found")
+                return self._json(404, error.body)
             path = self.path.rstrip("/")
             try:
                 if path == "/v1/chat/completions":
@@ -256,12 +269,14 @@ class FakeOpenAIServer:
         completions: bool = True,
         chat_logprobs: bool = True,
         model_name: str = MODEL_NAME,
+        only_model: bool = False,
         digit_bias: float = 0.0,
     ):
         self.api_key = api_key
         self.completions_enabled = completions
         self.chat_logprobs_enabled = chat_logprobs
         self.model_name = model_name
+        self.only_model = only_model  # other model names are a 404 model_not_found, as OpenAI's
         self.digit_bias = digit_bias
         self.created = int(time.time())
         self._model_dir = model_dir
@@ -322,9 +337,11 @@ class FakeOpenAIServer:
 
     def script(self, behaviours: list[str]) -> None:
         """Queue behaviours for the next POST requests, in order: "ok", "429" (with Retry-After: 0),
-        "500", "slow:<seconds>" (then answer normally), "malformed" (200 with a body that is not JSON)."""
+        "429:<seconds>" (with that Retry-After), "500", "slow:<seconds>" (then answer normally),
+        "malformed" (200 with a body that is not JSON), "drop" (the connection closes mid-body)."""
         for b in behaviours:
-            if b not in BEHAVIOURS and not (b.startswith("slow:") and float(b.split(":", 1)[1]) >= 0):
+            timed = b.partition(":")[0] in ("slow", "429") and b.partition(":")[2]
+            if b not in BEHAVIOURS and not (timed and float(b.partition(":")[2]) >= 0):
                 raise ValueError(f"unknown behaviour {b!r}")
         with self._lock:
             self._script.extend(behaviours)

@@ -193,8 +193,9 @@ class OracleServer(FakeOpenAIServer):
     """The rule-based oracle on 127.0.0.1 (ephemeral port): `.base_url`, `.requests` (path, body),
     plus `FakeOpenAIServer`'s `script`, `posts`, `max_in_flight` and api_key check."""
 
-    def __init__(self, *, api_key: str | None = None, model_name: str = MODEL_NAME):
-        super().__init__(api_key=api_key, completions=False, chat_logprobs=False, model_name=model_name)
+    def __init__(self, *, api_key: str | None = None, model_name: str = MODEL_NAME, only_model: bool = False):
+        super().__init__(api_key=api_key, completions=False, chat_logprobs=False, model_name=model_name,
+                         only_model=only_model)
 
     def start(self) -> OracleServer:  # no model to load
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)

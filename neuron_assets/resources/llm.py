@@ -196,6 +196,7 @@ class LLM(ConfigurableResource):
     timeout_s: float = 60.0
     max_retries: int = 5
     prices: str = str(PRICES)
+    model_setting: str = LOCAL_MODEL_SETTINGS  # the setting that names `model`, for the errors that say to change it
     # how many steps may call this endpoint at once, each in its own process with its own limiter
     _sharing: int = PrivateAttr(default=1)
 
@@ -248,7 +249,7 @@ class LLM(ConfigurableResource):
         limits = self.limits()
         return _endpoint(self.base_url, self.api_key, self.model, self.response_cache, limits["requests_per_minute"],
                          limits["tokens_per_minute"], limits["max_concurrency"], self.timeout_s, self.max_retries,
-                         self.prices)
+                         self.prices, self.model_setting)
 
     def complete(self, conversations: list[list[dict]], seeds: list[int], temperature: float | None = None,
                  max_tokens: int | None = None) -> list[Answer]:
@@ -406,8 +407,10 @@ def share(limit: int, n: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _endpoint(base_url, api_key, model, response_cache, rpm, tpm, concurrency, timeout_s, retries, prices) -> OpenAIEndpoint:
+def _endpoint(base_url, api_key, model, response_cache, rpm, tpm, concurrency, timeout_s, retries, prices,
+              model_setting) -> OpenAIEndpoint:
     # One endpoint object per configuration and process: its cache counters and limits are shared.
     return OpenAIEndpoint(base_url=base_url, api_key=api_key, model=model, cache_root=response_cache,
                           requests_per_minute=rpm, tokens_per_minute=tpm, max_concurrency=concurrency,
-                          timeout_s=timeout_s, max_retries=retries, prices=load_prices(prices))
+                          timeout_s=timeout_s, max_retries=retries, prices=load_prices(prices),
+                          model_setting=model_setting)

@@ -35,12 +35,13 @@ import openai
 from upath import UPath
 
 from neuron_assets.resources.response_cache import ResponseCache, canonical
-from neuron_assets.stages.results import Usage
+from neuron_assets.stages.results import SetupError, Usage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PRICES_PATH = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 MAX_RETRY_AFTER_S = 120.0  # a server asking for longer than this is clamped to it
+MAX_THROTTLED_S = 900.0  # a request throttled (429 with Retry-After) for longer than this fails
 
 ENDPOINTS = {"chat": "chat/completions", "completions": "completions"}  # our names -> their paths
 # Statuses that mean "this endpoint / model does not offer that feature" during a probe.
@@ -66,6 +67,11 @@ class LLMRequestError(RuntimeError):
         self.model = model
         self.attempts = attempts
         self.code = code
+
+
+class WrongModelError(SetupError):
+    """The endpoint says it has no such model: a setting to fix, not a failure of one request (so
+    not an LLMRequestError, which the stages turn into its unit's error row)."""
 
 
 class _MalformedResponse(Exception):
@@ -149,6 +155,7 @@ class _HostLimits:
         self.tokens: _Bucket | None = None
         self.max_concurrency = 0  # 0 = unlimited
         self.in_flight = 0
+        self.paused_until = 0.0  # a 429's Retry-After holds back every request to this base_url
 
     def configure(self, requests_per_minute: int, tokens_per_minute: int, max_concurrency: int) -> None:
         with self.lock:
@@ -159,11 +166,17 @@ class _HostLimits:
             if max_concurrency and (not self.max_concurrency or max_concurrency < self.max_concurrency):
                 self.max_concurrency = max_concurrency
 
+    def pause(self, seconds: float) -> None:
+        """Hold back every request to this base_url for `seconds` from now (a server's Retry-After)."""
+        with self.lock:
+            self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
     def wait_rate(self, estimated_tokens: float) -> float:
-        """Reserve one request and `estimated_tokens` tokens; sleep as long as needed. Returns the wait."""
+        """Wait out a pause, then reserve one request and `estimated_tokens` tokens; sleep as long as
+        needed. Returns the wait."""
         with self.lock:
             now = time.monotonic()
-            wait = 0.0
+            wait = max(0.0, self.paused_until - now)
             if self.requests is not None:
                 wait = max(wait, self.requests.reserve(1, now))
             if self.tokens is not None:
@@ -242,12 +255,14 @@ class OpenAIEndpoint:
         *,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 20.0,
+        model_setting: str = "the model name",
     ):
         self._api_key = api_key or None
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "unused", timeout=timeout_s, max_retries=0)
         # The SDK resolves a None base_url (OPENAI_BASE_URL or api.openai.com); key on what it uses.
         self.base_url = _redact_url(str(self.client.base_url).rstrip("/"))
         self.model = model
+        self.model_setting = model_setting  # what a user sets to name another model
         self.cache = ResponseCache(cache_root, scrub=self._scrub)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -376,7 +391,8 @@ class OpenAIEndpoint:
     def _request_with_retries(self, endpoint: str, request: dict) -> dict:
         url = f"{self.base_url}/{ENDPOINTS[endpoint]}"
         estimate = self._estimate_tokens(request)
-        attempt = 0
+        attempt = failures = 0
+        throttled = 0.0  # seconds this request was held back by 429s that said for how long
         while True:
             attempt += 1
             self.limits.wait_rate(estimate)
@@ -400,6 +416,11 @@ class OpenAIEndpoint:
                 retryable = status == 429 or status >= 500
                 if status == 429 and code == "insufficient_quota":  # billing, not a rate: waiting won't help
                     retryable = False
+                if _no_such_model(status, code, reason):
+                    raise WrongModelError(
+                        f"{self.base_url} has no model {self.model!r} ({self._scrub(reason)}): set "
+                        f"{self.model_setting} to a model this endpoint serves (GET {self.base_url}/models "
+                        f"lists them)") from None
             except (_MalformedResponse, json.JSONDecodeError, openai.APIResponseValidationError) as error:
                 reason, retryable = f"malformed response ({type(error).__name__}: {error})", True
             finally:
@@ -411,20 +432,29 @@ class OpenAIEndpoint:
                     self.limits.settle_tokens(estimate, actual)
                 return response
             reason = self._scrub(reason)
-            if not retryable or attempt > self.max_retries:
-                what = "not retryable" if not retryable else \
-                    f"gave up after {attempt} attempt{'s' if attempt > 1 else ''}"
+            # A throttling server that says how long to wait slows every request to it, and is no
+            # failure: it does not use up the retries, only a budget of time.
+            throttling = status == 429 and retryable and retry_after is not None and math.isfinite(retry_after)
+            failures += not throttling
+            if not retryable or failures > self.max_retries or throttled > MAX_THROTTLED_S:
+                what = ("not retryable" if not retryable else f"throttled for {throttled:.0f} s"
+                        if throttled > MAX_THROTTLED_S else f"gave up after {attempt} attempt{'s' if attempt > 1 else ''}")
                 raise LLMRequestError(
                     f"{endpoint} request failed: {f'status {status}' if status is not None else 'no HTTP status'} "
                     f"({reason}); endpoint POST {url}; model {self.model!r}; {what}",
                     status=status, endpoint=url, model=self.model, attempts=attempt, code=code,
                 )
-            delay = self._backoff(attempt, retry_after)
+            delay = self._backoff(failures, retry_after)
+            if throttling:
+                self.limits.pause(delay)
+                throttled += max(delay, 1.0)  # a Retry-After of 0, over and over, ends too
             with self._stats_lock:
                 self.stats["retries"] += 1
-            log.warning("%s request to %s (model %s) failed: %s; retry %d/%d in %.2f s",
-                        endpoint, url, self.model, reason, attempt, self.max_retries, delay)
-            time.sleep(delay)
+            then = (f"the endpoint throttles: every request to it waits {delay:.2f} s" if throttling
+                    else f"retry {failures}/{self.max_retries} in {delay:.2f} s")
+            log.warning("%s request to %s (model %s) failed: %s; %s", endpoint, url, self.model, reason, then)
+            if not throttling:
+                time.sleep(delay)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Full jitter: uniform(0, min(cap, base * 2^(attempt-1))); a server's Retry-After wins."""
@@ -468,6 +498,15 @@ def _error_code(error: openai.APIStatusError) -> str | None:
         if isinstance(inner, dict) and inner.get("code") is not None:
             return str(inner["code"])
     return error.code
+
+
+_MODEL_MISSING = re.compile(r"model\b.*\b(does not exist|not found|no such)", re.I | re.S)
+
+
+def _no_such_model(status: int, code: str | None, message: str) -> bool:
+    """Does an error response say the endpoint has no such model (OpenAI's code, vLLM's and
+    Ollama's wording)?"""
+    return status in (400, 404) and (code == "model_not_found" or bool(_MODEL_MISSING.search(message)))
 
 
 _WS = re.compile(r"\s+")

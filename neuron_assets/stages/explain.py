@@ -14,7 +14,7 @@ from neuron_assets.method.output import output_tokens_explanation, promoted_toke
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.stages.records import max_activation, records_hash
-from neuron_assets.stages.results import Answer, Usage
+from neuron_assets.stages.results import Answer, SetupError, Usage
 from neuron_assets.stages.seeds import EXPLAIN, EXPLAIN_OUTPUT, unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 from neuron_assets.versions import digest
@@ -173,6 +173,8 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
         try:
             with clock.running():
                 answers = explainer.complete([messages for _, _, _, messages in batch], seeds)
+        except SetupError:  # a setting to fix: the step fails with it
+            raise
         except Exception as e:  # one failed batch becomes error rows, never a failed shard
             answers = [Answer.failed(f"explainer failed: {type(e).__name__}: {e}")] * len(batch)
         hits += sum(answer.usage.cache_hit for answer in answers)

@@ -84,3 +84,8 @@ class Verdict:
     def failed(cls, error: str, n: int) -> "Verdict":
         """A batch of n excerpts the judge could not be asked about: all unanswered, its error."""
         return cls([None] * n, [None] * n, Usage(), None, error)
+
+
+class SetupError(RuntimeError):
+    """A setting to fix (an endpoint without the model named): the step fails with this one message,
+    where a failed request is its unit's error row."""

@@ -14,7 +14,7 @@ from neuron_assets.method.records import split_random, split_top
 from neuron_assets.method.revision import counterexamples, revision_messages
 from neuron_assets.stages.explain import SCHEMA, explanation_row, explanation_text
 from neuron_assets.stages.records import max_activation, records_hash
-from neuron_assets.stages.results import Answer, Usage, total
+from neuron_assets.stages.results import Answer, SetupError, Usage, total
 from neuron_assets.stages.seeds import REVISE, unit_seed
 from neuron_assets.stages.simulate import explanations_per_call, simulate_jobs
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
@@ -82,6 +82,8 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
         chunk = to_simulate[start:start + per_call]
         try:
             engine = engine or simulator.simulation(fewshot, log=log)
+        except SetupError:  # a setting to fix: the step fails with it
+            raise
         except Exception as exc:  # endpoint down, prefix too long: every row says so
             simulations.update({i: f"simulator failed: {type(exc).__name__}: {exc}" for i in to_simulate})
             break
@@ -129,6 +131,8 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
         try:
             with clock.running():
                 answers = explainer.complete([messages for _, _, messages, *_ in batch], seeds)
+        except SetupError:  # a setting to fix: the step fails with it
+            raise
         except Exception as exc:  # one failed batch becomes error rows, never a failed shard
             answers = [Answer.failed(f"explainer failed: {type(exc).__name__}: {exc}")] * len(batch)
         for (e, rhash, _, usage, n_miss, n_false), answer in zip(batch, answers):

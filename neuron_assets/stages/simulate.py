@@ -12,7 +12,7 @@ import polars as pl
 
 from neuron_assets.method.controls import is_control
 from neuron_assets.method.records import split_random, split_top
-from neuron_assets.stages.results import Simulation
+from neuron_assets.stages.results import SetupError, Simulation
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
 SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
@@ -67,12 +67,16 @@ def simulate_jobs(engine, jobs: list[tuple[str, list[list[str]]]]) -> list[list[
     prompt over the context) is the error of its own explanation's rows only."""
     try:
         return engine.simulate_many(jobs)
+    except SetupError:  # a setting to fix: the step fails with it
+        raise
     except Exception:
         pass
     out = []
     for text, sequences in jobs:
         try:
             out.append(engine.simulate_many([(text, sequences)])[0])
+        except SetupError:  # a setting to fix: the step fails with it
+            raise
         except Exception as exc:
             message = f"simulator failed: {type(exc).__name__}: {exc}"
             out.append([Simulation.failed(message, len(tokens)) for tokens in sequences])
@@ -125,6 +129,8 @@ def simulate_units(explained: pl.DataFrame, records: dict, tokens: dict[int, lis
         if engine is None:
             try:
                 engine = simulator.simulation(fewshot, log=log)
+            except SetupError:  # a setting to fix: the step fails with it
+                raise
             except Exception as exc:  # prefix too long, endpoint down: every explanation gets this error
                 failed = Simulation.failed(f"simulator unusable: {type(exc).__name__}: {exc}")
                 for i, e, _ in todo:
