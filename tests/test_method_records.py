@@ -14,6 +14,7 @@ from neuron_assets.method.records import (
     inverted_index,
     pick_hard_negatives,
     search_sample,
+    search_size,
     split_random,
     split_top,
     top_arrays,
@@ -301,6 +302,17 @@ def test_candidates_come_from_a_capped_window_sample():
     assert np.isin(np.concatenate(out), sample).all()
     small = hard_negative_candidates(token_ids, [[0]] * 30, [[]] * 30, per_neuron=40, seed=0, max_windows=60)
     assert len(np.unique(np.concatenate(small))) <= 60
+
+
+def test_the_second_pass_sees_one_window_in_20_of_a_large_corpus():
+    # ceil(W / 20), at least 64, at most 20,000 windows searched
+    assert [search_size(w) for w in (10, 64, 512, 1280, 1281, 10_000, 400_000, 10**7)] == \
+        [64, 64, 64, 64, 65, 500, 20_000, 20_000]
+    token_ids = np.zeros((2_000, 4), np.int64)  # every window holds token 0, the top token of each neuron
+    records = {"unit": np.repeat(np.arange(3), 2), "kind": np.zeros(6, np.int64), "rank": np.tile([0, 1], 3),
+               "seq_id": np.arange(6), "activations": np.ones((6, 4), np.float32)}
+    collector = hard_negative_collector(records, 3, token_ids, seed=0, sample_seed=1)
+    assert len(collector.windows()) <= search_size(2_000) == 100  # not the 120 candidates of 3 neurons
 
 
 def test_pick_keeps_windows_under_a_tenth_of_the_peak_in_candidate_order():

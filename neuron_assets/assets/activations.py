@@ -45,7 +45,7 @@ def build_neuron_records(layout: Layout):
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
         # 4: the stats column max is max_activation. 5: the stats column active_share. 6: activation_frequency.
         # 7: the output_tokens table. 8: the column neuron is now unit
-        code_version="8",
+        code_version="9",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,

@@ -245,6 +245,8 @@ CANDIDATES_PER_HARD = 4  # candidates searched per hard negative
 HARD_FRACTION = 0.1  # the explainer shows anything under 10% of the peak as 0 (also active_share's threshold)
 N_TOP_TOKENS = 3
 MAX_SEARCH_WINDOWS = 20_000
+SEARCH_EVERY = 20  # one window in 20 of the corpus is searched (so run through the second pass), at least...
+MIN_SEARCH_WINDOWS = 64  # ...these many, at most MAX_SEARCH_WINDOWS
 
 
 def top_arrays(records: dict, n_neurons: int) -> tuple[np.ndarray, np.ndarray]:
@@ -283,6 +285,14 @@ def top_tokens(top_seq_ids: np.ndarray, top_acts: np.ndarray, token_ids: np.ndar
         order = np.lexsort((first, -counts))[:n_tokens]  # count desc, first rank asc
         out.append(unique[order].tolist())
     return out
+
+
+def search_size(n_windows: int) -> int:
+    """How many windows are searched for hard-negative candidates:
+    min(MAX_SEARCH_WINDOWS, max(MIN_SEARCH_WINDOWS, ceil(n_windows / SEARCH_EVERY))). The second
+    forward pass runs over candidates of these windows only, so it costs at most 1/SEARCH_EVERY of
+    the first once the corpus has more than SEARCH_EVERY * MIN_SEARCH_WINDOWS windows."""
+    return min(MAX_SEARCH_WINDOWS, max(MIN_SEARCH_WINDOWS, -(-n_windows // SEARCH_EVERY)))
 
 
 def search_sample(n_windows: int, max_windows: int = MAX_SEARCH_WINDOWS, seed: int = 0) -> np.ndarray:
@@ -386,9 +396,11 @@ class HardNegativeCollector:
 
 
 def hard_negative_collector(records: dict, n_neurons: int, token_ids: np.ndarray, seed: int, sample_seed: int,
-                            n_hard: int = N_HARD, max_windows: int = MAX_SEARCH_WINDOWS) -> HardNegativeCollector:
+                            n_hard: int = N_HARD, max_windows: int | None = None) -> HardNegativeCollector:
     """The second-pass collector of one layer, from its `RecordSampler.finalize()` records: top
-    tokens, then up to 4 * n_hard candidates per neuron (not among its top records)."""
+    tokens, then up to 4 * n_hard candidates per neuron (not among its top records) from a sample
+    of `max_windows` windows (default `search_size`)."""
+    max_windows = search_size(len(token_ids)) if max_windows is None else max_windows
     top_seq, top_acts = top_arrays(records, n_neurons)
     tokens = top_tokens(top_seq, top_acts, token_ids)
     candidates = hard_negative_candidates(token_ids, tokens, list(top_seq), CANDIDATES_PER_HARD * n_hard, seed,
