@@ -8,9 +8,11 @@
   nor of anything written;
 - per-process limits shared by every endpoint object with the same base_url: requests/minute and
   tokens/minute token buckets, and a maximum number of requests in flight;
-- our own retries (the SDK's are switched off): exponential backoff with full jitter, honouring
-  Retry-After, on 429, 5xx, timeouts, connection errors and unparseable bodies; other 4xx fail at
-  once; persistent failure raises `LLMRequestError` naming status, endpoint and model;
+- our own retries (the SDK's are switched off): exponential backoff with full jitter on 429, 5xx,
+  timeouts, connection errors and unparseable bodies; a 429 with Retry-After pauses every request
+  to that base_url instead and uses up no retry; other 4xx fail at once; persistent failure raises
+  `LLMRequestError` naming status, endpoint and model; an endpoint without the model named raises
+  `WrongModelError` naming the setting to change;
 - token and cost accounting from an editable price table (resources/prices.json);
 - `probe()`: which simulation method the endpoint supports (docs/method.md, Simulation).
 
