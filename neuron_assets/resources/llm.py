@@ -4,6 +4,7 @@ openai SDK against OpenAI, vLLM, Ollama, llama.cpp or any OpenAI-compatible endp
 import base64
 import functools
 import hashlib
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,8 +41,11 @@ ROUNDS_PER_CALL = 16
 PRICES = Path(__file__).resolve().parents[2] / "resources" / "prices.json"
 TOP_LOGPROBS = 15  # what the reference requests; OpenAI allows up to 20
 JUDGE_TOP_LOGPROBS = 5  # "0" and "1" are all a judge's value needs
-# (base_url, model) of endpoints that rejected chat logprobs: their judge asks for text only.
-_NO_CHAT_LOGPROBS: set[tuple[str, str]] = set()
+# (base_url, model) -> whether the endpoint gives chat logprobs (it rejected them: the judge asks
+# for text only); until that is known, the judge's requests to it go one at a time.
+_CHAT_LOGPROBS: dict[tuple[str, str], bool] = {}
+_LEARNING: dict[tuple[str, str], threading.Lock] = {}
+_LEARNING_LOCK = threading.Lock()
 # Named in the (unlikely) error of a local model file that vanished while it was being identified.
 LOCAL_MODEL_SETTINGS = "NEURON_ASSETS_EXPLAINER_MODEL or NEURON_ASSETS_SIMULATOR_MODEL"
 
@@ -381,16 +385,25 @@ class LLM(ConfigurableResource):
 
 def _judge_request(endpoint: OpenAIEndpoint, messages: list[dict], seed: int, max_tokens: int):
     """A judge's chat request at temperature 0, with the logprobs of its answer unless the endpoint
-    rejected them before: then, and from then on in this process, without."""
+    rejected them before: then, and from then on in this process, without. The first request to an
+    endpoint finds out alone, so that concurrent judges do not each get rejected."""
     params = {"temperature": 0.0, "top_p": 1, "max_tokens": max_tokens, "seed": seed}
     name = (endpoint.base_url, endpoint.model)
-    if name not in _NO_CHAT_LOGPROBS:
-        try:
-            return endpoint.chat(messages, logprobs=True, top_logprobs=JUDGE_TOP_LOGPROBS, **params)
-        except LLMRequestError as e:
-            if e.status not in UNSUPPORTED_STATUSES:
-                raise
-            _NO_CHAT_LOGPROBS.add(name)
+    if name not in _CHAT_LOGPROBS:
+        with _LEARNING_LOCK:
+            learning = _LEARNING.setdefault(name, threading.Lock())
+        with learning:
+            if name not in _CHAT_LOGPROBS:
+                try:
+                    reply = endpoint.chat(messages, logprobs=True, top_logprobs=JUDGE_TOP_LOGPROBS, **params)
+                    _CHAT_LOGPROBS[name] = True
+                    return reply
+                except LLMRequestError as e:
+                    if e.status not in UNSUPPORTED_STATUSES:
+                        raise
+                    _CHAT_LOGPROBS[name] = False
+    if _CHAT_LOGPROBS[name]:
+        return endpoint.chat(messages, logprobs=True, top_logprobs=JUDGE_TOP_LOGPROBS, **params)
     return endpoint.chat(messages, **params)
 
 
