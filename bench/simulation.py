@@ -10,7 +10,9 @@ embedded corpus (the Python docs), all under the same explanations:
     per sequence (batch of 1), its construction included in the time, since that is where the
     prefix is recomputed;
 (c) token by token: `simulate_token_by_token`, one forward call per token, on the first few
-    sequences only (it is slow), compared with (a) timed again on exactly those sequences.
+    sequences only (it is slow), compared with (a) timed again on exactly those sequences;
+(d) (a) with the model in bfloat16 (NEURON_ASSETS_SIMULATOR_DTYPE=bfloat16): its speed, and how far
+    its probabilities are from float32's.
 
 Prints wall-clock and CPU seconds, sequences/s and tokens processed per method, the largest
 difference between the methods' p(value 0..10), and the two ratios with their targets:
@@ -135,7 +137,8 @@ def speedup(slow: Timing, fast: Timing, target: float | None = None) -> str:
 
 def main() -> None:
     args = parse_args()
-    model, tokenizer = load_causal_lm("embedded", "~/.cache/neuron_assets", "auto")
+    model, tokenizer = load_causal_lm("embedded", "~/.cache/neuron_assets", "cpu", dtype="float32")
+    low, _ = load_causal_lm("embedded", "~/.cache/neuron_assets", "cpu", dtype="bfloat16")
     prefix = simulator_prefix(load_fewshot(FEWSHOT))
     windows = token_windows(tokenizer, python_docs(), args.seq_len, max_windows=args.sequences)["tokens"]
     neurons = [[simulator_segments(e, tokens) for tokens in windows] for e in EXPLANATIONS[: args.neurons]]
@@ -146,15 +149,18 @@ def main() -> None:
     with torch.inference_mode():
         # One untimed call, so that one-time kernel and allocator set-up is not billed to a method.
         LocalSimulator(model, tokenizer, "warm up", batch_size=1).simulate([first[0][:4]])
+        LocalSimulator(low, tokenizer, "warm up", batch_size=1).simulate([first[0][:4]])
 
         start = now()
         cached = LocalSimulator(model, tokenizer, prefix, args.batch_size)
         setup = now() - start
-        # (a) and (b) alternate neuron by neuron, so that a change in the machine's load hits both.
-        batched, recomputed = [], []
+        cached_low = LocalSimulator(low, tokenizer, prefix, args.batch_size)
+        # (a), (b) and (d) alternate neuron by neuron, so that a change in the machine's load hits each.
+        batched, recomputed, bfloat16 = [], [], []
         for segments in neurons:
             batched.append(measure(on_cached_prefix, cached.simulate, cached, segments))
             recomputed.append(measure(recompute_every_time, model, tokenizer, prefix, segments))
+            bfloat16.append(measure(on_cached_prefix, cached_low.simulate, cached_low, segments))
 
         few = measure(on_cached_prefix, cached.simulate, cached, first[:m])
         one_by_one = measure(on_cached_prefix, cached.simulate_token_by_token, cached, first[:m])
@@ -177,12 +183,15 @@ def main() -> None:
                         ("(b) recompute prefix per sequence, batch 1", recomputed)):
         print(row(f"{label}, 1 neuron", n, runs[0].timing, runs[0].tokens))
         print(row(f"{label}, {k} neurons", k * n, total(runs), sum(r.tokens for r in runs)))
+    print(row(f"(d) all at once in bfloat16, {k} neurons", k * n, total(bfloat16), sum(r.tokens for r in bfloat16)))
     print(row(f"(a) all at once, first {m} sequences", m, few.timing, few.tokens))
     print(row(f"(c) token by token, first {m} sequences", m, one_by_one.timing, one_by_one.tokens))
     print()
     differences = [max_difference(a.probs, b.probs) for a, b in zip(batched, recomputed)]
     print(f"max |p(a) - p(b)| over {k} x {n} sequences: {max(differences):.2e}")
     print(f"max |p(a) - p(c)| over {m} sequences: {max_difference(few.probs, one_by_one.probs):.2e}")
+    print(f"max |p(a) - p(d)| over {k} x {n} sequences: "
+          f"{max(max_difference(a.probs, d.probs) for a, d in zip(batched, bfloat16)):.2e}")
     print()
     print(f"all at once vs token by token ({m} sequences, same inputs): "
           f"{speedup(one_by_one.timing, few.timing, ALL_AT_ONCE_TARGET)}")
@@ -190,6 +199,7 @@ def main() -> None:
           f"included): {speedup(total(recomputed), setup + total(batched), PREFIX_CACHE_TARGET)}")
     print(f"  same, 1 neuron, construction included: {speedup(recomputed[0].timing, setup + batched[0].timing)}")
     print(f"  same, 1 neuron, construction excluded: {speedup(recomputed[0].timing, batched[0].timing)}")
+    print(f"bfloat16 vs float32, all at once ({k} neurons x {n} sequences): {speedup(total(batched), total(bfloat16))}")
 
 
 if __name__ == "__main__":

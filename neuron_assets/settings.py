@@ -16,6 +16,7 @@ from neuron_assets.method.selection import RANKINGS
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_CORPUS = "python-docs"
 MLP_UNITS = "mlp"  # NEURON_ASSETS_UNITS: every layer's MLP neurons
+LLM_DTYPES = ("auto", "float32", "bfloat16")  # NEURON_ASSETS_EXPLAINER_DTYPE, NEURON_ASSETS_SIMULATOR_DTYPE
 
 
 # What a change of a setting does to results (Setting.enters): the name of the settings source
@@ -279,11 +280,16 @@ SETTINGS = (
             "explainer model: for 'local' like NEURON_ASSETS_MODEL; for 'openai' the served model name", enters="explainer"),
     Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)", enters="explainer",
             grammar=_endpoint),
+    Setting("NEURON_ASSETS_EXPLAINER_DTYPE", "auto", "number format of a local explainer: 'auto' (bfloat16 on CUDA, "
+            "float32 on a CPU), 'float32' or 'bfloat16' (on a CPU with AVX-512 BF16 or AMX about 1.6x faster than float32, "
+            "on others it may be slower; answers differ slightly from float32's)", enters="explainer", choices=LLM_DTYPES),
     Setting("NEURON_ASSETS_EXPLAINER_API_KEY", "", "explainer API key (secret: read from the environment at run time, "
             "never stored; OPENAI_API_KEY is used when unset)"),
     Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'", enters="simulator", choices=("local", "openai")),
     Setting("NEURON_ASSETS_SIMULATOR_MODEL", EMBEDDED_MODEL, "simulator model (as for the explainer)", enters="simulator"),
     Setting("NEURON_ASSETS_SIMULATOR_BASE_URL", "", "simulator endpoint (empty: OpenAI)", enters="simulator", grammar=_endpoint),
+    Setting("NEURON_ASSETS_SIMULATOR_DTYPE", "auto", "number format of a local simulator and judge (as for the explainer)",
+            enters="simulator", choices=LLM_DTYPES),
     Setting("NEURON_ASSETS_SIMULATOR_API_KEY", "", "simulator API key (secret, like the explainer's)"),
     Setting("NEURON_ASSETS_SIMULATION_METHOD", "auto",
             "'auto' (probe the endpoint), 'all_at_once', 'chat_logprobs' or 'json'", enters="simulator", choices=("auto", "all_at_once", "chat_logprobs", "json")),
@@ -389,9 +395,11 @@ class Settings:
     explainer_backend: str
     explainer_model: str
     explainer_base_url: str
+    explainer_dtype: str
     simulator_backend: str
     simulator_model: str
     simulator_base_url: str
+    simulator_dtype: str
     simulation_method: str
     llm_rpm: int
     llm_tpm: int

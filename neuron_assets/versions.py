@@ -104,12 +104,15 @@ def endpoint_identity(base_url: str, setting: str) -> str:
     return f"{parts.scheme}://{parts.hostname.lower()}{port}{parts.path.rstrip('/')}"
 
 
-def llm_version(backend: str, model: str, base_url: str | None, method: str | None, role: str) -> str:
+def llm_version(backend: str, model: str, base_url: str | None, method: str | None, role: str,
+                dtype: str = "auto") -> str:
     """The version of an explainer or simulator: backend, model identity, endpoint (and, for a
-    simulator, the simulation method). `role` is 'explainer' or 'simulator' (names the settings)."""
+    simulator, the simulation method). `role` is 'explainer' or 'simulator' (names the settings).
+    A local model's number format enters where it is pinned: 'auto' follows the device, which,
+    like NEURON_ASSETS_DEVICE, makes nothing stale."""
     prefix = f"NEURON_ASSETS_{role.upper()}"
     if backend == "local":
-        identity = ["local", model_identity(model, f"{prefix}_MODEL")]
+        identity = ["local", model_identity(model, f"{prefix}_MODEL")] + ([dtype] if dtype != "auto" else [])
     else:
         identity = [backend, model, endpoint_identity(base_url or "", f"{prefix}_BASE_URL")]
     return digest(identity + ([method] if method else []))
@@ -140,10 +143,10 @@ def source_version(settings: Settings, source: str) -> str:
         return digest([values, tokenizer_identity(settings.model, "NEURON_ASSETS_MODEL")])
     if source == "explainer":
         return llm_version(settings.explainer_backend, settings.explainer_model, settings.explainer_base_url,
-                           None, "explainer")
+                           None, "explainer", settings.explainer_dtype)
     if source == "simulator":
         return llm_version(settings.simulator_backend, settings.simulator_model, settings.simulator_base_url,
-                           settings.simulation_method, "simulator")
+                           settings.simulation_method, "simulator", settings.simulator_dtype)
     if source == "import_source":
         return digest([values, content_hash(settings.import_from, "NEURON_ASSETS_IMPORT_FROM")])
     return digest(values)

@@ -246,3 +246,5 @@ def test_the_markdown_table_has_a_row_per_setting_with_its_effect():
     seed = next(r for r in rows if r.startswith("| `NEURON_ASSETS_SEED`"))
     assert "version of `sampling`" in seed
     assert "| none |" in next(r for r in rows if r.startswith("| `NEURON_ASSETS_WORKERS`"))
+    # the README's settings table is this one, word for word
+    assert markdown_table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -422,9 +422,10 @@ def test_settings_that_change_no_result_change_no_version(world, monkeypatch):
     assert source_versions(world.settings) == versions
     # The declaration says which settings enter which version; every one of them is exercised above.
     entering = {s.env.removeprefix("NEURON_ASSETS_").lower() for s in SETTINGS if s.enters}
-    # units: tests/test_units.py (partitions of a coders folder, and a retrained coder's layer stale)
+    # units: tests/test_units.py (partitions of a coders folder, and a retrained coder's layer stale);
+    # the number formats: tests/test_llm_dtype.py (this module's LLMs are endpoints, which have none)
     tested = {c[0] for c in CHANGES} | {"explainer_base_url", "simulator_base_url", "simulator_backend", "layers",
-                                        "shards", "units"}
+                                        "shards", "units", "explainer_dtype", "simulator_dtype"}
     assert entering <= tested, entering - tested
 
 

@@ -26,7 +26,7 @@ from neuron_assets.method.detection import answer_probabilities, read_answer
 from neuron_assets.method.simulation import expected_values
 from neuron_assets.resources.local_judge import JUDGE_METHOD, judge_conversations
 from neuron_assets.resources.local_llm import LocalSimulator, generate_texts
-from neuron_assets.resources.models import describe_model, load_causal_lm, pick_device
+from neuron_assets.resources.models import describe_model, load_causal_lm, pick_device, torch_dtype
 from neuron_assets.resources.openai_client import UNSUPPORTED_STATUSES, LLMRequestError, OpenAIEndpoint, load_prices
 from neuron_assets.resources.response_cache import ResponseCache
 from neuron_assets.stages.concurrent import in_order
@@ -64,10 +64,10 @@ def _simulation(probs_or_values: np.ndarray, failed: np.ndarray, point: bool = F
 
 
 @functools.lru_cache(maxsize=4)
-def _local_simulator(model: str, cache: str, device: str, prefix: str, batch_size: int) -> LocalSimulator:
+def _local_simulator(model: str, cache: str, device: str, dtype: str, prefix: str, batch_size: int) -> LocalSimulator:
     # The few-shot prefix's key/value cache is computed once per process and reused for every
     # neuron and sequence.
-    lm, tokenizer = load_causal_lm(model, cache, device)
+    lm, tokenizer = load_causal_lm(model, cache, device, dtype=dtype)
     return LocalSimulator(lm, tokenizer, prefix, batch_size=batch_size)
 
 
@@ -192,6 +192,7 @@ class LLM(ConfigurableResource):
     max_tokens: int = 60
     batch_size: int = 8
     device: str = "auto"
+    dtype: str = "auto"  # a local model's number format (settings.LLM_DTYPES)
     cache: str = "~/.cache/neuron_assets"
     response_cache: str | None = None
     requests_per_minute: int = 0
@@ -233,14 +234,14 @@ class LLM(ConfigurableResource):
     @property
     def label(self) -> str:
         if self.backend == "local":
-            return describe_model(self.model)
+            return describe_model(self.model) + (f" in {self.dtype}" if self.dtype != "auto" else "")
         return f"{self.model} @ {self.base_url or 'api.openai.com'}"
 
     def version(self, role: str) -> str:
         """The version of this LLM as the `explainer` or `simulator` settings source computes it:
         rows made by the same version (and inputs) are reused instead of asked again."""
         method = self.simulation_method if role == "simulator" else None
-        return llm_version(self.backend, self.model, self.base_url, method, role)
+        return llm_version(self.backend, self.model, self.base_url, method, role, self.dtype)
 
     @property
     def continues_assistant_turn(self) -> bool:
@@ -279,10 +280,12 @@ class LLM(ConfigurableResource):
         return in_order(lambda job: one(*job), zip(conversations, seeds), self.concurrency)
 
     def _local_request(self, **request) -> dict:
-        """What decides a local model's answer to `request`: the model's files and the device type
-        (bfloat16 on a GPU, float32 on a CPU)."""
+        """What decides a local model's answer to `request`: the model's files, the device type and
+        the number format where it is not the device's own (bfloat16 on a GPU, float32 on a CPU)."""
+        device = pick_device(self.device)
+        pinned = torch_dtype(self.dtype, device) != torch_dtype("auto", device)
         return {"backend": "local", "model": model_identity(self.model, LOCAL_MODEL_SETTINGS),
-                "device": pick_device(self.device).type, **request}
+                "device": device.type, **({"dtype": self.dtype} if pinned else {}), **request}
 
     def _complete_locally(self, conversations: list[list[dict]], seed: int, temperature: float,
                           max_tokens: int) -> list[Answer]:
@@ -296,7 +299,7 @@ class LLM(ConfigurableResource):
         stored = cache.get(key)
         if stored is not None:
             return [Answer(a["text"], Usage(a["tokens_in"], a["tokens_out"], cache_hit=True)) for a in stored["answers"]]
-        lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
+        lm, tokenizer = load_causal_lm(self.model, self.cache, self.device, dtype=self.dtype)
         answers = generate_texts(lm, tokenizer, conversations, max_new_tokens=max_tokens, temperature=temperature,
                                  seed=seed, batch_size=self.batch_size)
         cache.put(key, {"answers": [{"text": a.text, "tokens_in": a.usage.tokens_in, "tokens_out": a.usage.tokens_out}
@@ -351,7 +354,7 @@ class LLM(ConfigurableResource):
         found = {key: cache.get(key) for key in keys}
         todo = [i for i, key in enumerate(keys) if found[key] is None]
         if todo:
-            lm, tokenizer = load_causal_lm(self.model, self.cache, self.device)
+            lm, tokenizer = load_causal_lm(self.model, self.cache, self.device, dtype=self.dtype)
             judged = judge_conversations(lm, tokenizer, [conversations[i] for i in todo], [sizes[i] for i in todo],
                                          batch_size=self.batch_size)
             for i, judgement in zip(todo, judged):
@@ -368,7 +371,7 @@ class LLM(ConfigurableResource):
             if self.simulation_method not in ("auto", "all_at_once"):
                 raise ValueError(f"the local backend simulates all_at_once, not {self.simulation_method!r}")
             prefix = simulator_prefix(fewshot)
-            engine = _local_simulator(self.model, self.cache, self.device, prefix, self.batch_size)
+            engine = _local_simulator(self.model, self.cache, self.device, self.dtype, prefix, self.batch_size)
             # Entries name the prefix by its hash: it is the same few thousand characters in all of them.
             request = self._local_request(task="simulate", prefix_sha256=hashlib.sha256(prefix.encode()).hexdigest())
             return LocalSimulation(engine, ResponseCache(self.response_cache), request)

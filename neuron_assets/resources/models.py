@@ -263,16 +263,24 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_causal_lm(name: str, cache: str, device: str = "auto", setting: str = "NEURON_ASSETS_MODEL"):
-    """(model, tokenizer) in eval mode; cached per process so runs in one process share it, whichever
-    `setting` (named in errors) chose it."""
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """A number format of settings.LLM_DTYPES as torch's: 'auto' is bfloat16 on a GPU, float32 on a CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_causal_lm(name: str, cache: str, device: str = "auto", setting: str = "NEURON_ASSETS_MODEL",
+                   dtype: str = "auto"):
+    """(model, tokenizer) in eval mode, in the number format `dtype` (`torch_dtype`); cached per
+    process so runs in one process share it, whichever `setting` (named in errors) chose it."""
     path = resolve_model(name, cache, setting)
     with _naming(setting, name, _fix(name, setting, path if _is_gguf(name) else None)):
-        return _load_causal_lm(path, device)
+        return _load_causal_lm(path, device, dtype)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_causal_lm(path: str, device: str):
+def _load_causal_lm(path: str, device: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     files = _weight_files(path)
@@ -280,9 +288,9 @@ def _load_causal_lm(path: str, device: str):
         if file.suffix == ".safetensors":
             check_safetensors(file)
     torch_device = pick_device(device)
-    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
     source = files[0] if len(files) == 1 else Path(path)
-    model = _complete(source, *AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True))
+    model = _complete(source, *AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, torch_device),
+                                                                     output_loading_info=True))
     model = model.to(torch_device).eval()
     shape_of(model.config)  # fail early, with the list of supported architectures
     tokenizer = AutoTokenizer.from_pretrained(path)

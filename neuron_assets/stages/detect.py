@@ -22,7 +22,7 @@ from neuron_assets.method.detection import (
 from neuron_assets.method.records import split_top
 from neuron_assets.stages.concurrent import in_order
 from neuron_assets.stages.records import max_activation
-from neuron_assets.stages.results import SetupError, Usage, Verdict, total
+from neuron_assets.stages.results import Usage, Verdict, attempt, total
 from neuron_assets.stages.seeds import unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
@@ -96,14 +96,11 @@ def _verdicts(judge, texts: list[str], groups: list[list[dict]], tokens: dict[in
     local judge then computes once."""
     out: list[list[Verdict]] = [[] for _ in texts]
     for group in groups:
-        try:
-            with clock.running():
-                verdicts = judge.judge([batch_messages(text, group, tokens) for text in texts],
-                                       [len(group)] * len(texts), seed)
-        except SetupError:  # a setting to fix: the step fails with it
-            raise
-        except Exception as e:  # a failed call leaves its excerpts unanswered, never a failed shard
-            verdicts = [Verdict.failed(f"judge failed: {type(e).__name__}: {e}", len(group))] * len(texts)
+        conversations = [batch_messages(text, group, tokens) for text in texts]
+        with clock.running():
+            verdicts, error = attempt("judge failed", judge.judge, conversations, [len(group)] * len(texts), seed)
+        if error:  # its excerpts are unanswered
+            verdicts = [Verdict.failed(error, len(group))] * len(texts)
         for mine, verdict in zip(out, verdicts):
             mine.append(verdict)
     return out

@@ -14,7 +14,7 @@ from neuron_assets.method.output import output_tokens_explanation, promoted_toke
 from neuron_assets.method.prompts import clean_explanation, explainer_messages
 from neuron_assets.method.records import split_random, split_top
 from neuron_assets.stages.records import max_activation, records_hash
-from neuron_assets.stages.results import Answer, SetupError, Usage
+from neuron_assets.stages.results import Answer, Usage, attempt
 from neuron_assets.stages.seeds import EXPLAIN, EXPLAIN_OUTPUT, unit_seed
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 from neuron_assets.versions import digest
@@ -170,13 +170,11 @@ def explain_units(layer: int, units: list[int], records: dict, tokens: dict[int,
     for start in range(0, len(pending), explainer.requests_per_call):
         batch = pending[start : start + explainer.requests_per_call]
         seeds = [unit_seed(seed, layer, unit, ASKED[variant]) for unit, variant, _, _ in batch]
-        try:
-            with clock.running():
-                answers = explainer.complete([messages for _, _, _, messages in batch], seeds)
-        except SetupError:  # a setting to fix: the step fails with it
-            raise
-        except Exception as e:  # one failed batch becomes error rows, never a failed shard
-            answers = [Answer.failed(f"explainer failed: {type(e).__name__}: {e}")] * len(batch)
+        conversations = [messages for *_, messages in batch]
+        with clock.running():
+            answers, error = attempt("explainer failed", explainer.complete, conversations, seeds)
+        if error:
+            answers = [Answer.failed(error)] * len(batch)
         hits += sum(answer.usage.cache_hit for answer in answers)
         for (unit, variant, rhash, _), answer in zip(batch, answers):
             text, error = explanation_text(answer, "explanation")

@@ -89,3 +89,15 @@ class Verdict:
 class SetupError(RuntimeError):
     """A setting to fix (an endpoint without the model named): the step fails with this one message,
     where a failed request is its unit's error row."""
+
+
+def attempt(what: str, call, *args):
+    """`(call(*args), None)`, or `(None, "<what>: <type>: <message>")` where the call raises:
+    a failed call becomes its units' error rows, never a failed shard. A `SetupError` is a setting
+    to fix, not a unit's failure: it passes through and the step fails with it."""
+    try:
+        return call(*args), None
+    except SetupError:
+        raise
+    except Exception as exc:
+        return None, f"{what}: {type(exc).__name__}: {exc}"

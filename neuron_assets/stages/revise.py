@@ -14,7 +14,7 @@ from neuron_assets.method.records import split_random, split_top
 from neuron_assets.method.revision import counterexamples, revision_messages
 from neuron_assets.stages.explain import SCHEMA, explanation_row, explanation_text
 from neuron_assets.stages.records import max_activation, records_hash
-from neuron_assets.stages.results import Answer, SetupError, Usage, total
+from neuron_assets.stages.results import Answer, Usage, attempt, total
 from neuron_assets.stages.seeds import REVISE, unit_seed
 from neuron_assets.stages.simulate import explanations_per_call, simulate_jobs
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
@@ -80,13 +80,11 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
     per_call = explanations_per_call(simulator, max((len(c) for c in calibrations.values()), default=1))
     for start in range(0, len(to_simulate), per_call):
         chunk = to_simulate[start:start + per_call]
-        try:
-            engine = engine or simulator.simulation(fewshot, log=log)
-        except SetupError:  # a setting to fix: the step fails with it
-            raise
-        except Exception as exc:  # endpoint down, prefix too long: every row says so
-            simulations.update({i: f"simulator failed: {type(exc).__name__}: {exc}" for i in to_simulate})
-            break
+        if engine is None:
+            engine, error = attempt("simulator failed", simulator.simulation, fewshot, log)
+            if error:  # endpoint down, prefix too long: every row says so
+                simulations.update({i: error for i in to_simulate})
+                break
         jobs = [(explanations[i]["text"], [tokens[s] for s, _ in calibrations[i]]) for i in chunk]
         with clock.running():
             simulations.update(zip(chunk, simulate_jobs(engine, jobs)))
@@ -128,13 +126,11 @@ def revise_units(layer: int, first: pl.DataFrame, records: dict, tokens: dict[in
     for start in range(0, len(pending), explainer.requests_per_call):
         batch = pending[start : start + explainer.requests_per_call]
         seeds = [unit_seed(seed, layer, e["unit"], REVISE) for e, *_ in batch]
-        try:
-            with clock.running():
-                answers = explainer.complete([messages for _, _, messages, *_ in batch], seeds)
-        except SetupError:  # a setting to fix: the step fails with it
-            raise
-        except Exception as exc:  # one failed batch becomes error rows, never a failed shard
-            answers = [Answer.failed(f"explainer failed: {type(exc).__name__}: {exc}")] * len(batch)
+        conversations = [messages for _, _, messages, *_ in batch]
+        with clock.running():
+            answers, error = attempt("explainer failed", explainer.complete, conversations, seeds)
+        if error:
+            answers = [Answer.failed(error)] * len(batch)
         for (e, rhash, _, usage, n_miss, n_false), answer in zip(batch, answers):
             text, error = explanation_text(answer, "revision")
             spent = Usage(usage.tokens_in + answer.usage.tokens_in, usage.tokens_out + answer.usage.tokens_out,

@@ -12,7 +12,7 @@ import polars as pl
 
 from neuron_assets.method.controls import is_control
 from neuron_assets.method.records import split_random, split_top
-from neuron_assets.stages.results import SetupError, Simulation
+from neuron_assets.stages.results import Simulation, attempt
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
 SCHEMA = {"layer": pl.Int32, "unit": pl.Int32, "variant": pl.String, "explanation_id": pl.String,
@@ -65,21 +65,13 @@ def explanations_per_call(simulator, sequences: int) -> int:
 def simulate_jobs(engine, jobs: list[tuple[str, list[list[str]]]]) -> list[list[Simulation]]:
     """`engine.simulate_many(jobs)`; where that call fails, each job alone, so that a failure (a
     prompt over the context) is the error of its own explanation's rows only."""
-    try:
-        return engine.simulate_many(jobs)
-    except SetupError:  # a setting to fix: the step fails with it
-        raise
-    except Exception:
-        pass
+    results, error = attempt("simulator failed", engine.simulate_many, jobs)
+    if not error:
+        return results
     out = []
-    for text, sequences in jobs:
-        try:
-            out.append(engine.simulate_many([(text, sequences)])[0])
-        except SetupError:  # a setting to fix: the step fails with it
-            raise
-        except Exception as exc:
-            message = f"simulator failed: {type(exc).__name__}: {exc}"
-            out.append([Simulation.failed(message, len(tokens)) for tokens in sequences])
+    for job in jobs:
+        results, error = attempt("simulator failed", engine.simulate_many, [job])
+        out.append(results[0] if not error else [Simulation.failed(error, len(tokens)) for tokens in job[1]])
     return out
 
 
@@ -127,12 +119,9 @@ def simulate_units(explained: pl.DataFrame, records: dict, tokens: dict[int, lis
     for start in range(0, len(todo), per_call):
         chunk = todo[start:start + per_call]
         if engine is None:
-            try:
-                engine = simulator.simulation(fewshot, log=log)
-            except SetupError:  # a setting to fix: the step fails with it
-                raise
-            except Exception as exc:  # prefix too long, endpoint down: every explanation gets this error
-                failed = Simulation.failed(f"simulator unusable: {type(exc).__name__}: {exc}")
+            engine, error = attempt("simulator unusable", simulator.simulation, fewshot, log)
+            if error:  # prefix too long, endpoint down: every explanation gets this error
+                failed = Simulation.failed(error)
                 for i, e, _ in todo:
                     done[i] = [row(e, "none", None, None, None, failed)]
                 progress.advance(len(todo))
