@@ -16,8 +16,8 @@ METHOD = REPO / "docs" / "method.md"
 TABLES = {
     "corpus_documents": DOCUMENT_SCHEMA,
     "corpus_tokens": TOKENS_SCHEMA,
-    "neuron_records": {**capture.RECORDS_SCHEMA, **capture.STATS_SCHEMA, **capture.OUTPUT_TOKENS_SCHEMA},
-    "explanations": explain.SCHEMA,
+    "neuron_records": {**capture.RECORDS_SCHEMA, **capture.STATS_SCHEMA},
+    "explanations": {**explain.SCHEMA, **explain.OUTPUT_TOKENS_SCHEMA},
     "revised_explanations": {c: t for c, t in revise.REVISED_SCHEMA.items() if c not in explain.SCHEMA},
     "simulations": simulate.SCHEMA,
     "scores": score.SCHEMA,

@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from neuron_assets.method.output import output_tokens_explanation, promoted_tokens_note
 from neuron_assets.method.prompts import explainer_messages, load_fewshot
 from neuron_assets.resources.subject_model import SubjectModel
-from neuron_assets.stages.capture import OUTPUT_TOKENS_SCHEMA
 from neuron_assets.resources.study import PROMPTS
-from neuron_assets.stages.explain import LLM_OUTPUT, OUTPUT_TOKENS
+from neuron_assets.stages.explain import LLM_OUTPUT, OUTPUT_TOKENS, OUTPUT_TOKENS_SCHEMA
 
 PLANTED_NEURON, WORD = 3, " class"
 
@@ -44,9 +43,12 @@ def test_a_planted_neuron_promotes_its_token_first(arch, tmp_path):
     path = build_tiny_model(arch, tmp_path / "model", n_layers=2, max_positions=4096)
     token = plant(path, arch)
     subject = SubjectModel(model=str(path), cache=str(tmp_path / "cache"), device="cpu")
-    ids, logits = subject.promoted_tokens(0, 5, chunk=16)  # chunks smaller than the layer: all neurons all the same
-    assert ids.shape == logits.shape == (subject.shape().n_neurons, 5)
+    every = list(range(subject.shape().n_neurons))
+    ids, logits = subject.promoted_tokens(0, every, 5, chunk=16)  # chunks smaller than the layer: all neurons all the same
+    assert ids.shape == logits.shape == (len(every), 5)
     assert ids[PLANTED_NEURON, 0] == token
+    some, some_logits = subject.promoted_tokens(0, [PLANTED_NEURON, 0], 5)  # only the units asked for, in that order
+    assert (some == ids[[PLANTED_NEURON, 0]]).all() and some_logits == pytest.approx(logits[[PLANTED_NEURON, 0]], rel=1e-5)
     assert (logits[:, :-1] >= logits[:, 1:]).all()  # best first
     # the same logits as the full model computes from that direction as its last hidden state
     model, _ = subject.load()
@@ -87,8 +89,11 @@ def test_the_output_tokens_variant_is_simulated_scored_and_controlled(tmp_path):
                              control="shuffled")
     with in_memory_instance() as instance:
         storage = run_graph(settings, instance, ("00",))
-    promoted = storage.read("neuron_records", "00", "output_tokens")
-    assert dict(promoted.schema) == OUTPUT_TOKENS_SCHEMA and promoted["unit"].n_unique() == 64
+    # the units explained, from the explanations step; the capture computed none
+    promoted = storage.read("explanations", "00|00-63", "output_tokens")
+    assert dict(promoted.schema) == OUTPUT_TOKENS_SCHEMA and promoted["unit"].unique().sort().to_list() == [0, PLANTED_NEURON]
+    assert promoted.filter((pl.col("unit") == PLANTED_NEURON) & (pl.col("rank") == 0))["token"].to_list() == [WORD]
+    assert not storage.path("neuron_records", "00", "output_tokens").exists()
     explanations = storage.read("explanations", "00|00-63").filter(pl.col("variant") == OUTPUT_TOKENS)
     assert explanations["unit"].to_list() == [0, PLANTED_NEURON]
     planted = explanations.filter(pl.col("unit") == PLANTED_NEURON)

@@ -80,8 +80,8 @@ def test_planted_latents_top_records_explanations_and_scores_find_their_words(wo
         stats = storage.read("neuron_records", layer, "stats")
         assert stats.height == N_LATENTS
         assert stats.filter(pl.col("unit").is_in(list(DEAD)))["activation_frequency"].to_list() == [0.0, 0.0]
-        promoted = storage.read("neuron_records", layer, "output_tokens").filter(pl.col("rank") == 0)
-        assert promoted["token"].to_list()[: len(WORDS)] == WORDS, layer
+        promoted = storage.read("explanations", f"{layer}|{SHARD}", "output_tokens").filter(pl.col("rank") == 0)
+        assert promoted.sort("unit")["token"].to_list()[: len(WORDS)] == WORDS, layer
         explanations = storage.read("explanations", f"{layer}|{SHARD}")
         for latent, word in enumerate(WORDS):
             for variant in ("token_baseline", OUTPUT_TOKENS):

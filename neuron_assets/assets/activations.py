@@ -13,7 +13,7 @@ from neuron_assets.partitions import Layout, layer_partitions
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
 from neuron_assets.resources.subject_model import SubjectModel
-from neuron_assets.stages.capture import N_OUTPUT_TOKENS, LayerRecords, capture_records, output_tokens_table
+from neuron_assets.stages.capture import LayerRecords, capture_records
 
 ENOUGH_RECORDS = "every_neuron_has_enough_records"
 
@@ -44,8 +44,9 @@ def build_neuron_records(layout: Layout):
         # The weights share the layer partitions: identity mapping, layer L reads weights[L].
         deps=[corpus_tokens, "subject_model_weights", "sampling"],
         # 4: the stats column max is max_activation. 5: the stats column active_share. 6: activation_frequency.
-        # 7: the output_tokens table. 8: the column neuron is now unit
-        code_version="9",
+        # 7: the output_tokens table. 8: the column neuron is now unit. 9: hard negatives from a window
+        # sample. 10: the output_tokens table moved to explanations (only for the units explained)
+        code_version="10",
         automation_condition=ON_CHANGE,
         kinds={"pytorch", "parquet"},
         owners=OWNERS,
@@ -55,8 +56,7 @@ def build_neuron_records(layout: Layout):
         description="Per unit (an MLP neuron, or a sparse coder's latent encoded from its hookpoint in the same "
         "pass): top records (windows with the highest max activation), random "
         "and quantile records, activation stats, and hard negatives (windows holding the neuron's top tokens "
-        "that stay under 10% of its peak), and the tokens its output direction (output weights, or decoder "
-        "row) promotes most through the final norm and the unembedding. One forward pass fills every layer in the run, and one bounded "
+        "that stay under 10% of its peak). One forward pass fills every layer in the run, and one bounded "
         "second pass over the candidate windows of all its layers finds the hard negatives.",
     )
     def neuron_records(
@@ -67,14 +67,10 @@ def build_neuron_records(layout: Layout):
         captured = capture_records(subject_model, windows.list.to_array(study.seq_len).to_numpy(),
                                    [int(k) for k in keys], study.top_records, study.random_records, study.seed,
                                    progress_log(context), f"layers {keys[0]}..{keys[-1]}")
-        decode = subject_model.tokenizer().decode
         hashes = []
         for key, layer in zip(keys, captured.layers.values()):
-            promoted = output_tokens_table(*subject_model.promoted_tokens(int(key), N_OUTPUT_TOKENS),
-                                           lambda token_id: decode([token_id]))
             hashes.append(storage.write(layer.records, "neuron_records", key, "records")
-                          + storage.write(layer.stats, "neuron_records", key, "stats")
-                          + storage.write(promoted, "neuron_records", key, "output_tokens"))
+                          + storage.write(layer.stats, "neuron_records", key, "stats"))
             context.add_asset_metadata(
                 _layer_metadata(layer, layout.hookpoint(int(key)), hashes[-1],
                                 str(storage.path("neuron_records", key, "records"))),

@@ -1,4 +1,5 @@
-"""explanations[layer|shard]: one sentence per neuron and variant (llm, token_baseline)."""
+"""explanations[layer|shard]: one sentence per neuron and variant (llm, token_baseline; with the output
+variants on, also output_tokens and llm_output, and the table of the tokens each unit's output promotes)."""
 
 import polars as pl
 import dagster as dg
@@ -11,7 +12,9 @@ from neuron_assets.partitions import Layout, layer_shard_partitions
 from neuron_assets.resources.llm import LLM, LLM_POOL
 from neuron_assets.resources.storage import TableStorage
 from neuron_assets.resources.study import Study
-from neuron_assets.stages.explain import SCHEMA, explain_units, previous_units, promoted_by_unit, rare_reasons
+from neuron_assets.resources.subject_model import SubjectModel
+from neuron_assets.stages.explain import (SCHEMA, explain_units, output_tokens, previous_units, promoted_by_unit,
+                                          rare_reasons)
 from neuron_assets.stages.records import records_of, tokens_by_seq
 
 # bump when the explanation logic changes; the prompt version is appended. 3: inputs_version. 4: cost_usd.
@@ -34,11 +37,12 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         description="Explanations per neuron: 'llm' (the explainer sees the 5 train top records) and "
         "'token_baseline' (no LLM: the tokens with the highest mean activation), and with "
         "NEURON_ASSETS_OUTPUT_VARIANTS=on 'output_tokens' (no LLM: the tokens its output promotes) and "
-        "'llm_output' (the explainer also reads them). A neuron that "
+        "'llm_output' (the explainer also reads them), those tokens kept in the table output_tokens. A neuron that "
         "cannot be explained (dead, rare, short of records) is a row with an error saying why.",
     )
     def explanations(
-        context: dg.AssetExecutionContext, storage: TableStorage, explainer: LLM, study: Study
+        context: dg.AssetExecutionContext, storage: TableStorage, explainer: LLM, study: Study,
+        subject_model: SubjectModel,
     ) -> dg.MaterializeResult:
         layer_key, shard_key = layer_and_shard(context)
         stats = storage.read("neuron_records", layer_key, "stats")
@@ -48,12 +52,15 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         previous = previous_rows(storage, "explanations", context.partition_key)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              sorted({*neurons, *previous_units(previous)}))
+        # from the weights, for the units explained here and only when asked for: the capture never pays for it
+        promoted = output_tokens(subject_model, int(layer_key), neurons) if study.output_variants else None
+        if promoted is not None:
+            storage.write(promoted, "explanations", context.partition_key, "output_tokens")
         result = explain_units(
             int(layer_key), neurons, records, tokens_by_seq(storage.read("corpus_tokens")), previous, explainer,
             fewshot, prompt_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
             report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}", rare=rare,
-            promoted=(promoted_by_unit(storage.read("neuron_records", layer_key, "output_tokens"))
-                      if study.output_variants else None))
+            promoted=promoted_by_unit(promoted) if promoted is not None else None)
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("unit", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())

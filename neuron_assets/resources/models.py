@@ -306,7 +306,7 @@ def neuron_module(model, layer: int) -> torch.nn.Module:
     return model.get_submodule(pattern.format(layer))
 
 
-def neuron_directions(model, layer: int, neurons: slice) -> torch.Tensor:
+def neuron_directions(model, layer: int, neurons: list[int]) -> torch.Tensor:
     """[n, model width]: what each of `neurons` of `layer` writes into the residual stream per unit of
     activation, its column of the MLP output projection (GPT-2's Conv1D row)."""
     projection = neuron_module(model, layer)

@@ -94,18 +94,18 @@ class SubjectModel(ConfigurableResource):
         return {layer: hashlib.sha256(f"{hashes[layer]}|{coder_hash(coders[layer])}".encode()).hexdigest()[:16]
                 for layer in layers}
 
-    def promoted_tokens(self, layer: int, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, logits), int64 and float32 [units, k], best first: per unit of `layer`, the k
-        tokens its output direction (an MLP neuron's output weights, a latent's decoder row) promotes
-        most through the final norm and the unembedding (resources/models.py `output_logits`)."""
+    def promoted_tokens(self, layer: int, units: list[int], k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, logits), int64 and float32 [len(units), k], best first: per unit of `layer` in
+        `units`, the k tokens its output direction (an MLP neuron's output weights, a latent's decoder
+        row) promotes most through the final norm and the unembedding (resources/models.py
+        `output_logits`)."""
         model, _ = self.load()
         coder = self.coders().get(layer)
         decoder = load_weights(coder, model.device).decoder if coder else None
-        n = len(decoder) if coder else self.shape().n_neurons
-        ids, logits = [], []
+        ids, logits = [np.zeros((0, k), dtype=np.int64)], [np.zeros((0, k), dtype=np.float32)]
         with torch.inference_mode():
-            for start in range(0, n, chunk):  # bounded memory: chunk x vocabulary logits at a time
-                rows = slice(start, min(start + chunk, n))
+            for start in range(0, len(units), chunk):  # bounded memory: chunk x vocabulary logits at a time
+                rows = units[start:start + chunk]
                 directions = decoder[rows] if coder else neuron_directions(model, layer, rows)
                 top = torch.topk(output_logits(model, directions), k, dim=-1)
                 ids.append(top.indices.cpu().numpy())

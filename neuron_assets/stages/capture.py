@@ -25,10 +25,6 @@ STATS_SCHEMA = {"unit": pl.Int32, "mean": pl.Float64, "variance": pl.Float64, "s
                 "kurtosis": pl.Float64, "max_activation": pl.Float64, "active_share": pl.Float64,
                 "activation_frequency": pl.Float64, "n_tokens": pl.Int64,
                 "quantile_boundaries": pl.List(pl.Float64)}
-# per neuron, the tokens its output direction promotes most, best first (rank 0)
-OUTPUT_TOKENS_SCHEMA = {"unit": pl.Int32, "rank": pl.Int32, "token_id": pl.Int64, "token": pl.String,
-                        "logit": pl.Float32}
-N_OUTPUT_TOKENS = 10
 SPLIT_TOP, SPLIT_RANDOM = 20, 15  # 4 top splits and 3 random splits of 5 records (docs/method.md)
 
 
@@ -114,12 +110,3 @@ def capture_records(model, token_ids: np.ndarray, layers: list[int], n_top: int,
             lambda layer: _layer_records(*final.pop(layer), hard.pop(layer).finalize(), n_neurons), layers)))
     return Captured(tables, len(token_ids), token_ids.size, len(union), first_pass_seconds, second_pass_seconds,
                     clock.seconds)
-
-
-def output_tokens_table(ids: np.ndarray, logits: np.ndarray, decode: Callable[[int], str]) -> pl.DataFrame:
-    """OUTPUT_TOKENS_SCHEMA rows from `SubjectModel.promoted_tokens`' [neurons, k] ids and logits,
-    each token written as `decode` gives it."""
-    n, k = ids.shape
-    return pl.DataFrame({"unit": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(k), n),
-                         "token_id": ids.reshape(-1), "token": [decode(int(i)) for i in ids.reshape(-1)],
-                         "logit": logits.reshape(-1)}, schema=OUTPUT_TOKENS_SCHEMA)

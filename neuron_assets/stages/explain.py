@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from neuron_assets.method.baseline import token_baseline
@@ -27,6 +28,10 @@ VARIANTS = ("llm", "token_baseline")
 # with NEURON_ASSETS_OUTPUT_VARIANTS=on (method/output.py): the tokens the unit's output promotes, as an
 # explanation (no LLM), and shown to the explainer beside the records
 OUTPUT_TOKENS, LLM_OUTPUT = "output_tokens", "llm_output"
+# per unit, the tokens its output direction promotes most, best first (rank 0): the evidence of both
+OUTPUT_TOKENS_SCHEMA = {"unit": pl.Int32, "rank": pl.Int32, "token_id": pl.Int64, "token": pl.String,
+                        "logit": pl.Float32}
+N_OUTPUT_TOKENS = 10
 ASKED = {"llm": EXPLAIN, LLM_OUTPUT: EXPLAIN_OUTPUT}  # the variants the explainer writes: their seeds' purpose
 
 
@@ -102,8 +107,20 @@ def rare_reasons(stats: pl.DataFrame, rare: list[int], min_frequency: float) -> 
                   f"NEURON_ASSETS_MIN_ACTIVATION_FREQUENCY={min_frequency:g}; not explained" for unit in rare}
 
 
+def output_tokens(subject_model, layer: int, units: list[int]) -> pl.DataFrame:
+    """OUTPUT_TOKENS_SCHEMA rows: per unit of `layer` in `units`, the N_OUTPUT_TOKENS tokens its output
+    direction promotes most (`SubjectModel.promoted_tokens`), each written as the tokenizer decodes
+    it alone."""
+    ids, logits = subject_model.promoted_tokens(layer, units, N_OUTPUT_TOKENS)
+    decode = subject_model.tokenizer().decode
+    return pl.DataFrame({"unit": np.repeat(np.asarray(units, dtype=np.int32), N_OUTPUT_TOKENS),
+                         "rank": np.tile(np.arange(N_OUTPUT_TOKENS), len(units)), "token_id": ids.reshape(-1),
+                         "token": [decode([int(i)]) for i in ids.reshape(-1)], "logit": logits.reshape(-1)},
+                        schema=OUTPUT_TOKENS_SCHEMA)
+
+
 def promoted_by_unit(output_tokens: pl.DataFrame) -> dict[int, list[str]]:
-    """{unit: its promoted tokens, best first} from neuron_records' output_tokens table."""
+    """{unit: its promoted tokens, best first} from an OUTPUT_TOKENS_SCHEMA table."""
     ranked = output_tokens.sort("unit", "rank").group_by("unit", maintain_order=True).agg("token")
     return dict(zip(ranked["unit"].to_list(), ranked["token"].to_list()))
 
