@@ -281,8 +281,9 @@ SETTINGS = (
     Setting("NEURON_ASSETS_EXPLAINER_BASE_URL", "", "explainer endpoint, e.g. http://127.0.0.1:8000/v1 (empty: OpenAI)", enters="explainer",
             grammar=_endpoint),
     Setting("NEURON_ASSETS_EXPLAINER_DTYPE", "auto", "number format of a local explainer: 'auto' (bfloat16 on CUDA, "
-            "float32 on a CPU), 'float32' or 'bfloat16' (on a CPU with AVX-512 BF16 or AMX about 1.6x faster than float32, "
-            "on others it may be slower; answers differ slightly from float32's)", enters="explainer", choices=LLM_DTYPES),
+            "float32 on a CPU), 'float32' or 'bfloat16' (on a CPU with AVX-512 BF16 or AMX, simulation and judging run "
+            "about 2x faster than in float32, generation hardly faster; on other CPUs it may be slower; answers differ "
+            "slightly from float32's)", enters="explainer", choices=LLM_DTYPES),
     Setting("NEURON_ASSETS_EXPLAINER_API_KEY", "", "explainer API key (secret: read from the environment at run time, "
             "never stored; OPENAI_API_KEY is used when unset)"),
     Setting("NEURON_ASSETS_SIMULATOR_BACKEND", "local", "simulator backend: 'local' or 'openai'", enters="simulator", choices=("local", "openai")),
