@@ -93,9 +93,13 @@ def reporting_errors(storage_root: str, runs):
 
 
 def demo_layers(asked: list[str] | None, keys: list[str]) -> list[str]:
-    """The layers the demo runs: those asked for (layer keys or numbers), else the first two in force."""
-    if not asked:
-        return keys[:N_DEMO_LAYERS]
+    """The layers the demo runs: those asked for (`chosen_layers`), else the first two in force."""
+    return chosen_layers(asked, keys) if asked else keys[:N_DEMO_LAYERS]
+
+
+def chosen_layers(asked: list[str], keys: list[str]) -> list[str]:
+    """The layer keys `asked` names (`--layers`: layer keys or numbers) among the `keys` in force; a
+    SettingsError names what is not one of them."""
     by_number = {int(k): k for k in keys}
     try:
         chosen = [by_number.get(int(a), a) for a in asked]
@@ -162,14 +166,7 @@ def explore(args) -> None:
     layout = layout_of(settings)
     keys = [layout.layer_key(i) for i in layout.layers]
     if args.layers:
-        try:
-            wanted = [layout.layer_key(int(k)) for k in args.layers]
-        except ValueError:
-            raise ValueError(f"--layers takes layer numbers or keys (such as {keys[0]}), got {args.layers}") from None
-        unknown = [k for k in wanted if k not in keys]
-        if unknown:
-            raise ValueError(f"layer(s) {', '.join(unknown)} are not among the layers of these settings: {', '.join(keys)}")
-        keys = wanted
+        keys = chosen_layers(args.layers, keys)
     explained = load_explained(TableStorage(root=settings.storage), keys, layout.shard_keys())
     if explained.height == 0:
         where = f" for layer(s) {', '.join(keys)}" if args.layers else ""

@@ -124,6 +124,6 @@ def test_cli_explore_without_scores_says_what_to_run(study, monkeypatch, capsys,
     with pytest.raises(SystemExit) as exit_:
         explore(monkeypatch, capsys, replace(study, storage=str(tmp_path / "empty")), TEXT)
     assert "no explained units in scores" in str(exit_.value) and "neuron-assets demo" in str(exit_.value)
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_:  # a usage error, as the demo's: exit status 2, said on stderr
         explore(monkeypatch, capsys, study, TEXT, "--layers", "7")
-    assert "not among the layers" in str(exit_.value)
+    assert exit_.value.code == 2 and "--layers 7: not among the layers in force" in capsys.readouterr().err
