@@ -52,15 +52,16 @@ def build_explanations(layout: Layout, prompt_version: str, fewshot: list[dict])
         previous = previous_rows(storage, "explanations", context.partition_key)
         records = records_of(storage.read("neuron_records", layer_key, "records"),
                              sorted({*neurons, *previous_units(previous)}))
-        # from the weights, for the units explained here and only when asked for: the capture never pays for it
-        promoted = output_tokens(subject_model, int(layer_key), neurons) if study.output_variants else None
-        if promoted is not None:
-            storage.write(promoted, "explanations", context.partition_key, "output_tokens")
+        promoted = None
+        if study.output_variants:  # from the weights, for the units explained here: the capture never pays for it
+            table = output_tokens(subject_model, int(layer_key), neurons)
+            storage.write(table, "explanations", context.partition_key, "output_tokens")
+            promoted = promoted_by_unit(table)
         result = explain_units(
             int(layer_key), neurons, records, tokens_by_seq(storage.read("corpus_tokens")), previous, explainer,
             fewshot, prompt_version, study.seed, context.assets_def.code_versions_by_key[context.asset_key],
             report=progress_log(context), what=f"explaining layer {layer_key} shard {shard_key}", rare=rare,
-            promoted=promoted_by_unit(promoted) if promoted is not None else None)
+            promoted=promoted)
         df = pl.DataFrame(result.rows, schema=SCHEMA).sort("unit", "variant")
         version = storage.write(df, "explanations", context.partition_key)
         ok = df.filter(pl.col("error").is_null())
