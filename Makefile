@@ -78,8 +78,12 @@ chromium:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "could not install Chromium (apt-get install chromium chromium-driver)"; exit 1; }
 
+# Two workers, each taking whole files (a module's fixtures are built once): a serial run keeps
+# about one of two cores busy, since many tests wait on the processes and servers they start.
+# TEST_WORKERS=0 runs the tests one after another in one process.
+TEST_WORKERS ?= 2
 test: setup postgresql chromium llama-server
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Speed and memory, measured side by side (docs/performance.md). About 30 minutes on 2 cores.
 bench: setup
