@@ -80,3 +80,18 @@ def test_a_layer_alone_gets_the_same_tables_as_beside_another(run):
     reseeded = capture_records(model, token_ids, [1], N_TOP, N_RANDOM, seed=4, report=lambda _: None)
     random = pl.col("kind") == "random"
     assert not reseeded.layers[1].records.filter(random).equals(captured.layers[1].records.filter(random))
+
+
+def test_sampling_where_the_model_runs_gives_the_same_tables(run):
+    """The first pass sampled by `DeviceRecordSampler` (what a CUDA model gets; here on CPU tensors)."""
+    model, token_ids, _, captured, _ = run
+    on_device = capture_records(model, token_ids, [0, 1], N_TOP, N_RANDOM, seed=3, report=lambda _: None,
+                                on_device=True)
+    for layer, tables in captured.layers.items():
+        assert on_device.layers[layer].records.equals(tables.records)
+        np.testing.assert_array_equal(on_device.layers[layer].hard_per_neuron, tables.hard_per_neuron)
+        for column in ("mean", "variance", "skewness", "kurtosis"):
+            np.testing.assert_allclose(on_device.layers[layer].stats[column].to_numpy(),
+                                       tables.stats[column].to_numpy(), rtol=1e-4, atol=1e-6)
+        exact = tables.stats.drop("mean", "variance", "skewness", "kurtosis")
+        assert on_device.layers[layer].stats.drop("mean", "variance", "skewness", "kurtosis").equals(exact)

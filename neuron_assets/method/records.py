@@ -93,10 +93,10 @@ class RecordSampler:
         window_max = acts.max(axis=1)  # [B, N]
         self._update_top(acts, seq_ids, window_max)
         n_seen = self.n_windows + np.arange(len(acts))
-        for b, neurons, slots in _reservoir_writes(self.pool_rng, n_seen, self.quantile_pool, self.n_neurons):
+        for b, neurons, slots in reservoir_writes(self.pool_rng, n_seen, self.quantile_pool, self.n_neurons):
             self.pool_seq[neurons, slots] = seq_ids[b]
             self.pool_acts[neurons, slots] = acts[b][:, neurons].T
-        for b, neurons, slots in _reservoir_writes(self.maxima_rng, n_seen, self.n_maxima, self.n_neurons):
+        for b, neurons, slots in reservoir_writes(self.maxima_rng, n_seen, self.n_maxima, self.n_neurons):
             self.maxima[neurons, slots] = window_max[b, neurons]
         self._update_moments(acts.reshape(-1, self.n_neurons))
         self.n_active += np.count_nonzero(acts > 0, axis=(0, 1))
@@ -127,19 +127,8 @@ class RecordSampler:
         self.top_acts[neurons, slot] = acts[b, :, neurons]
 
     def _update_moments(self, x):
-        """Pebay (2008) merge of central moment sums M_p = sum (x - mean)^p, with
-        delta = mean_b - mean_a and n = n_a + n_b:
-        M2 = M2a + M2b + delta^2 n_a n_b / n
-        M3 = M3a + M3b + delta^3 n_a n_b (n_a - n_b) / n^2 + 3 delta (n_a M2b - n_b M2a) / n
-        M4 = M4a + M4b + delta^4 n_a n_b (n_a^2 - n_a n_b + n_b^2) / n^3
-             + 6 delta^2 (n_a^2 M2b + n_b^2 M2a) / n^2 + 4 delta (n_a M3b - n_b M3a) / n
-        A batch is summed in float32 (the activations' precision) around c, its float32 mean;
-        with S_p = sum (x - c)^p and e = S_1 / n_b, mean_b = c + e and the central sums are
-        M2b = S2 - n_b e^2, M3b = S3 - 3 e S2 + 2 n_b e^3, M4b = S4 - 4 e S3 + 6 e^2 S2 - 3 n_b e^4.
-        The merge is float64.
-        """
-        na, nb = float(self.n_windows * self.seq_len), float(len(x))
-        n = na + nb
+        """Merge the moments of a batch x float32 [n_b, N] (see `batch_moments`, `merge_moments`)."""
+        nb = len(x)
         c = x.sum(axis=0) / np.float32(nb)
         d = x - c
         e = d.sum(axis=0).astype(np.float64) / nb
@@ -149,24 +138,9 @@ class RecordSampler:
         s3 = d.sum(axis=0).astype(np.float64)
         np.square(d2, out=d2)
         s4 = d2.sum(axis=0).astype(np.float64)
-        mean_b = c.astype(np.float64) + e
-        m2b = s2 - nb * e**2
-        m3b = s3 - 3 * e * s2 + 2 * nb * e**3
-        m4b = s4 - 4 * e * s3 + 6 * e**2 * s2 - 3 * nb * e**4
-        m2a, m3a, m4a = self.m2, self.m3, self.m4
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * nb / n
-        self.m2 = m2a + m2b + delta**2 * na * nb / n
-        self.m3 = (
-            m3a + m3b + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * m2b - nb * m2a) / n
-        )
-        self.m4 = (
-            m4a
-            + m4b
-            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-            + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
-            + 4 * delta * (na * m3b - nb * m3a) / n
-        )
+        batch = batch_moments(nb, c.astype(np.float64), e, s2, s3, s4)
+        na = float(self.n_windows * self.seq_len)
+        self.mean, self.m2, self.m3, self.m4 = merge_moments(na, (self.mean, self.m2, self.m3, self.m4), nb, batch)
         self.min = np.minimum(self.min, x.min(axis=0))
 
     def finalize(self) -> tuple[dict, dict]:
@@ -234,6 +208,34 @@ class RecordSampler:
             "n_tokens": [n] * N,
             "quantile_boundaries": boundaries.tolist(),
         }
+
+
+def batch_moments(n, c, e, s2, s3, s4):
+    """(mean, M2, M3, M4) of a batch of n values from its sums around a shift c: with
+    S_p = sum (x - c)^p and e = S_1 / n, mean = c + e, M2 = S2 - n e^2,
+    M3 = S3 - 3 e S2 + 2 n e^3, M4 = S4 - 4 e S3 + 6 e^2 S2 - 3 n e^4.
+    Arithmetic only: the arguments may be numpy arrays or tensors of any library."""
+    return c + e, s2 - n * e**2, s3 - 3 * e * s2 + 2 * n * e**3, s4 - 4 * e * s3 + 6 * e**2 * s2 - 3 * n * e**4
+
+
+def merge_moments(na, a, nb, b):
+    """Pebay (2008): the (mean, M2, M3, M4) of n = na + nb values from those of its two parts a and b,
+    M_p = sum (x - mean)^p, with delta = mean_b - mean_a:
+    M2 = M2a + M2b + delta^2 na nb / n
+    M3 = M3a + M3b + delta^3 na nb (na - nb) / n^2 + 3 delta (na M2b - nb M2a) / n
+    M4 = M4a + M4b + delta^4 na nb (na^2 - na nb + nb^2) / n^3
+         + 6 delta^2 (na^2 M2b + nb^2 M2a) / n^2 + 4 delta (na M3b - nb M3a) / n
+    Arithmetic only, like `batch_moments`."""
+    (mean_a, m2a, m3a, m4a), (mean_b, m2b, m3b, m4b) = a, b
+    n = na + nb
+    delta = mean_b - mean_a
+    return (
+        mean_a + delta * nb / n,
+        m2a + m2b + delta**2 * na * nb / n,
+        m3a + m3b + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * m2b - nb * m2a) / n,
+        m4a + m4b + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+        + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2 + 4 * delta * (na * m3b - nb * m3a) / n,
+    )
 
 
 # Hard negatives (delphi; docs/method.md, Scores): windows that hold a neuron's top tokens but leave it
@@ -416,7 +418,7 @@ def add_records(records: dict, extra: dict) -> dict:
     return {k: v[order] for k, v in merged.items()}
 
 
-def _reservoir_writes(rng, n_seen, size, n_neurons):
+def reservoir_writes(rng, n_seen, size, n_neurons):
     """Algorithm R, one independent reservoir per neuron, for a batch of windows numbered
     n_seen (0-based, ascending): window i fills slot i while the reservoir is not full, else
     replaces slot j ~ U{0..i} if j < size, i.e. enters with probability size / (i + 1).

@@ -112,8 +112,14 @@ class SubjectModel(ConfigurableResource):
                 logits.append(top.values.cpu().numpy())
         return np.concatenate(ids), np.concatenate(logits)
 
-    def unit_activations(self, windows: np.ndarray, layers: list[int]) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
-        """Yield (first window index, {layer: float32 [B, T, units]}) per batch of token windows.
+    def torch_device(self) -> torch.device:
+        """Where the model runs (the `device` setting resolved)."""
+        return self.load()[0].device
+
+    def unit_activations(self, windows: np.ndarray, layers: list[int],
+                         on_device: bool = False) -> Iterator[tuple[int, dict]]:
+        """Yield (first window index, {layer: float32 [B, T, units]}) per batch of token windows: numpy
+        arrays, or with `on_device` tensors left on the model's device.
 
         One forward pass per batch serves every requested layer; it stops inside the deepest
         requested layer, so deeper layers and the LM head are never computed. A coder's latents are
@@ -151,7 +157,8 @@ class SubjectModel(ConfigurableResource):
                         model(input_ids=batch, use_cache=False)
                     except _StopForward:
                         pass
-                yield start, {layer: captured[layer].float().cpu().numpy() for layer in layers}
+                yield start, {layer: captured[layer].float() if on_device else captured[layer].float().cpu().numpy()
+                              for layer in layers}
         finally:
             for handle in handles:
                 handle.remove()

@@ -17,6 +17,7 @@ from neuron_assets.method.records import (
     add_records,
     hard_negative_collector,
 )
+from neuron_assets.stages.device_records import DeviceRecordSampler
 from neuron_assets.stages.timing import ModelClock, Progress, ProgressState
 
 RECORDS_SCHEMA = {"unit": pl.Int32, "kind": pl.String, "rank": pl.Int32, "seq_id": pl.Int32,
@@ -70,30 +71,38 @@ def _layer_records(records: dict, stats: dict, hard: dict, n_neurons: int) -> La
 
 
 def _forward_pass(model, windows: np.ndarray, seq_ids: np.ndarray, layers: list[int], consumers: dict, pool,
-                  clock: ModelClock, progress: Progress) -> None:
+                  clock: ModelClock, progress: Progress, on_device: bool = False) -> None:
     """Run `model` on `windows` (whose ids are `seq_ids`) and hand each layer's activations to its
-    consumer (`update(acts, seq_ids)`), the layers side by side."""
-    for start, acts in clock.timed(model.unit_activations(windows, layers)):
+    consumer (`update(acts, seq_ids)`), the layers side by side; `on_device`: as tensors on the
+    model's device, not numpy arrays."""
+    for start, acts in clock.timed(model.unit_activations(windows, layers, on_device=on_device)):
         batch = seq_ids[start : start + len(acts[layers[0]])]
         list(pool.map(lambda layer, a=acts, s=batch: consumers[layer].update(a[layer], s), layers))
         progress.advance(len(batch))
 
 
 def capture_records(model, token_ids: np.ndarray, layers: list[int], n_top: int, n_random: int, seed: int,
-                    report: Callable[[ProgressState], None] = print, what: str = "layers") -> Captured:
+                    report: Callable[[ProgressState], None] = print, what: str = "layers",
+                    on_device: bool | None = None) -> Captured:
     """Each of `layers`' records and stats over the corpus windows `token_ids` int [W, T] (window i
-    has seq_id i). `model` has `unit_shape().n_units` and `unit_activations(windows, layers)`, which
-    yields (first window index, {layer: float32 [B, T, N]}) (resources/subject_model.py). Each layer
-    keeps its `n_top` top and `n_random` random records; `what` names the layers in progress lines."""
+    has seq_id i). `model` is a `SubjectModel` (resources/subject_model.py). Each layer keeps its
+    `n_top` top and `n_random` random records; `what` names the layers in progress lines.
+
+    `on_device`: sample the first pass where the model runs (`DeviceRecordSampler`), with the same
+    records; default: on CUDA. The second pass is bounded and small: its activations come to the host.
+    """
     n_neurons = model.unit_shape().n_units
-    samplers = {layer: RecordSampler(n_neurons, token_ids.shape[1], n_top=n_top, n_random=n_random,
-                                     quantile_pool=max(50, n_random), seed=layer_seed(seed, layer))
+    device = model.torch_device()
+    on_device = device.type == "cuda" if on_device is None else on_device
+    kind, where = (DeviceRecordSampler, {"device": device}) if on_device else (RecordSampler, {})
+    samplers = {layer: kind(n_neurons, token_ids.shape[1], n_top=n_top, n_random=n_random,
+                            quantile_pool=max(50, n_random), seed=layer_seed(seed, layer), **where)
                 for layer in layers}
     clock = ModelClock()
     # numpy releases the GIL inside its loops, so the layers' samplers run side by side
     with ThreadPoolExecutor(max_workers=min(len(layers), os.cpu_count() or 1)) as pool:
         first = Progress(report, len(token_ids), f"forward pass, {what}", "windows")
-        _forward_pass(model, token_ids, np.arange(len(token_ids)), layers, samplers, pool, clock, first)
+        _forward_pass(model, token_ids, np.arange(len(token_ids)), layers, samplers, pool, clock, first, on_device)
         first_pass_seconds = first.seconds
         # each layer's sampler is freed once finalized
         final = dict(zip(layers, pool.map(lambda layer: samplers.pop(layer).finalize(), layers)))
