@@ -1,8 +1,8 @@
 """`RecordSampler` with its state on the subject model's device (CUDA), fed the activations where the
-forward pass left them: per batch only the reservoirs' slot draws (a few kB) go to the device, and
-nothing comes back until `finalize`. Copying every layer's [B, T, N] activations to the host and
-sampling them with numpy would make the CPU the bottleneck of a GPU run: 48 layers of 6,400 neurons
-is 1.2 GB per batch of 16 windows of 64 tokens.
+forward pass left them: per batch only the reservoirs' slot writes (index rows, fewer as the
+reservoirs fill) go to the device, and nothing comes back until `finalize`. Copying every layer's
+[B, T, N] activations to the host and sampling them with numpy would make the CPU the bottleneck
+of a GPU run: 48 layers of 6,400 neurons is 1.2 GB per batch of 16 windows of 64 tokens.
 
 The records equal the host sampler's (the same window maxima, the same reservoir draws, ties to the
 earlier window); the moments differ only by float32 summation order."""
@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import torch
 
-from neuron_assets.method.records import RecordSampler, reservoir_writes, batch_moments, merge_moments
+from neuron_assets.method.records import RecordSampler, batch_moments, merge_moments, reservoir_writes
 
 # RecordSampler's arrays that `update` changes: tensors here, numpy arrays again for `finalize`
 STATE = ("top_max", "top_seq", "top_acts", "pool_seq", "pool_acts", "maxima", "mean", "m2", "m3", "m4", "max",
@@ -23,8 +23,8 @@ class DeviceRecordSampler(RecordSampler):
     """The same records and stats as `RecordSampler`, its state as tensors on `device`.
 
     `update` takes the activations as a float32 tensor [B, T, N] on that device. The top-k is
-    re-sorted on every batch (max desc, seq_id asc) instead of filling unordered slots: on a GPU a
-    sort of N x (n_top + B) is cheaper than finding the few windows that enter."""
+    re-sorted on every batch (max desc, seq_id asc) instead of filling unordered slots: finding the
+    windows that enter would need their number on the host, a wait for the device every batch."""
 
     def __init__(self, *args, device: torch.device | str, **kwargs):
         super().__init__(*args, **kwargs)
