@@ -157,8 +157,8 @@ class SubjectModel(ConfigurableResource):
                         model(input_ids=batch, use_cache=False)
                     except _StopForward:
                         pass
-                yield start, {layer: captured[layer].float() if on_device else captured[layer].float().cpu().numpy()
-                              for layer in layers}
+                acts = {layer: captured[layer].float() for layer in layers}
+                yield start, acts if on_device else {layer: a.cpu().numpy() for layer, a in acts.items()}
         finally:
             for handle in handles:
                 handle.remove()
