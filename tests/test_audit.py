@@ -359,6 +359,20 @@ def test_a_new_scores_materialization_changes_the_reported_run(graph):
     assert run in format_audit(after)
 
 
+def test_a_table_an_older_code_version_left_goes_with_the_next_write(graph):
+    """neuron_records once also wrote an output_tokens table. Left in the partition, the audit cannot
+    tell it from a tampered file; the partition's next materialization removes it."""
+    settings, storage, instance, defs = graph
+    folder = Path(str(storage.path("neuron_records", "00"))).parent
+    shutil.copy(folder / "stats.parquet", folder / "output_tokens.parquet")
+    check = ("neuron_records_file_matches_materialization", None)
+    assert checks_of(audit(storage, instance, 0, NEURON, SHARD, settings=settings, defs=defs))[check] == "MISMATCH"
+    materialize_runs(defs, instance, [(("neuron_records",), "00")], log=lambda _: None)
+    assert sorted(p.name for p in folder.glob("*.parquet")) == ["records.parquet", "stats.parquet"]
+    result = audit(storage, instance, 0, NEURON, SHARD, settings=settings, defs=defs)
+    assert checks_of(result)[check] == "ok" and result["ok"], format_audit(result)
+
+
 def test_imported_explanations_and_their_control_are_audited(graph):
     """The published files of this run (exported_neurons) imported back as the 'imported' variant."""
     settings, storage, instance, defs = graph

@@ -69,8 +69,7 @@ def build_neuron_records(layout: Layout):
                                    progress_log(context), f"layers {keys[0]}..{keys[-1]}")
         hashes = []
         for key, layer in zip(keys, captured.layers.values()):
-            hashes.append(storage.write(layer.records, "neuron_records", key, "records")
-                          + storage.write(layer.stats, "neuron_records", key, "stats"))
+            hashes.append(storage.write_tables({"records": layer.records, "stats": layer.stats}, "neuron_records", key))
             context.add_asset_metadata(
                 _layer_metadata(layer, layout.hookpoint(int(key)), hashes[-1],
                                 str(storage.path("neuron_records", key, "records"))),

@@ -45,6 +45,18 @@ class TableStorage(ConfigurableResource):
         write_atomic(self.path(asset, partition, table), payload)
         return hashlib.sha256(payload).hexdigest()[:16]
 
+    def write_tables(self, tables: dict[str, pl.DataFrame], asset: str, partition: str | None = None) -> str:
+        """Write a partition of several tables, each as `write` does, and remove any other table file
+        of the partition (one an older code version wrote): the folder then holds exactly the tables
+        whose hashes the materialization records. Returns their content hashes, concatenated."""
+        hashes = "".join(self.write(df, asset, partition, table) for table, df in tables.items())
+        folder = self.path(asset, partition).parent
+        with s3_errors(str(folder), "clean"):
+            for path in folder.glob("*.parquet"):
+                if path.stem not in tables:
+                    path.unlink()
+        return hashes
+
     def read(self, asset: str, partition: str | None = None, table: str = "data",
              columns: list[str] | None = None) -> pl.DataFrame:
         target = self.path(asset, partition, table)
