@@ -82,12 +82,7 @@ class RecordSampler:
         """Add a batch: acts float32 [B, T, N] (B windows of T tokens), seq_ids int [B]."""
         acts = np.asarray(acts, dtype=np.float32)
         seq_ids = np.asarray(seq_ids, dtype=np.int64)
-        expected = (self.seq_len, self.n_neurons)
-        if acts.ndim != 3 or acts.shape[1:] != expected or seq_ids.shape != acts.shape[:1]:
-            raise ValueError(
-                f"expected acts [B, {self.seq_len}, {self.n_neurons}] and seq_ids [B], "
-                f"got {acts.shape} and {seq_ids.shape}"
-            )
+        self._check_batch(tuple(acts.shape), seq_ids.shape)
         if len(acts) == 0:
             return
         window_max = acts.max(axis=1)  # [B, N]
@@ -102,6 +97,11 @@ class RecordSampler:
         self.n_active += np.count_nonzero(acts > 0, axis=(0, 1))
         self.max = np.maximum(self.max, window_max.max(axis=0))
         self.n_windows += len(acts)
+
+    def _check_batch(self, acts_shape: tuple, ids_shape: tuple) -> None:
+        if len(acts_shape) != 3 or acts_shape[1:] != (self.seq_len, self.n_neurons) or ids_shape != acts_shape[:1]:
+            raise ValueError(f"expected acts [B, {self.seq_len}, {self.n_neurons}] and seq_ids [B], "
+                             f"got {acts_shape} and {ids_shape}")
 
     def _update_top(self, acts, seq_ids, window_max):
         """Merge the batch into the top-k. Slots are unordered (finalize sorts them): a window

@@ -35,14 +35,12 @@ class DeviceRecordSampler(RecordSampler):
     @torch.inference_mode()
     def update(self, acts: torch.Tensor, seq_ids: np.ndarray) -> None:
         """Add a batch: acts float32 [B, T, N] on the sampler's device, seq_ids int [B]."""
-        expected = (self.seq_len, self.n_neurons)
-        if acts.ndim != 3 or tuple(acts.shape[1:]) != expected or len(seq_ids) != len(acts):
-            raise ValueError(f"expected acts [B, {self.seq_len}, {self.n_neurons}] and seq_ids [B], "
-                             f"got {tuple(acts.shape)} and {np.shape(seq_ids)}")
+        seq_ids = np.asarray(seq_ids, dtype=np.int64)
+        self._check_batch(tuple(acts.shape), seq_ids.shape)
         if len(acts) == 0:
             return
         acts = acts.to(self.device, torch.float32)
-        seq = torch.as_tensor(np.asarray(seq_ids, dtype=np.int64), device=self.device)
+        seq = torch.as_tensor(seq_ids, device=self.device)
         by_unit = acts.permute(2, 0, 1)  # [N, B, T]
         window_max = by_unit.amax(dim=2)  # [N, B]
         self._update_top(by_unit, seq, window_max)
